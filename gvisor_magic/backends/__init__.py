@@ -1,0 +1,1 @@
+"""Backends: peers behind one small protocol (see ``base.Backend``), chosen in ``runner``."""

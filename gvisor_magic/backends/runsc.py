@@ -1,0 +1,285 @@
+"""Run commands under gVisor by calling ``runsc`` directly with an OCI bundle.
+
+Works wherever runsc can start a sandbox: a Linux host as root, an ordinary
+user (user namespaces, ``newuidmap``), or a container/pod with enough
+privilege. Each command gets its own sandbox (``runsc run``), with a small
+init as PID 1 (``sandbox_init.py``) that proves when the command started and
+records exactly how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from ..errors import CommandInterrupted, SandboxStartError
+from ..process import Outcome, OutputCallback, supervise
+from ..request import CommandRequest
+from ..result import TIMEOUT_RETURNCODE, CommandResult
+from .base import BackendStatus
+from .oci import STATUS_DIR, Bundle, caller_identity, init_python
+
+log = logging.getLogger("gvisor_magic")
+
+ENV_RUNSC = "GVISOR_MAGIC_RUNSC"
+ENV_RUNSC_FLAGS = "GVISOR_MAGIC_RUNSC_FLAGS"
+INSTALL_HINT = "install runsc: sudo python3 scripts/install_gvisor.py (from the gvisor-magic repo)"
+# Debian bookworm's own runsc (20221219) fails `ls /` (statx EINVAL); backports' 20240729 works.
+MIN_RELEASE = 20230601
+_INIT_SOURCE = (Path(__file__).resolve().parent.parent / "sandbox_init.py").read_text()
+_RELEASE = re.compile(r"(?:~|release-)(\d{8})")
+
+
+def locate_runsc() -> str | None:
+    """``$GVISOR_MAGIC_RUNSC`` if set (even if broken: the user asked for it), else PATH."""
+    configured = os.environ.get(ENV_RUNSC)
+    if configured:
+        return configured
+    found = shutil.which("runsc")
+    if found:
+        return found
+    for candidate in ("/usr/local/bin/runsc", "/usr/bin/runsc"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def runsc_version(runsc: str) -> tuple[str | None, str | None]:
+    """(version line, error) from ``runsc --version``."""
+    try:
+        done = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10,
+                              stdin=subprocess.DEVNULL, env=_runsc_env())
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"cannot run {runsc}: {exc}"
+    line = (done.stdout or "").strip().splitlines()[:1]
+    if done.returncode != 0 or not line:
+        detail = (done.stderr or done.stdout or "").strip()[:200]
+        return None, f"{runsc} --version failed (exit {done.returncode}): {detail}"
+    return line[0], None
+
+
+def release_date(version: str) -> int | None:
+    match = _RELEASE.search(version)
+    return int(match.group(1)) if match else None
+
+
+def explain_failure(text: str) -> tuple[str, str | None]:
+    """Turn runsc's start-up error into (reason, fix)."""
+    text = text.strip()
+    last = text.splitlines()[-1] if text else "runsc exited without a message"
+    lower = text.lower()
+    if "newuidmap" in lower or "newgidmap" in lower:
+        return last, "install the 'uidmap' package (newuidmap/newgidmap) for ordinary users"
+    if "cgroup" in lower and ("read-only" in lower or "permission" in lower):
+        return last, ("runsc cannot set up cgroups here; add '--ignore-cgroups' via "
+                      f"{ENV_RUNSC_FLAGS} or run with more privilege")
+    if "operation not permitted" in lower or "permission denied" in lower:
+        return last, ("runsc lacks privileges here (in a container it needs CAP_SYS_ADMIN, "
+                      "CAP_SYS_PTRACE and seccomp/apparmor unconfined, or a gVisor RuntimeClass)")
+    return last, None
+
+
+def _runsc_env() -> dict[str, str]:
+    # runsc needs none of the caller's variables; keep tokens away from it too.
+    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+
+
+class RunscBackend:
+    """gVisor via ``runsc run`` on a bundle we build: one sandbox per command."""
+
+    name = "runsc"
+    isolated = True
+
+    def __init__(self, runsc: str | None = None, extra_flags: list[str] | None = None) -> None:
+        self._runsc = runsc
+        if extra_flags is None:
+            extra_flags = shlex.split(os.environ.get(ENV_RUNSC_FLAGS, ""))
+        self.extra_flags = extra_flags
+
+    @property
+    def runsc(self) -> str | None:
+        return self._runsc or locate_runsc()
+
+    def flags(self, state_dir: str, network: bool) -> list[str]:
+        # --directfs=false: with directfs, runsc 20240729 truncates a host file on
+        # a *read-only* bind mount when the sandbox opens it with O_TRUNC (the
+        # open itself then fails with EROFS). Through the gofer, read-only holds.
+        flags = ["--root", state_dir, f"--network={'host' if network else 'none'}",
+                 "--overlay2=none", "--directfs=false"]
+        if "--ignore-cgroups" not in self.extra_flags and "--rootless" not in self.extra_flags:
+            # Limits are rlimits enforced by gVisor itself, so no host cgroup is needed.
+            flags.append("--ignore-cgroups")
+        return flags + self.extra_flags
+
+    # -- probing --------------------------------------------------------------
+
+    def probe(self) -> BackendStatus:
+        runsc = self.runsc
+        if runsc is None:
+            return BackendStatus(self.name, False, True, "runsc not found on PATH",
+                                 fix=INSTALL_HINT)
+        version, error = runsc_version(runsc)
+        details = {"path": runsc}
+        if version is None:
+            return BackendStatus(self.name, False, True, error or "runsc is not runnable",
+                                 fix=INSTALL_HINT, details=details)
+        released = release_date(version)
+        if released is not None and released < MIN_RELEASE:
+            return BackendStatus(
+                self.name, False, True,
+                f"{version} is too old (before {MIN_RELEASE}: coreutils fail inside it)",
+                fix=INSTALL_HINT, version=version, details=details)
+        request = CommandRequest.build(
+            [init_python(), "-I", "-S", "-c", "import os; print(os.uname().release)"],
+            timeout=60)
+        try:
+            result = self.run(request)
+        except SandboxStartError as exc:
+            reason, fix = explain_failure(exc.reason)
+            return BackendStatus(self.name, False, True, f"sandbox failed to start: {reason}",
+                                 fix=fix, version=version, details=details)
+        if not result.success:
+            return BackendStatus(
+                self.name, False, True,
+                f"probe command failed in the sandbox (exit {result.returncode}): "
+                f"{result.stderr.strip()[-300:]}", version=version, details=details)
+        details["sandbox_kernel"] = result.stdout.strip()
+        details["identity"] = "rootless" if caller_identity().rootless else "root"
+        return BackendStatus(self.name, True, True, "a probe command ran in a gVisor sandbox",
+                             version=version, details=details)
+
+    # -- running --------------------------------------------------------------
+
+    def run(self, request: CommandRequest, on_output: OutputCallback | None = None
+            ) -> CommandResult:
+        runsc = self.runsc
+        if runsc is None:
+            raise SandboxStartError(self.name, f"runsc not found on PATH; {INSTALL_HINT}")
+        sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
+        marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]"
+        run_dir = tempfile.mkdtemp(prefix="gvisor-magic-")
+        state = os.path.join(run_dir, "state")
+        status_dir = os.path.join(run_dir, "status")
+        flags = self.flags(state, request.network)
+        outcome: Outcome | None = None
+        status = ""
+        masked: list[str] = []
+        try:
+            os.mkdir(state, 0o700)
+            os.mkdir(status_dir, 0o700)
+            identity = caller_identity()
+            args = [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker,
+                    f"{STATUS_DIR}/status", *request.argv]
+            bundle = Bundle(os.path.join(run_dir, "bundle"), request, identity, args, status_dir)
+            bundle.write()
+            masked = bundle.masked
+            log.debug("gvisor: starting sandbox %s for %r", sandbox_id, request.display)
+            try:
+                proc = subprocess.Popen(
+                    [runsc, *flags, "run", "--bundle", bundle.path, sandbox_id],
+                    stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True, env=_runsc_env())
+            except OSError as exc:
+                raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}") from exc
+            outcome = supervise(
+                proc, kill=lambda: self._kill(runsc, flags, sandbox_id, proc),
+                stdin=request.stdin, timeout=request.timeout, on_output=on_output,
+                max_output=request.max_output, stderr_gate=marker.encode())
+        finally:
+            status = self._cleanup(runsc, flags, sandbox_id, state, run_dir)
+        result = self._result(request, outcome, status, sandbox_id)
+        if masked:
+            result.details["masked_secrets"] = ", ".join(masked)
+        return result
+
+    def _result(self, request: CommandRequest, outcome: Outcome, status: str,
+                sandbox_id: str) -> CommandResult:
+        if not outcome.gate_seen:
+            message = outcome.pre_gate.decode("utf-8", "replace").strip()
+            if outcome.interrupted:
+                raise KeyboardInterrupt
+            if outcome.timed_out:
+                message = f"sandbox did not start within {request.timeout}s. {message}"
+            raise SandboxStartError(self.name, message or f"runsc exited {outcome.returncode} "
+                                    "before the command started")
+        returncode = outcome.returncode
+        if outcome.timed_out:
+            returncode = TIMEOUT_RETURNCODE
+        elif status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
+            returncode = -int(status.split()[1])
+        details = {"sandbox_id": sandbox_id}
+        if not status and not outcome.timed_out and not outcome.interrupted:
+            details["sandbox_error"] = "the sandbox ended before the command reported its status"
+        result = CommandResult(
+            returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
+            backend=self.name, isolated=True, timed_out=outcome.timed_out,
+            duration=outcome.duration, truncated=outcome.stdout.truncated
+            or outcome.stderr.truncated, network=request.network, details=details)
+        if outcome.interrupted:
+            raise CommandInterrupted(result)
+        return result
+
+    def _kill(self, runsc: str, flags: list[str], sandbox_id: str,
+              proc: subprocess.Popen[bytes]) -> None:
+        """Kill every process in the sandbox; the sandbox then ends ``runsc run``."""
+        log.info("gvisor: killing sandbox %s", sandbox_id)
+        done = subprocess.run([runsc, *flags, "kill", "--all", sandbox_id, "KILL"],
+                              capture_output=True, timeout=15, env=_runsc_env(),
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            # Not created yet, or already gone: take down runsc and its children.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, 9)
+            _sweep(sandbox_id)
+
+    def _cleanup(self, runsc: str, flags: list[str], sandbox_id: str, state: str,
+                 run_dir: str) -> str:
+        """Remove the sandbox, its processes and files; return the init's status report.
+
+        The status file is written by code inside the sandbox, so it is read
+        with a size bound and only trusted to refine ``128 + N`` into a signal.
+        """
+        status = ""
+        status_file = os.path.join(run_dir, "status", "status")
+        try:
+            with open(status_file, encoding="ascii", errors="replace") as handle:
+                status = handle.read(64).strip()
+        except OSError:
+            pass
+        if not re.fullmatch(r"(exit|signal) \d{1,3}", status):
+            status = ""
+        try:
+            if os.path.isdir(state) and os.listdir(state):
+                subprocess.run([runsc, *flags, "delete", "--force", sandbox_id],
+                               capture_output=True, timeout=30, env=_runsc_env(),
+                               stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
+        _sweep(sandbox_id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return status
+
+
+def _sweep(sandbox_id: str) -> None:
+    """Kill any runsc process still serving this sandbox (sandbox, gofer, run)."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+        except (psutil.Error, KeyError):
+            continue
+        if any(sandbox_id in part for part in cmdline):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                log.warning("gvisor: killed leftover sandbox process %s (%s)", process.pid,
+                            sandbox_id)

@@ -1,0 +1,159 @@
+"""The unisolated fallback: a plain host process, honest about it, but still careful.
+
+Used on macOS/Windows, or where gVisor cannot run. It cannot keep a command
+away from the user's files or network, and every result says so
+(``isolated=False``). What it can do, it does: a scrubbed environment, empty
+stdin, its own process group killed as a whole, rlimits on processes, memory
+and file size (a fork bomb that escaped a timeout once took every pid on a
+test machine), and nothing left running afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import psutil
+
+from ..errors import CommandInterrupted, SandboxStartError
+from ..process import OutputCallback, supervise
+from ..request import CommandRequest, sandbox_env
+from ..result import TIMEOUT_RETURNCODE, CommandResult
+from .base import BackendStatus
+
+_POSIX = os.name == "posix"
+
+
+class SubprocessBackend:
+    """Runs the command directly on the host, without gVisor."""
+
+    name = "subprocess"
+    isolated = False
+
+    def probe(self) -> BackendStatus:
+        return BackendStatus(self.name, True, False,
+                             "always available; runs commands on the host WITHOUT isolation")
+
+    def run(self, request: CommandRequest, on_output: OutputCallback | None = None
+            ) -> CommandResult:
+        home = os.path.expanduser("~")
+        path = os.pathsep.join(dict.fromkeys([
+            os.path.dirname(sys.executable),
+            *os.environ.get("PATH", os.defpath).split(os.pathsep)]))
+        env = sandbox_env(request, home=home, path=path,
+                          user=os.environ.get("USER") or os.environ.get("USERNAME") or "")
+        env["TMPDIR"] = tempfile.gettempdir()
+        if not _POSIX:
+            env.update({k: v for k, v in os.environ.items()
+                        if k.upper() in ("SYSTEMROOT", "COMSPEC", "PATHEXT", "WINDIR")})
+        try:
+            proc = subprocess.Popen(
+                list(request.argv), cwd=request.working_dir, env=env,
+                stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=_POSIX,
+                preexec_fn=_limits_setter(request) if _POSIX else None)
+        except FileNotFoundError:
+            # Like a shell: an unknown program is a result (127), not an exception.
+            return self._no_program(request, 127, f"{request.argv[0]}: command not found\n")
+        except PermissionError as exc:
+            return self._no_program(request, 126, f"{request.argv[0]}: {exc.strerror}\n")
+        except OSError as exc:
+            raise SandboxStartError(self.name, f"cannot start {request.argv[0]!r}: {exc}") from exc
+        tracked = _Tree(proc.pid)
+        outcome = supervise(
+            proc, kill=tracked.kill, on_exit=tracked.kill, stdin=request.stdin,
+            timeout=request.timeout, on_output=on_output, max_output=request.max_output)
+        tracked.kill()
+        returncode = TIMEOUT_RETURNCODE if outcome.timed_out else outcome.returncode
+        result = CommandResult(
+            returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
+            backend=self.name, isolated=False, timed_out=outcome.timed_out,
+            duration=outcome.duration,
+            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
+            network=True)
+        if outcome.interrupted:
+            raise CommandInterrupted(result)
+        return result
+
+    def _no_program(self, request: CommandRequest, code: int, message: str) -> CommandResult:
+        return CommandResult(returncode=code, stdout="", stderr=message, backend=self.name,
+                             isolated=False, network=True)
+
+
+class _Tree:
+    """The command's process group plus every descendant we have seen.
+
+    ``setsid`` lets a child leave the process group, so descendants are also
+    remembered (via psutil) while the command runs and killed individually.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.known: dict[int, psutil.Process] = {}
+        self._remember()
+
+    def _remember(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.pid)
+            self.known.setdefault(self.pid, root)
+            for child in root.children(recursive=True):
+                self.known.setdefault(child.pid, child)
+
+    def kill(self) -> None:
+        self._remember()
+        if _POSIX:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        for process in list(self.known.values()):
+            with contextlib.suppress(psutil.Error):
+                # psutil checks the create time, so a reused pid is never hit.
+                if process.pid != self.pid and process.is_running():
+                    for child in process.children(recursive=True):
+                        with contextlib.suppress(psutil.Error):
+                            child.kill()
+                    process.kill()
+        if not _POSIX:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(self.pid).kill()
+
+
+def _limits_setter(request: CommandRequest):
+    """rlimits for the child, set between fork and exec (the child's own process)."""
+    import resource
+
+    limits = []
+    for name, value in request.limits.rlimits().items():
+        number = getattr(resource, name, None)
+        if number is None:
+            continue
+        if name == "RLIMIT_NPROC":
+            if os.geteuid() == 0:
+                continue  # the kernel does not apply it to root anyway
+            # On the host this limit counts all of the user's processes, not just
+            # the command's: allow the command this many on top of what exists.
+            value += _user_process_count()
+        limits.append((number, value))
+
+    def apply() -> None:
+        for number, value in limits:
+            with contextlib.suppress(ValueError, OSError):
+                _soft, hard = resource.getrlimit(number)
+                cap = value if hard == resource.RLIM_INFINITY else min(value, hard)
+                resource.setrlimit(number, (cap, cap))
+
+    return apply
+
+
+def _user_process_count() -> int:
+    uid = os.getuid()
+    count = 0
+    for process in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if process.info["uids"].real == uid:
+                count += 1
+    return count

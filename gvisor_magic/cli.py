@@ -1,0 +1,118 @@
+"""``gvisor-magic``: ``doctor`` says what works here and why; ``run`` runs one command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
+from .request import MODES
+from .runner import detect_environment, run_command_isolated
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    info = detect_environment(refresh=True, mode=args.mode)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2, default=str))
+    else:
+        print(f"gvisor-magic {__version__}")
+        print(info.explain())
+    if args.require_isolation and not info.isolated:
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("gvisor-magic run: give a command after --", file=sys.stderr)
+        return 2
+
+    def stream(name: str, text: str) -> None:
+        target = sys.stdout if name == "stdout" else sys.stderr
+        target.write(text)
+        target.flush()
+
+    env = {}
+    for item in args.env or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"gvisor-magic run: --env expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        env[key] = value
+    try:
+        result = run_command_isolated(
+            command[0] if args.shell else command, working_dir=args.workdir,
+            repo_path=args.repo, timeout=args.timeout, env=env, mode=args.mode,
+            require_isolation=True if args.require_isolation else None, network=args.network,
+            on_output=None if args.json else stream)
+    except IsolationUnavailable as exc:
+        print(f"gvisor-magic: {exc}", file=sys.stderr)
+        return 125
+    except CommandInterrupted as exc:
+        print(f"\ngvisor-magic: interrupted; {exc.result.describe()}", file=sys.stderr)
+        return 130
+    except (GvisorMagicError, TypeError, ValueError) as exc:
+        print(f"gvisor-magic: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not args.quiet:
+        print(f"[gvisor-magic] {result.describe()}", file=sys.stderr)
+    if result.returncode < 0:
+        return 128 - result.returncode
+    return result.returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gvisor-magic",
+        description="Run commands in a gVisor sandbox and report where they ran.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every decision")
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    doctor = sub.add_parser("doctor", help="report what was detected and which backend works")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--mode", choices=MODES, default=None)
+    doctor.add_argument("--require-isolation", action="store_true",
+                        help="exit 1 unless commands would run under gVisor")
+    doctor.set_defaults(handler=_doctor)
+
+    run = sub.add_parser("run", help="run a command: gvisor-magic run [options] -- CMD ARGS...")
+    run.add_argument("--mode", choices=MODES, default=None,
+                     help="backend (default: $GVISOR_MAGIC_MODE or auto)")
+    run.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    run.add_argument("--workdir", default=None,
+                     help="host directory mounted read-write as the cwd (default: a fresh "
+                          "temporary directory)")
+    run.add_argument("--repo", default=None, help="host directory mounted read-only")
+    run.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
+    run.add_argument("--network", action="store_true", help="allow network access")
+    run.add_argument("--require-isolation", action="store_true",
+                     help="fail (exit 125) rather than run without gVisor")
+    run.add_argument("--shell", action="store_true",
+                     help="treat the single CMD argument as a shell script")
+    run.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+    run.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

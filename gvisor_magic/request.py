@@ -1,0 +1,272 @@
+"""Validated description of one command to run: the edge where bad input stops.
+
+Everything a backend needs is checked and normalised here, before any backend
+is chosen or any process started, so every backend can trust its input and
+every mistake gets one precise message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequestError
+
+MODES = ("auto", "runsc", "docker", "subprocess")
+ENV_MODE = "GVISOR_MAGIC_MODE"
+ENV_REQUIRE = "GVISOR_MAGIC_REQUIRE_ISOLATION"
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+DEFAULT_SHELL = "/bin/sh"
+
+# Host variables worth keeping: they change how text is rendered, never what a
+# command may access. Everything else (tokens, cloud keys, proxies) stays out.
+ENV_ALLOWLIST = ("LANG", "LANGUAGE", "TZ", "TERM")
+ENV_ALLOWLIST_PREFIXES = ("LC_",)
+
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Host directories that must never be mounted read-write over the sandbox.
+_FORBIDDEN_MOUNT_ROOTS = ("/proc", "/sys", "/dev")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every sandboxed command.
+
+    Under gVisor they are rlimits enforced by gVisor's own kernel, so they hold
+    without host cgroups (inside an unprivileged pod, for an ordinary user).
+    ``None`` means "no limit" for that resource.
+    """
+
+    max_processes: int | None = 512
+    max_open_files: int | None = 4096
+    max_file_size: int | None = 4 * GiB
+    max_address_space: int | None = 16 * GiB
+    tmp_size: int = 512 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_processes", "max_open_files", "max_file_size", "max_address_space"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise InvalidRequestError(f"limits.{name} must be a positive int or None, "
+                                          f"got {value!r}")
+        if isinstance(self.tmp_size, bool) or not isinstance(self.tmp_size, int) \
+                or self.tmp_size <= 0:
+            raise InvalidRequestError(f"limits.tmp_size must be a positive int, "
+                                      f"got {self.tmp_size!r}")
+
+    def rlimits(self) -> dict[str, int]:
+        """The limits as ``RLIMIT_*`` names, the vocabulary OCI and ``resource`` share."""
+        table = {
+            "RLIMIT_NPROC": self.max_processes,
+            "RLIMIT_NOFILE": self.max_open_files,
+            "RLIMIT_FSIZE": self.max_file_size,
+            "RLIMIT_AS": self.max_address_space,
+        }
+        return {name: value for name, value in table.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """One command and its sandbox policy, already validated."""
+
+    argv: tuple[str, ...]
+    working_dir: str | None
+    repo_path: str | None
+    timeout: float | None
+    env: Mapping[str, str]
+    network: bool
+    stdin: bytes | None
+    limits: Limits = field(default_factory=Limits)
+    max_output: int | None = DEFAULT_MAX_OUTPUT
+    #: The text the user asked for, for messages and logs.
+    display: str = ""
+
+    @classmethod
+    def build(
+        cls,
+        command: str | Sequence[str],
+        *,
+        working_dir: str | os.PathLike[str] | None = None,
+        repo_path: str | os.PathLike[str] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+        network: bool = False,
+        stdin: str | bytes | None = None,
+        limits: Limits | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: str = DEFAULT_SHELL,
+    ) -> CommandRequest:
+        argv, display = _check_command(command, shell)
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a gvisor_magic.Limits, got {type(limits).__name__}")
+        if not isinstance(network, bool):
+            raise TypeError(f"network must be True or False, got {network!r}")
+        return cls(
+            argv=argv,
+            working_dir=_check_dir(working_dir, "working_dir"),
+            repo_path=_check_dir(repo_path, "repo_path"),
+            timeout=_check_timeout(timeout),
+            env=_check_env(env),
+            network=network,
+            stdin=_check_stdin(stdin),
+            limits=limits or Limits(),
+            max_output=_check_max_output(max_output),
+            display=display,
+        )
+
+
+def _check_command(command: object, shell: str) -> tuple[tuple[str, ...], str]:
+    if isinstance(command, str):
+        if not command.strip():
+            raise InvalidRequestError("command is empty")
+        if "\0" in command:
+            raise InvalidRequestError("command contains a NUL byte")
+        return (shell, "-c", command), command
+    if isinstance(command, (bytes, bytearray)):
+        raise TypeError("command must be a str (shell script) or a list of str (argv), not bytes")
+    if not isinstance(command, Sequence):
+        raise TypeError("command must be a str (shell script) or a list of str (argv), "
+                        f"got {type(command).__name__}")
+    argv = tuple(command)
+    if not argv:
+        raise InvalidRequestError("command is empty: give at least the program to run")
+    for index, item in enumerate(argv):
+        if not isinstance(item, str):
+            raise TypeError(f"command[{index}] must be a str, got {type(item).__name__}: {item!r}")
+        if "\0" in item:
+            raise InvalidRequestError(f"command[{index}] contains a NUL byte")
+    if not argv[0]:
+        raise InvalidRequestError("command[0] (the program) is an empty string")
+    return argv, " ".join(argv)
+
+
+def _check_dir(path: object, name: str) -> str | None:
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text:
+        raise InvalidRequestError(f"{name} must be a non-empty path")
+    if "\0" in text:
+        raise InvalidRequestError(f"{name} contains a NUL byte")
+    real = os.path.realpath(text)
+    if not os.path.exists(real):
+        raise InvalidRequestError(f"{name} does not exist: {text}")
+    if not os.path.isdir(real):
+        raise InvalidRequestError(f"{name} is not a directory: {text}")
+    if real == "/":
+        raise InvalidRequestError(f"{name} cannot be the root directory '/'")
+    for root in _FORBIDDEN_MOUNT_ROOTS:
+        if real == root or real.startswith(root + "/"):
+            raise InvalidRequestError(f"{name} cannot be inside {root}: {text}")
+    return real
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    value = float(timeout)
+    if math.isnan(value):
+        raise InvalidRequestError("timeout is NaN; give a positive number of seconds or None")
+    if math.isinf(value):
+        raise InvalidRequestError("timeout is infinite; use None for no time limit")
+    if value <= 0:
+        raise InvalidRequestError(f"timeout must be > 0 seconds, got {timeout!r}")
+    return value
+
+
+def _check_env(env: object) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, got {type(env).__name__}")
+    checked: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str):
+            raise TypeError(f"env key must be a str, got {key!r}")
+        if not _ENV_KEY.match(key):
+            raise InvalidRequestError(
+                f"invalid environment variable name {key!r}: use letters, digits and '_', "
+                "not starting with a digit")
+        if not isinstance(value, str):
+            raise TypeError(f"env[{key!r}] must be a str, got {type(value).__name__}")
+        if "\0" in value:
+            raise InvalidRequestError(f"env[{key!r}] contains a NUL byte")
+        checked[key] = value
+    return checked
+
+
+def _check_stdin(stdin: object) -> bytes | None:
+    if stdin is None:
+        return None
+    if isinstance(stdin, str):
+        return stdin.encode("utf-8")
+    if isinstance(stdin, (bytes, bytearray, memoryview)):
+        return bytes(stdin)
+    raise TypeError(f"stdin must be str, bytes or None, got {type(stdin).__name__}")
+
+
+def _check_max_output(max_output: object) -> int | None:
+    if max_output is None:
+        return None
+    if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output <= 0:
+        raise InvalidRequestError(f"max_output must be a positive number of bytes or None, "
+                                  f"got {max_output!r}")
+    return max_output
+
+
+def resolve_mode(mode: str | None) -> str:
+    """The backend mode: the argument, else ``$GVISOR_MAGIC_MODE``, else ``auto``."""
+    source = "mode"
+    if mode is None:
+        mode = os.environ.get(ENV_MODE, "").strip() or "auto"
+        source = ENV_MODE
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, got {type(mode).__name__}")
+    value = mode.strip().lower()
+    if value not in MODES:
+        raise InvalidRequestError(f"unknown {source} {mode!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def resolve_require_isolation(require: bool | None) -> bool:
+    """The argument, else ``$GVISOR_MAGIC_REQUIRE_ISOLATION``, else False."""
+    if require is not None:
+        if not isinstance(require, bool):
+            raise TypeError(f"require_isolation must be True, False or None, got {require!r}")
+        return require
+    raw = os.environ.get(ENV_REQUIRE, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InvalidRequestError(f"{ENV_REQUIRE}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def sandbox_env(request: CommandRequest, *, home: str, path: str, user: str) -> dict[str, str]:
+    """The environment a sandboxed command sees: an allowlist, never the host's.
+
+    Only locale/terminal variables come from the host; the caller's ``env``
+    is applied last so it can override anything, including ``PATH``.
+    """
+    env = {"PATH": path, "HOME": home, "USER": user, "LOGNAME": user, "TMPDIR": "/tmp"}
+    for key, value in os.environ.items():
+        if key in ENV_ALLOWLIST or key.startswith(ENV_ALLOWLIST_PREFIXES):
+            env[key] = value
+    env.setdefault("LANG", "C.UTF-8")
+    env.update(request.env)
+    return env

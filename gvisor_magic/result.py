@@ -1,0 +1,81 @@
+"""The result of one command, identical in shape for every backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from dataclasses import dataclass
+
+#: Exit status reported when a command hit its timeout (as GNU ``timeout`` does).
+TIMEOUT_RETURNCODE = 124
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What happened when a command ran.
+
+    ``backend`` and ``isolated`` say where it ran; ``fallback_reason`` says why
+    a better backend was not used. A result never claims isolation it did not
+    have: ``isolated`` is True only when the command ran under gVisor.
+    """
+
+    returncode: int
+    stdout: str
+    stderr: str
+    backend: str
+    isolated: bool
+    timed_out: bool = False
+    duration: float = 0.0
+    fallback_reason: str | None = None
+    truncated: bool = False
+    network: bool = False
+    #: Free-form details from the backend (sandbox id, runsc version, ...).
+    details: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        """True when the command exited with status 0 and did not time out."""
+        return self.returncode == 0 and not self.timed_out
+
+    @property
+    def signal_name(self) -> str | None:
+        """Name of the signal that killed the command, if one did."""
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
+    def describe(self) -> str:
+        """One line saying where the command ran and how it ended."""
+        where = f"{self.backend} ({'gVisor' if self.isolated else 'NOT isolated'})"
+        if self.timed_out:
+            end = "timed out"
+        elif self.returncode < 0:
+            end = f"killed by {self.signal_name}"
+        else:
+            end = f"exit {self.returncode}"
+        text = f"{where}: {end} in {self.duration:.2f}s"
+        if self.network:
+            text += ", network ON"
+        if self.truncated:
+            text += ", output truncated"
+        if self.fallback_reason:
+            text += f"; fallback: {self.fallback_reason}"
+        return text
+
+    def check_returncode(self) -> None:
+        """Raise ``subprocess.CalledProcessError`` if the command failed."""
+        import subprocess
+
+        if not self.success:
+            raise subprocess.CalledProcessError(
+                self.returncode, "isolated command", self.stdout, self.stderr
+            )
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-serialisable form (used by ``gvisor-magic run --json``)."""
+        data = dataclasses.asdict(self)
+        data["success"] = self.success
+        return data

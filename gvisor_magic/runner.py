@@ -1,0 +1,252 @@
+"""``run_command_isolated``: validate, choose a backend, run once, report honestly.
+
+The one place where backends are chosen and where falling back is decided.
+Falling back is allowed only on ``SandboxStartError``, which a backend raises
+only when the command provably did not start; so a command never runs twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from .backends.base import Backend, BackendStatus
+from .backends.runsc import RunscBackend
+from .backends.subprocess import SubprocessBackend
+from .detect import EnvironmentInfo, host_facts, preferred_backends
+from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
+from .process import OutputCallback
+from .request import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_SHELL,
+    DEFAULT_TIMEOUT,
+    CommandRequest,
+    Limits,
+    resolve_mode,
+    resolve_require_isolation,
+)
+from .result import CommandResult
+
+log = logging.getLogger("gvisor_magic")
+
+#: A failed probe is retried after this long; a working one is trusted until refresh.
+NEGATIVE_PROBE_TTL = 300.0
+
+
+def _backend_factories() -> dict[str, type]:
+    factories: dict[str, type] = {"runsc": RunscBackend, "subprocess": SubprocessBackend}
+    try:
+        from .backends.docker import DockerBackend
+    except ImportError:  # the docker SDK is an optional dependency
+        pass
+    else:
+        factories["docker"] = DockerBackend
+    return factories
+
+
+class _Registry:
+    """Backend instances and their cached probe results, shared by the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._backends: dict[str, Backend] = {}
+        self._status: dict[str, tuple[BackendStatus, float]] = {}
+
+    def backend(self, name: str) -> Backend | None:
+        with self._lock:
+            if name not in self._backends:
+                factory = _backend_factories().get(name)
+                if factory is None:
+                    return None
+                self._backends[name] = factory()
+            return self._backends[name]
+
+    def status(self, name: str, *, refresh: bool = False) -> BackendStatus:
+        with self._lock:
+            cached = self._status.get(name)
+        if cached and not refresh:
+            status, when = cached
+            if status.available or time.monotonic() - when < NEGATIVE_PROBE_TTL:
+                return status
+        backend = self.backend(name)
+        if backend is None:
+            status = BackendStatus(name, False, name != "subprocess",
+                                   f"the {name} backend needs an optional dependency",
+                                   fix="pip install 'gvisor-magic[docker]'")
+        else:
+            status = backend.probe()
+        log.info("gvisor: probe %s -> %s (%s)", name,
+                 "usable" if status.available else "unusable", status.reason)
+        self.remember(status)
+        return status
+
+    def cached(self, name: str) -> BackendStatus | None:
+        with self._lock:
+            cached = self._status.get(name)
+        if cached is None:
+            return None
+        status, when = cached
+        if not status.available and time.monotonic() - when >= NEGATIVE_PROBE_TTL:
+            return None
+        return status
+
+    def remember(self, status: BackendStatus) -> None:
+        with self._lock:
+            self._status[status.name] = (status, time.monotonic())
+
+    def forget(self) -> None:
+        """Drop cached probes and backend instances (after installing runsc, say)."""
+        with self._lock:
+            self._status.clear()
+            self._backends.clear()
+
+
+REGISTRY = _Registry()
+
+
+def _plan(mode: str, require_isolation: bool) -> tuple[list[str], str]:
+    """The backends to try, in order, and why that order."""
+    facts = host_facts()
+    if mode != "auto":
+        return [mode], f"mode={mode!r} was requested"
+    order, why = preferred_backends(facts)
+    names = [n for n in order if not (require_isolation and n == "subprocess")]
+    return names, why
+
+
+def detect_environment(*, refresh: bool = False, mode: str | None = None,
+                       require_isolation: bool | None = None) -> EnvironmentInfo:
+    """Probe every backend (cached) and say which one ``auto`` would use, and why."""
+    mode = resolve_mode(mode)
+    require = resolve_require_isolation(require_isolation)
+    if refresh:
+        REGISTRY.forget()
+    facts = host_facts()
+    order, order_reason = preferred_backends(facts)
+    statuses = {name: REGISTRY.status(name, refresh=refresh)
+                for name in ("runsc", "docker", "subprocess")}
+    names, _ = _plan(mode, require)
+    chosen = next((n for n in names if statuses[n].available), "")
+    skipped = {n: statuses[n].reason for n in names[:names.index(chosen)]} if chosen else {
+        n: statuses[n].reason for n in names}
+    if not chosen:
+        reason = "no usable backend: " + _join(skipped)
+    elif skipped:
+        reason = f"{chosen}, because " + _join(skipped)
+    elif mode != "auto":
+        reason = f"{chosen}, as requested by mode={mode!r}"
+    else:
+        reason = f"{chosen}, the first choice here ({order_reason})"
+    return EnvironmentInfo(facts=facts, preference=order, preference_reason=order_reason,
+                           backends=statuses, auto_backend=chosen, auto_reason=reason,
+                           mode=mode, require_isolation=require)
+
+
+def is_gvisor_available(*, refresh: bool = False) -> bool:
+    """True only if a gVisor backend really ran a probe command here (cached)."""
+    facts = host_facts()
+    if not facts.is_linux:
+        return False
+    if refresh:
+        REGISTRY.forget()
+    order, _ = preferred_backends(facts)
+    return any(REGISTRY.status(name, refresh=refresh).available
+               for name in order if name != "subprocess")
+
+
+def run_command_isolated(
+    command: str | Sequence[str],
+    working_dir: str | os.PathLike[str] | None = None,
+    repo_path: str | os.PathLike[str] | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    mode: str | None = None,
+    require_isolation: bool | None = None,
+    network: bool = False,
+    on_output: OutputCallback | None = None,
+    stdin: str | bytes | None = None,
+    *,
+    limits: Limits | None = None,
+    max_output: int | None = DEFAULT_MAX_OUTPUT,
+    shell: str = DEFAULT_SHELL,
+) -> CommandResult:
+    """Run ``command`` once, in the best sandbox available, and say where it ran.
+
+    ``command`` is an argv list (no shell) or a shell script (run by ``shell -c``).
+    ``mode`` defaults to ``$GVISOR_MAGIC_MODE`` or ``"auto"``;
+    ``require_isolation`` to ``$GVISOR_MAGIC_REQUIRE_ISOLATION``: when set, a
+    command that cannot run under gVisor raises ``IsolationUnavailable``.
+    See the README for the sandbox policy (mounts, environment, limits).
+    """
+    request = CommandRequest.build(
+        command, working_dir=working_dir, repo_path=repo_path, timeout=timeout, env=env,
+        network=network, stdin=stdin, limits=limits, max_output=max_output, shell=shell)
+    mode = resolve_mode(mode)
+    require = resolve_require_isolation(require_isolation)
+    if require and mode == "subprocess":
+        raise IsolationUnavailable(
+            "isolation is required, but mode='subprocess' never isolates",
+            {"subprocess": "runs on the host without gVisor"})
+    names, why = _plan(mode, require)
+    scratch = None
+    if request.working_dir is None:
+        scratch = tempfile.mkdtemp(prefix="gvisor-magic-work-")
+        request = dataclasses.replace(request, working_dir=os.path.realpath(scratch))
+    try:
+        return _run_first_that_starts(request, names, why, mode, require, on_output)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, mode: str,
+                           require: bool, on_output: OutputCallback | None) -> CommandResult:
+    reasons: dict[str, str] = {}
+    for name in names:
+        backend = REGISTRY.backend(name)
+        cached = REGISTRY.cached(name)
+        if backend is None or (cached is not None and not cached.available):
+            status = cached or REGISTRY.status(name)
+            reasons[name] = status.reason + (f" (fix: {status.fix})" if status.fix else "")
+            log.info("gvisor: skipping %s: %s", name, reasons[name])
+            continue
+        log.info("gvisor: running %r with %s (%s)", request.display[:200], name, why)
+        try:
+            result = backend.run(request, on_output)
+        except SandboxStartError as exc:
+            reasons[name] = exc.reason
+            REGISTRY.remember(BackendStatus(name, False, backend.isolated,
+                                            f"sandbox failed to start: {exc.reason}"))
+            log.warning("gvisor: %s could not start the sandbox (the command did not run): %s",
+                        name, exc.reason)
+            continue
+        except CommandInterrupted as exc:
+            exc.result = _with_reason(exc.result, reasons, mode)
+            raise
+        return _with_reason(result, reasons, mode)
+    if require or mode != "auto":
+        raise IsolationUnavailable(
+            f"cannot run the command with {' or '.join(names) or 'any backend'}"
+            + (" and isolation is required" if require else ""), reasons)
+    raise IsolationUnavailable("no backend could start the command", reasons)
+
+
+def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str) -> CommandResult:
+    fallback = _join(reasons) if reasons else None
+    if fallback is None and not result.isolated and mode == "subprocess":
+        fallback = "mode 'subprocess' was requested: gVisor was not used"
+    if fallback:
+        level = logging.WARNING if reasons else logging.INFO
+        log.log(level, "gvisor: ran with %s (%s) because %s", result.backend,
+                "isolated" if result.isolated else "NOT isolated", fallback)
+    return dataclasses.replace(result, fallback_reason=fallback)
+
+
+def _join(reasons: Mapping[str, str]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in reasons.items())

@@ -1,0 +1,58 @@
+"""The ``gvisor-magic`` command, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "gvisor_magic.cli"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    merged = {k: v for k, v in os.environ.items() if not k.startswith("GVISOR_MAGIC_")}
+    merged.update(env or {})
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
+                          env=merged)
+
+
+def test_doctor_json_says_what_works(runsc_works):
+    done = run_cli("doctor", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["backends"]["runsc"]["available"] is True
+    assert data["isolated"] is True
+    assert data["auto_backend"] in ("runsc", "docker")
+
+
+def test_doctor_text_gives_the_fix_for_a_missing_runsc():
+    done = run_cli("doctor", "--require-isolation",
+                   env={"GVISOR_MAGIC_RUNSC": "/nonexistent/runsc", "PATH": "/usr/bin:/bin"})
+    assert "runsc" in done.stdout and "NOT ISOLATED" in done.stdout
+    assert done.returncode == 1
+
+
+def test_run_streams_and_exits_with_the_command_code(runsc_works, tmp_path):
+    done = run_cli("run", "--mode", "runsc", "--workdir", str(tmp_path), "--",
+                   "sh", "-c", "uname -r; echo oops >&2; exit 7")
+    assert done.returncode == 7
+    assert done.stdout == "4.4.0\n"
+    assert "oops" in done.stderr and "runsc (gVisor): exit 7" in done.stderr
+
+
+def test_run_require_isolation_fails_closed(tmp_path):
+    marker = tmp_path / "ran"
+    done = run_cli("run", "--require-isolation", "--", "touch", str(marker),
+                   env={"GVISOR_MAGIC_RUNSC": "/bin/false"})
+    assert done.returncode == 125
+    assert "isolation is required" in done.stderr
+    assert not marker.exists()
+
+
+def test_run_json_and_bad_input(runsc_works):
+    done = run_cli("run", "--json", "--mode", "runsc", "--", "sh", "-c", "kill -9 $$")
+    assert done.returncode == 128 + 9
+    assert json.loads(done.stdout)["returncode"] == -9
+    bad = run_cli("run", "--timeout", "-1", "--", "true")
+    assert bad.returncode == 2 and "timeout must be > 0" in bad.stderr

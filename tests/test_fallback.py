@@ -1,0 +1,117 @@
+"""Choosing a backend, falling back honestly, and never running a command twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from gvisor_magic import (
+    IsolationUnavailable,
+    detect_environment,
+    is_gvisor_available,
+    run_command_isolated,
+)
+
+BROKEN_RUNSC = [("/bin/false", "exit"), ("/nonexistent/bin/runsc", "No such file")]
+
+
+@pytest.mark.parametrize(("runsc", "words"), BROKEN_RUNSC)
+def test_auto_falls_back_with_a_reason_and_runs_once(monkeypatch, tmp_path, runsc, words):
+    monkeypatch.setenv("GVISOR_MAGIC_RUNSC", runsc)
+    marker = tmp_path / "runs.log"
+    result = run_command_isolated(f"echo ran >> {marker}; echo done", working_dir=tmp_path,
+                                  mode="auto")
+    assert result.stdout == "done\n"
+    assert result.backend == "subprocess" and not result.isolated
+    assert "runsc" in result.fallback_reason and words in result.fallback_reason
+    assert marker.read_text() == "ran\n"
+    assert not is_gvisor_available() or detect_environment().auto_backend == "docker"
+
+
+@pytest.mark.parametrize(("runsc", "words"), BROKEN_RUNSC)
+def test_explicit_runsc_or_required_isolation_raises(monkeypatch, tmp_path, runsc, words):
+    monkeypatch.setenv("GVISOR_MAGIC_RUNSC", runsc)
+    marker = tmp_path / "ran"
+    with pytest.raises(IsolationUnavailable, match="runsc") as caught:
+        run_command_isolated(f"touch {marker}", mode="runsc")
+    assert words in caught.value.reasons["runsc"]
+    with pytest.raises(IsolationUnavailable, match="isolation is required") as caught:
+        run_command_isolated(f"touch {marker}", require_isolation=True)
+    assert "runsc" in caught.value.reasons
+    monkeypatch.setenv("GVISOR_MAGIC_REQUIRE_ISOLATION", "1")
+    with pytest.raises(IsolationUnavailable):
+        run_command_isolated(f"touch {marker}")
+    assert not marker.exists()
+
+
+def test_failure_after_start_is_reported_not_retried(runsc_works, tmp_path):
+    marker = tmp_path / "runs.log"
+    result = run_command_isolated(f"echo ran >> {marker}; exit 3", working_dir=tmp_path,
+                                  mode="auto")
+    assert result.returncode == 3 and result.isolated
+    assert marker.read_text() == "ran\n"
+
+
+def test_sandbox_killed_mid_command_is_reported_not_rerun(runsc_works, tmp_path):
+    """SIGKILL the gVisor sandbox process itself while the command runs."""
+    marker = tmp_path / "runs.log"
+    seen = threading.Event()
+
+    def kill_sandbox() -> None:
+        seen.wait(30)
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if any("gvisor-magic-" in part for part in cmdline) and "boot" in cmdline:
+                os.kill(process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_sandbox)
+    killer.start()
+    start = time.monotonic()
+    result = run_command_isolated(f"echo ran >> {marker}; echo started; sleep 60",
+                                  working_dir=tmp_path, mode="auto", timeout=120,
+                                  on_output=lambda s, t: seen.set())
+    killer.join()
+    assert time.monotonic() - start < 60
+    assert result.backend == "runsc" and result.isolated
+    assert not result.success
+    assert result.stdout == "started\n"
+    assert marker.read_text() == "ran\n", "the command must not run again after a sandbox crash"
+
+
+def test_detect_environment_reports_every_backend(runsc_works):
+    info = detect_environment(refresh=True)
+    assert info.runsc.available and info.runsc.version.startswith("runsc version")
+    assert info.backends["subprocess"].available and not info.backends["subprocess"].isolated
+    assert info.auto_backend in ("runsc", "docker")
+    assert info.isolated
+    assert info.platform.startswith("linux")
+    assert isinstance(info.in_container, bool) and isinstance(info.in_kubernetes, bool)
+    assert info.in_container == (os.path.exists("/.dockerenv") or info.in_container)
+    assert not info.pod_runs_gvisor
+    text = info.explain()
+    assert "runsc" in text and "ISOLATED" in text
+    assert is_gvisor_available()
+
+
+def test_forced_subprocess_mode_is_never_reported_as_isolated(monkeypatch):
+    monkeypatch.setenv("GVISOR_MAGIC_MODE", "subprocess")
+    result = run_command_isolated("true")
+    assert result.backend == "subprocess" and not result.isolated
+    assert "subprocess" in result.fallback_reason
+    info = detect_environment()
+    assert info.auto_backend == "subprocess" and not info.isolated
+    assert "NOT ISOLATED" in info.explain()
+
+
+def test_decisions_are_logged_with_the_word_gvisor(runsc_works, caplog, monkeypatch):
+    monkeypatch.setenv("GVISOR_MAGIC_RUNSC", "/bin/false")
+    with caplog.at_level("INFO", logger="gvisor_magic"):
+        run_command_isolated("true")
+    messages = [r.getMessage() for r in caplog.records if r.name == "gvisor_magic"]
+    assert messages and all("gvisor" in m.lower() for m in messages)
+    assert any("NOT isolated" in m for m in messages)

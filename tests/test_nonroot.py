@@ -1,0 +1,100 @@
+"""The runsc tests again, run by an ordinary (non-root) user.
+
+JupyterHub users are not root: their sandboxes go through user namespaces
+(``newuidmap``), and files they write must belong to them. This test creates
+such a user, gives it a copy of the package and the tests, and runs the
+runsc test modules as that user with the machine's own Python.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+USER = "gvisor-magic-test"
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+pytestmark = pytest.mark.nonroot
+
+
+def _ensure_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        return pwd.getpwnam(USER)
+
+
+@pytest.fixture(scope="module")
+def user_tree(runsc_works):
+    if os.geteuid() != 0:
+        pytest.skip("already running as an ordinary user: the other test modules cover this")
+    for tool in ("useradd", "runuser", SYSTEM_PYTHON):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is needed to test the non-root path (make test installs it)")
+    entry = _ensure_user()
+    # Not under pytest's own tmp dir: that one is private to root (0700).
+    base = Path(tempfile.mkdtemp(prefix="gvm-nonroot-"))
+    os.chmod(base, 0o755)
+    shutil.copytree(ROOT / "gvisor_magic", base / "src" / "gvisor_magic",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "tests", base / "src" / "tests",
+                    ignore=shutil.ignore_patterns("__pycache__", "artifacts"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", "--target", str(base / "site"),
+                    "pytest>=8", "psutil>=5.9"], check=True)
+    for path in base.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    yield entry, base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
+    entry, base = user_tree
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": entry.pw_dir,
+        "USER": USER,
+        "PYTHONPATH": f"{base / 'src'}:{base / 'site'}",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "GVISOR_MAGIC_TEST_REQUIRE_RUNSC": "1",
+        "LANG": "C.UTF-8",
+    }
+    done = subprocess.run(
+        [shutil.which("runuser"), "-u", USER, "--", SYSTEM_PYTHON, "-m", "pytest", "-q",
+         "-p", "no:cacheprovider",
+         "--rootdir", str(base / "src"), "-o", "addopts=",
+         str(base / "src" / "tests" / "test_backends.py"),
+         str(base / "src" / "tests" / "test_fallback.py")],
+        cwd=base / "src", env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    passed = re.search(r"(\d+) passed", output)
+    assert passed and int(passed.group(1)) >= 40, output[-3000:]
+    assert "skipped" not in output, output[-3000:]
+
+
+def test_files_written_by_an_ordinary_user_belong_to_that_user(user_tree):
+    entry, base = user_tree
+    work = base / "work"
+    work.mkdir()
+    os.chown(work, entry.pw_uid, entry.pw_gid)
+    script = ("from gvisor_magic import run_command_isolated as r; import sys; "
+              f"x = r('id -u; echo hi > out.txt', mode='runsc', working_dir={str(work)!r}); "
+              "print(x.stdout.strip(), x.backend, x.isolated); sys.exit(x.returncode)")
+    done = subprocess.run(
+        [shutil.which("runuser"), "-u", USER, "--", SYSTEM_PYTHON, "-c", script],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{base / 'src'}:{base / 'site'}",
+             "HOME": entry.pw_dir}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(entry.pw_uid), "runsc", "True"]
+    assert (work / "out.txt").stat().st_uid == entry.pw_uid
