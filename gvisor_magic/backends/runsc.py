@@ -197,7 +197,9 @@ class RunscBackend:
                 stdin=request.stdin, timeout=request.timeout, on_output=on_output,
                 max_output=request.max_output, stderr_gate=marker.encode())
         finally:
-            status = self._cleanup(runsc, flags, sandbox_id, state, run_dir)
+            abnormal = outcome is None or outcome.timed_out or outcome.interrupted \
+                or not outcome.gate_seen or outcome.returncode >= 128
+            status = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
         result = self._result(request, outcome, status, sandbox_id)
         if masked:
             result.details["masked_secrets"] = ", ".join(masked)
@@ -219,8 +221,11 @@ class RunscBackend:
         elif status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
             returncode = -int(status.split()[1])
         details = {"sandbox_id": sandbox_id}
-        if not status and not outcome.timed_out and not outcome.interrupted:
-            details["sandbox_error"] = "the sandbox ended before the command reported its status"
+        if returncode >= 128 and not status and not outcome.timed_out:
+            # The init reports every status >= 128; without a report, the
+            # sandbox itself ended (crashed or was killed) under the command.
+            details["sandbox_error"] = (f"the sandbox ended (runsc exit {returncode}) before "
+                                        "the command reported its status")
         result = CommandResult(
             returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
             backend=self.name, isolated=True, timed_out=outcome.timed_out,
@@ -244,7 +249,7 @@ class RunscBackend:
             _sweep(sandbox_id)
 
     def _cleanup(self, runsc: str, flags: list[str], sandbox_id: str, state: str,
-                 run_dir: str) -> str:
+                 run_dir: str, abnormal: bool) -> str:
         """Remove the sandbox, its processes and files; return the init's status report.
 
         The status file is written by code inside the sandbox, so it is read
@@ -259,14 +264,18 @@ class RunscBackend:
             pass
         if not re.fullmatch(r"(exit|signal) \d{1,3}", status):
             status = ""
-        try:
-            if os.path.isdir(state) and os.listdir(state):
+        # `runsc run` removes a sandbox whose init exited and leaves its state dir
+        # empty; anything else (a kill, a crash, a start-up failure) gets the
+        # full treatment: delete, then hunt for stray runsc processes.
+        leftover = not os.path.isdir(state) or bool(os.listdir(state))
+        if leftover or abnormal:
+            try:
                 subprocess.run([runsc, *flags, "delete", "--force", sandbox_id],
                                capture_output=True, timeout=30, env=_runsc_env(),
                                stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
-        _sweep(sandbox_id)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
+            _sweep(sandbox_id)
         shutil.rmtree(run_dir, ignore_errors=True)
         return status
 
