@@ -115,3 +115,14 @@ def test_decisions_are_logged_with_the_word_gvisor(runsc_works, caplog, monkeypa
     messages = [r.getMessage() for r in caplog.records if r.name == "gvisor_magic"]
     assert messages and all("gvisor" in m.lower() for m in messages)
     assert any("NOT isolated" in m for m in messages)
+
+
+def test_kubernetes_pod_prefers_runsc_directly(monkeypatch):
+    from gvisor_magic.detect import host_facts, preferred_backends
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    facts = host_facts()
+    assert facts.in_kubernetes and facts.in_container
+    assert "KUBERNETES_SERVICE_HOST is set" in facts.evidence
+    order, why = preferred_backends(facts)
+    assert order[0] == "runsc" and "pod" in why
