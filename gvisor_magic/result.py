@@ -29,6 +29,9 @@ class CommandResult:
     fallback_reason: str | None = None
     truncated: bool = False
     network: bool = False
+    #: Set when the sandbox itself failed under the command (crashed, lost its
+    #: daemon); the command may have partly run and was not retried.
+    error: str | None = None
     #: Free-form details from the backend (sandbox id, runsc version, ...).
     details: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -61,6 +64,8 @@ class CommandResult:
             text += ", network ON"
         if self.truncated:
             text += ", output truncated"
+        if self.error:
+            text += f"; sandbox error: {self.error}"
         if self.fallback_reason:
             text += f"; fallback: {self.fallback_reason}"
         return text

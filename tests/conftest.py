@@ -14,19 +14,36 @@ from gvisor_magic.runner import REGISTRY
 IN_CI = os.environ.get("CI") == "true" or os.environ.get("GVISOR_MAGIC_TEST_REQUIRE_RUNSC") == "1"
 
 
+# This session's own temporary directory: every sandbox state dir, bundle and
+# scratch dir this test process creates lives in it, so leak checks see only
+# our own leftovers even when other suites run on the machine at the same time.
+SESSION_TMP = tempfile.mkdtemp(prefix="gvm-tests-")
+os.chmod(SESSION_TMP, 0o755)  # the non-root tests read copies made under it
+os.environ["TMPDIR"] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
+
 def sandbox_processes() -> list[psutil.Process]:
-    """runsc processes started by this package (their cmdline names our sandbox ids)."""
+    """runsc processes serving sandboxes of this test session (found by their state dir)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info.get("cmdline") or [])
-        if "gvisor-magic-" in cmdline and "runsc" in cmdline:
+        try:
+            cmdline = " ".join(process.info.get("cmdline") or [])
+        except psutil.Error:
+            continue
+        if SESSION_TMP in cmdline and "gvisor-magic-" in cmdline:
             found.append(process)
     return found
 
 
 def scratch_dirs() -> set[str]:
-    base = tempfile.gettempdir()
-    return {name for name in os.listdir(base) if name.startswith("gvisor-magic-")}
+    return {name for name in os.listdir(SESSION_TMP) if name.startswith("gvisor-magic-")}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -66,7 +67,7 @@ def test_sandbox_killed_mid_command_is_reported_not_rerun(runsc_works, tmp_path)
         seen.wait(30)
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
-            if any("gvisor-magic-" in part for part in cmdline) and "boot" in cmdline:
+            if any(tempfile.gettempdir() in part for part in cmdline) and "boot" in cmdline:
                 os.kill(process.pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_sandbox)
@@ -81,6 +82,7 @@ def test_sandbox_killed_mid_command_is_reported_not_rerun(runsc_works, tmp_path)
     assert not result.success
     assert result.stdout == "started\n"
     assert marker.read_text() == "ran\n", "the command must not run again after a sandbox crash"
+    assert result.error and "sandbox ended" in result.error
 
 
 def test_detect_environment_reports_every_backend(runsc_works):

@@ -27,7 +27,8 @@ from ..process import Outcome, OutputCallback, supervise
 from ..request import CommandRequest
 from ..result import TIMEOUT_RETURNCODE, CommandResult
 from .base import BackendStatus
-from .oci import STATUS_DIR, Bundle, caller_identity, init_python
+from .layout import STATUS_DIR, build_layout, caller_identity, init_python
+from .oci import Bundle
 
 log = logging.getLogger("gvisor_magic")
 
@@ -37,6 +38,12 @@ INSTALL_HINT = "install runsc: sudo python3 scripts/install_gvisor.py (from the 
 # Debian bookworm's own runsc (20221219) fails `ls /` (statx EINVAL); backports' 20240729 works.
 MIN_RELEASE = 20230601
 _INIT_SOURCE = (Path(__file__).resolve().parent.parent / "sandbox_init.py").read_text()
+
+
+def init_argv(marker: str, argv: tuple[str, ...]) -> list[str]:
+    """The sandbox's PID 1: our init (see sandbox_init.py) wrapping the command."""
+    return [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker, f"{STATUS_DIR}/status",
+            *argv]
 _RELEASE = re.compile(r"(?:~|release-)(\d{8})")
 
 
@@ -177,12 +184,11 @@ class RunscBackend:
         try:
             os.mkdir(state, 0o700)
             os.mkdir(status_dir, 0o700)
-            identity = caller_identity()
-            args = [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker,
-                    f"{STATUS_DIR}/status", *request.argv]
-            bundle = Bundle(os.path.join(run_dir, "bundle"), request, identity, args, status_dir)
+            layout = build_layout(request, caller_identity(), run_dir, status_dir=status_dir)
+            bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
+                            init_argv(marker, request.argv), request.limits)
             bundle.write()
-            masked = bundle.masked
+            masked = layout.masked
             log.debug("gvisor: starting sandbox %s for %r", sandbox_id, request.display)
             try:
                 proc = subprocess.Popen(
@@ -221,16 +227,17 @@ class RunscBackend:
         elif status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
             returncode = -int(status.split()[1])
         details = {"sandbox_id": sandbox_id}
+        error = None
         if returncode >= 128 and not status and not outcome.timed_out:
             # The init reports every status >= 128; without a report, the
             # sandbox itself ended (crashed or was killed) under the command.
-            details["sandbox_error"] = (f"the sandbox ended (runsc exit {returncode}) before "
-                                        "the command reported its status")
+            error = (f"the sandbox ended (runsc exit {returncode}) before the command "
+                     "reported its status")
         result = CommandResult(
             returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
             backend=self.name, isolated=True, timed_out=outcome.timed_out,
             duration=outcome.duration, truncated=outcome.stdout.truncated
-            or outcome.stderr.truncated, network=request.network, details=details)
+            or outcome.stderr.truncated, network=request.network, details=details, error=error)
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result

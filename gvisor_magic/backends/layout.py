@@ -1,0 +1,249 @@
+"""What a sandboxed command can see, independent of the backend that enforces it.
+
+The runsc backend renders this layout as OCI mounts, the Docker backend as
+Docker mounts; keeping the policy here means both sandboxes show a command the
+same world: the host's system directories and Python read-only, a curated
+``/etc``, the working directory read-write at the same path, ``repo_path``
+read-only, a private ``/tmp`` and ``HOME``. Anything not listed (``/root``,
+other homes, ``/var/run/secrets``, the Docker socket, ``/etc/shadow``) does not
+exist inside.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from ..request import CommandRequest, sandbox_env
+
+# Top-level host directories shared read-only. Merged-/usr symlinks (/bin ->
+# usr/bin) are recreated as symlinks instead of being mounted.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+# /etc entries worth having: name resolution, dynamic linker, TLS roots, time
+# zone, Debian alternatives. Never shadow/gshadow/sudoers/ssh keys.
+ETC_ALLOWLIST = (
+    "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone",
+    "os-release", "debian_version", "lsb-release", "ssl", "ca-certificates",
+    "ca-certificates.conf", "mime.types", "protocols", "services", "nsswitch.conf",
+    "inputrc", "bash.bashrc", "profile", "environment", "gitconfig", "python3",
+    "pip.conf", "xdg", "magic", "magic.mime", "locale.alias", "manpath.config", "npmrc",
+)
+_ETC_COPY_MAX = 1 << 20
+
+STATUS_DIR = "/run/gvisor-magic"
+
+# Credentials that commonly sit at the top of a home directory. When a mounted
+# directory (often the notebook's cwd, often $HOME) holds them, they are hidden
+# behind empty read-only stand-ins: the sandbox gets the project, not the keys.
+SECRET_NAMES = (".ssh", ".aws", ".azure", ".gnupg", ".docker", ".kube", ".config/gcloud",
+                ".netrc", ".git-credentials", ".pypirc", ".npmrc",
+                ".jupyter/jupyter_server_config.json")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the command runs as inside, and how that maps to the host."""
+
+    uid: int
+    gid: int
+    user: str
+    home: str
+    #: OCI uid/gid mappings for an ordinary user (empty when running as root).
+    uid_mappings: tuple[dict[str, int], ...] = ()
+    gid_mappings: tuple[dict[str, int], ...] = ()
+
+    @property
+    def rootless(self) -> bool:
+        return bool(self.uid_mappings)
+
+
+def caller_identity() -> Identity:
+    """The caller's own uid/gid, so files written in the working dir belong to them.
+
+    An ordinary user needs a user namespace. gVisor's own processes need a uid
+    0 inside it: with a subordinate range in /etc/subuid (and ``newuidmap``),
+    0 maps to that range and the command keeps the caller's uid; without one,
+    the caller is mapped to 0 inside, which still writes files as the caller.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        entry = pwd.getpwuid(uid)
+        user, home = entry.pw_name, entry.pw_dir or "/tmp/home"
+    except KeyError:
+        user, home = f"u{uid}", "/tmp/home"
+    if home in ("/", "") or home.startswith(("/proc", "/sys", "/dev", "/tmp/")):
+        home = "/tmp/home"
+    if uid == 0:
+        return Identity(0, 0, user, home)
+    sub_uid = _subordinate_start("/etc/subuid", user, uid)
+    sub_gid = _subordinate_start("/etc/subgid", user, uid)
+    if sub_uid is not None and sub_gid is not None and shutil.which("newuidmap") \
+            and shutil.which("newgidmap"):
+        return Identity(
+            uid, gid, user, home,
+            ({"containerID": 0, "hostID": sub_uid, "size": 1},
+             {"containerID": uid, "hostID": uid, "size": 1}),
+            ({"containerID": 0, "hostID": sub_gid, "size": 1},
+             {"containerID": gid, "hostID": gid, "size": 1}),
+        )
+    return Identity(0, 0, "root", home,
+                    ({"containerID": 0, "hostID": uid, "size": 1},),
+                    ({"containerID": 0, "hostID": gid, "size": 1},))
+
+
+def _subordinate_start(path: str, user: str, uid: int) -> int | None:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] in (user, str(uid)) and int(parts[2]) >= 1:
+                    return int(parts[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def python_prefixes() -> list[str]:
+    """Directories that make the kernel's own Python (and venv) work inside."""
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                  os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
+    prefixes = []
+    for path in sorted(os.path.realpath(p) for p in candidates):
+        if path in ("/", "") or any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS):
+            continue
+        if os.path.isdir(path) and not any(path.startswith(p + "/") for p in prefixes):
+            prefixes.append(path)
+    return prefixes
+
+
+def init_python() -> str:
+    """The interpreter that runs the sandbox init: our own, by its real path."""
+    return os.path.realpath(sys.executable)
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One mount, in terms both OCI and Docker understand."""
+
+    destination: str
+    kind: str  # "bind" | "tmpfs" | "proc" | "sysfs"
+    source: str = ""
+    read_only: bool = True
+    #: tmpfs options (size=, mode=, uid=, gid=); binds take only read_only.
+    options: tuple[str, ...] = ()
+
+
+@dataclass
+class SandboxLayout:
+    """Mounts, top-level symlinks, environment and identity for one sandbox."""
+
+    identity: Identity
+    env: dict[str, str]
+    cwd: str
+    mounts: list[MountSpec] = field(default_factory=list)
+    #: Merged-/usr links such as /bin -> usr/bin (a backend may bind the target instead).
+    symlinks: dict[str, str] = field(default_factory=dict)
+    #: Secret paths hidden inside mounted directories (see ``SECRET_NAMES``).
+    masked: list[str] = field(default_factory=list)
+    hostname: str = "gvisor-sandbox"
+
+    def sorted_mounts(self) -> list[MountSpec]:
+        """Parents before children (stable), so nested mounts land on top."""
+        return sorted(self.mounts, key=lambda m: m.destination.rstrip("/").count("/"))
+
+
+def build_layout(request: CommandRequest, identity: Identity, scratch: str, *,
+                 host_system: bool = True, status_dir: str | None = None) -> SandboxLayout:
+    """Build the layout, writing the generated ``/etc`` and stand-in files under ``scratch``.
+
+    ``host_system=False`` is for a real image that brings its own system
+    directories: then only the private and user mounts are added.
+    """
+    path_dirs = [os.path.dirname(sys.executable)] if host_system else []
+    path_dirs += ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    env = sandbox_env(request, home=identity.home, path=":".join(dict.fromkeys(path_dirs)),
+                      user=identity.user)
+    layout = SandboxLayout(identity, env, request.working_dir or "/")
+    mounts = layout.mounts
+    if host_system:
+        for path in SYSTEM_DIRS:
+            if os.path.islink(path):
+                layout.symlinks[path] = os.readlink(path)
+            elif os.path.isdir(path):
+                mounts.append(MountSpec(path, "bind", path))
+        for prefix in python_prefixes():
+            mounts.append(MountSpec(prefix, "bind", prefix))
+        etc = os.path.join(scratch, "etc")
+        for directory in write_etc(etc, identity, request.network, layout.hostname):
+            mounts.append(MountSpec(directory, "bind", directory))
+        mounts.append(MountSpec("/etc", "bind", etc))
+    size = f"size={request.limits.tmp_size}"
+    mounts.append(MountSpec("/tmp", "tmpfs", "tmpfs", False, ("mode=1777", size)))
+    mounts.append(MountSpec(identity.home, "tmpfs", "tmpfs", False,
+                            ("mode=0700", f"uid={identity.uid}", f"gid={identity.gid}", size)))
+    if status_dir is not None:
+        mounts.append(MountSpec(STATUS_DIR, "bind", status_dir, read_only=False))
+    wanted = []
+    if request.working_dir:
+        wanted.append((request.working_dir, False))
+    if request.repo_path:
+        wanted.append((request.repo_path, True))
+    for path, read_only in sorted(wanted, key=lambda item: item[0].count("/")):
+        mounts.append(MountSpec(path, "bind", path, read_only))
+        _mask_secrets(layout, path, scratch)
+    return layout
+
+
+def write_etc(etc: str, identity: Identity, network: bool, hostname: str) -> list[str]:
+    """Write the sandbox's ``/etc`` into ``etc``; return host /etc dirs to bind into it."""
+    os.makedirs(etc, exist_ok=True)
+    directories = []
+    for name in ETC_ALLOWLIST:
+        source = os.path.join("/etc", name)
+        target = os.path.join(etc, name)
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+        elif os.path.isdir(source):
+            os.makedirs(target, exist_ok=True)  # the mount point
+            directories.append(source)
+        elif os.path.isfile(source) and os.path.getsize(source) <= _ETC_COPY_MAX:
+            try:
+                shutil.copyfile(source, target)
+            except OSError:
+                continue
+    users = {"root": (0, 0, "/root"), identity.user: (identity.uid, identity.gid, identity.home),
+             "nobody": (65534, 65534, "/nonexistent")}
+    groups = {"root": 0, identity.user: identity.gid, "nogroup": 65534}
+    files = {
+        "passwd": "".join(f"{n}:x:{u}:{g}:{n}:{h}:/bin/sh\n" for n, (u, g, h) in users.items()),
+        "group": "".join(f"{n}:x:{g}:\n" for n, g in groups.items()),
+        "hostname": hostname + "\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n",
+        "resolv.conf": "",
+    }
+    if network and os.path.isfile("/etc/resolv.conf"):
+        with open("/etc/resolv.conf") as handle:
+            files["resolv.conf"] = handle.read()
+    for name, text in files.items():
+        with open(os.path.join(etc, name), "w") as handle:
+            handle.write(text)
+    return directories
+
+
+def _mask_secrets(layout: SandboxLayout, directory: str, scratch: str) -> None:
+    empty = os.path.join(scratch, "empty")
+    for name in SECRET_NAMES:
+        secret = os.path.join(directory, name)
+        if os.path.isdir(secret) and not os.path.islink(secret):
+            layout.mounts.append(MountSpec(secret, "tmpfs", "tmpfs", True, ("mode=000", "size=4k")))
+        elif os.path.isfile(secret) or os.path.islink(secret):
+            if not os.path.exists(empty):
+                os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o400))
+            layout.mounts.append(MountSpec(secret, "bind", empty))
+        else:
+            continue
+        layout.masked.append(secret)
