@@ -48,8 +48,35 @@ def methods(script: bool) -> dict[str, Callable[[], None]]:
         table["runsc do"] = lambda: subprocess.run(
             [runsc, "--network=none", "--ignore-cgroups", "do", *shell_argv], check=True,
             stdout=subprocess.DEVNULL, cwd=work)
+    docker_run = _docker_run_command(shell_argv)
+    if docker_run:
+        table["docker backend (one-shot)"] = lambda: check(run_command_isolated(
+            command, mode="docker", working_dir=work))
+        table["docker run --rm --runtime=runsc"] = lambda: subprocess.run(
+            docker_run, check=True, stdout=subprocess.DEVNULL)
     methods.cleanup = lambda: shutil.rmtree(work, ignore_errors=True)  # type: ignore[attr-defined]
     return table
+
+
+def _docker_run_command(shell_argv: list[str]) -> list[str] | None:
+    """The plain CLI equivalent, when Docker with a runsc runtime is usable here."""
+    from gvisor_magic.backends.docker import DockerBackend
+    from gvisor_magic.errors import SandboxStartError
+
+    backend = DockerBackend()
+    try:
+        runtime, _config = backend.find_runtime()
+        image = backend.image()
+    except SandboxStartError as exc:
+        print(f"(docker methods skipped: {exc.reason})", file=sys.stderr)
+        return None
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    binds = [arg for path in ("/usr", "/lib", "/lib64", "/bin", "/sbin") if os.path.exists(path)
+             for arg in ("-v", f"{os.path.realpath(path)}:{path}:ro")]
+    return [docker, "run", "--rm", f"--runtime={runtime}", "--network=none", "--read-only",
+            *binds, image, *shell_argv]
 
 
 def measure(rounds: int, warmup: int, script: bool) -> dict[str, list[float]]:
@@ -87,10 +114,12 @@ def main() -> int:
     report = {}
     for label, script in (("true", False), ("small script", True)):
         stats = summarise(measure(args.rounds, args.warmup, script))
-        ratio = None
-        if "runsc do" in stats:
-            ratio = stats["runsc backend (one-shot)"]["median_ms"] / stats["runsc do"]["median_ms"]
-        report[label] = {"methods": stats, "ratio_runsc_backend_to_runsc_do": ratio}
+        ratios = {}
+        for ours, peer in (("runsc backend (one-shot)", "runsc do"),
+                           ("docker backend (one-shot)", "docker run --rm --runtime=runsc")):
+            if ours in stats and peer in stats:
+                ratios[f"{ours} / {peer}"] = stats[ours]["median_ms"] / stats[peer]["median_ms"]
+        report[label] = {"methods": stats, "ratios": ratios}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -99,8 +128,8 @@ def main() -> int:
         print(f"{'method':<28}{'median ms':>12}{'p95 ms':>10}")
         for name, row in data["methods"].items():
             print(f"{name:<28}{row['median_ms']:>12.1f}{row['p95_ms']:>10.1f}")
-        if data["ratio_runsc_backend_to_runsc_do"] is not None:
-            print(f"ratio runsc backend / runsc do: {data['ratio_runsc_backend_to_runsc_do']:.2f}")
+        for name, ratio in data["ratios"].items():
+            print(f"ratio {name}: {ratio:.2f}")
     return 0
 
 

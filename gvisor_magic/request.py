@@ -52,9 +52,13 @@ class Limits:
     max_file_size: int | None = 4 * GiB
     max_address_space: int | None = 16 * GiB
     tmp_size: int = 512 * MiB
+    #: cgroup limits: applied where the backend has cgroups (Docker).
+    memory: int | None = 4 * GiB
+    cpus: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_processes", "max_open_files", "max_file_size", "max_address_space"):
+        for name in ("max_processes", "max_open_files", "max_file_size", "max_address_space",
+                     "memory"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value <= 0):
@@ -64,6 +68,12 @@ class Limits:
                 or self.tmp_size <= 0:
             raise InvalidRequestError(f"limits.tmp_size must be a positive int, "
                                       f"got {self.tmp_size!r}")
+
+        if self.cpus is not None and (isinstance(self.cpus, bool)
+                                      or not isinstance(self.cpus, (int, float))
+                                      or not 0 < self.cpus < 1024):
+            raise InvalidRequestError(f"limits.cpus must be a positive number or None, "
+                                      f"got {self.cpus!r}")
 
     def rlimits(self) -> dict[str, int]:
         """The limits as ``RLIMIT_*`` names, the vocabulary OCI and ``resource`` share."""

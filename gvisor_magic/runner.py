@@ -217,6 +217,7 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             log.info("gvisor: skipping %s: %s", name, reasons[name])
             continue
         log.info("gvisor: running %r with %s (%s)", request.display[:200], name, why)
+        started = time.monotonic()
         try:
             result = backend.run(request, on_output)
         except SandboxStartError as exc:
@@ -227,9 +228,9 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
                         name, exc.reason)
             continue
         except CommandInterrupted as exc:
-            exc.result = _with_reason(exc.result, reasons, mode)
+            exc.result = _with_reason(exc.result, reasons, mode, time.monotonic() - started)
             raise
-        return _with_reason(result, reasons, mode)
+        return _with_reason(result, reasons, mode, time.monotonic() - started)
     if require or mode != "auto":
         raise IsolationUnavailable(
             f"cannot run the command with {' or '.join(names) or 'any backend'}"
@@ -237,7 +238,9 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
     raise IsolationUnavailable("no backend could start the command", reasons)
 
 
-def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str) -> CommandResult:
+def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str,
+                 duration: float) -> CommandResult:
+    """Stamp the fallback reason and the whole wall time (sandbox set-up included)."""
     fallback = _join(reasons) if reasons else None
     if fallback is None and not result.isolated and mode == "subprocess":
         fallback = "mode 'subprocess' was requested: gVisor was not used"
@@ -245,7 +248,7 @@ def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str) -> C
         level = logging.WARNING if reasons else logging.INFO
         log.log(level, "gvisor: ran with %s (%s) because %s", result.backend,
                 "isolated" if result.isolated else "NOT isolated", fallback)
-    return dataclasses.replace(result, fallback_reason=fallback)
+    return dataclasses.replace(result, fallback_reason=fallback, duration=duration)
 
 
 def _join(reasons: Mapping[str, str]) -> str:

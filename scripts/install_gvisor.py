@@ -2,7 +2,8 @@
 """Install gVisor's runsc so gvisor_magic can sandbox shell commands.
 
 Standalone (stdlib only, Python >= 3.9). Exit codes: 0 success, 1 failure, 2 needs root.
-``--check`` inspects the machine without changing anything.
+``--check`` inspects the machine without changing anything. ``--docker`` also registers runsc
+as a Docker runtime (see docker_runtime.py next to this file).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run from any cwd, or loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docker_runtime
 
 # Debian bookworm's own runsc (20221219) fails even `ls /` with EINVAL; 20240729 works.
 MIN_RELEASE_DATE = 20230601
@@ -394,13 +399,17 @@ def check(prefix: Path) -> int:
     return 0 if usable else 1
 
 
+def runsc_candidates(method: str, prefix: Path) -> list[Path]:
+    """The download method owns only {prefix}/runsc; apt cares about what PATH would pick up."""
+    return [prefix / "runsc"] if method == "download" else find_runsc((prefix,))
+
+
 def install(args: argparse.Namespace) -> int:
     """Make sure a usable runsc is installed, doing nothing if one already is."""
     os_release = read_os_release()
     method = choose_method(args.method, os_release)
     prefix: Path = args.prefix
-    # The download method owns only {prefix}/runsc; apt cares about what PATH would pick up.
-    found = [prefix / "runsc"] if method == "download" else find_runsc((prefix,))
+    found = runsc_candidates(method, prefix)
     version = runsc_version(found[0]) if found else None
     need_runsc = not (version and is_usable_version(version))
     need_uidmap = method == "apt" and shutil.which("newuidmap") is None
@@ -428,6 +437,32 @@ def install(args: argparse.Namespace) -> int:
     return 0
 
 
+def install_docker(args: argparse.Namespace) -> int:
+    """``--docker``: ensure runsc exactly as a plain run does, then register that very binary.
+
+    dockerd gets an absolute path: its own PATH (a systemd unit's) may not find runsc.
+    """
+    install(args)
+    found = runsc_candidates(choose_method(args.method, read_os_release()), args.prefix)
+    if not found or not is_usable_version(runsc_version(found[0]) or ""):
+        raise InstallError("no usable runsc after installing; see --check")
+    return docker_runtime.setup_docker(
+        os.path.abspath(found[0]),
+        args.daemon_json or docker_runtime.DAEMON_JSON,
+        args.runtime_name or docker_runtime.DEFAULT_RUNTIME_NAME,
+        reload=not args.no_reload,
+    )
+
+
+def check_all(args: argparse.Namespace) -> int:
+    """``--check`` (plus Docker with ``--docker``): every part reports; 0 iff all are fine."""
+    status = check(args.prefix)
+    if args.docker:
+        name = args.runtime_name or docker_runtime.DEFAULT_RUNTIME_NAME
+        status = max(status, docker_runtime.check_docker(name, exact=bool(args.runtime_name)))
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; each action is its own option so later ones (e.g. --docker) slot in."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -450,15 +485,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PREFIX,
         help=f"where --method download installs runsc (default {DEFAULT_PREFIX})",
     )
+    add(
+        "--docker",
+        action="store_true",
+        help="also register runsc as a Docker runtime and reload dockerd; with --check, check "
+        "that Docker runs a container under it",
+    )
+    add(
+        "--daemon-json",
+        type=Path,
+        help=f"with --docker: the dockerd config to edit (default {docker_runtime.DAEMON_JSON})",
+    )
+    add(
+        "--runtime-name",
+        help=f"with --docker: the runtime's name (default {docker_runtime.DEFAULT_RUNTIME_NAME}; "
+        "--check then also accepts any runtime whose path ends in runsc)",
+    )
+    add(
+        "--no-reload",
+        action="store_true",
+        help="with --docker: only edit the file; do not signal or query dockerd (for tests)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: an InstallError becomes its message on stderr and its exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    docker_only = {"--daemon-json": args.daemon_json, "--runtime-name": args.runtime_name,
+                   "--no-reload": args.no_reload}
+    if not args.docker and any(v is not None and v is not False for v in docker_only.values()):
+        parser.error(f"{', '.join(k for k, v in docker_only.items() if v)}: only with --docker")
+    if args.check and (args.daemon_json or args.no_reload):
+        parser.error("--check --docker only reads dockerd's state: drop --daemon-json/--no-reload")
     try:
-        return check(args.prefix) if args.check else install(args)
-    except InstallError as exc:
+        if args.check:
+            return check_all(args)
+        return install_docker(args) if args.docker else install(args)
+    except (InstallError, docker_runtime.DockerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -57,6 +57,19 @@ def runsc_works() -> None:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def docker_works() -> None:
+    """Fail in CI (skip locally, saying why) when Docker cannot run a runsc container here."""
+    from gvisor_magic.backends.docker import DockerBackend
+
+    status = DockerBackend().probe()
+    if not status.available:
+        message = f"Docker+runsc is not usable here: {status.reason} (fix: {status.fix})"
+        if IN_CI:
+            pytest.fail(message + " -- `make test` starts dockerd and registers runsc")
+        pytest.skip(message)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(monkeypatch: pytest.MonkeyPatch):
     """Every test starts from fresh probes and must leave no sandbox or scratch dir behind."""

@@ -9,6 +9,7 @@ is bound read-only and put on ``PYTHONPATH``. Containers carry the label
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -61,20 +62,8 @@ def docker_client():
     return client
 
 
-def system_binds() -> dict[str, dict[str, str]]:
-    """Read-only binds of the host's system directories, as ``containers.run(volumes=)``."""
-    binds: dict[str, dict[str, str]] = {}
-    for path in SYSTEM_DIRS:
-        if not os.path.exists(path):
-            continue
-        binds[os.path.realpath(path)] = binds.get(os.path.realpath(path), {})
-        # One host source can serve several targets (/usr/bin at /usr and /bin):
-        # the docker SDK keys volumes by source, so such a target is listed separately.
-    return binds
-
-
-def mounts_for(site: str) -> list:
-    """Mount objects: system dirs (merged-usr aware), the site dir, nothing else."""
+def mounts_for(site: str, extra: Sequence[tuple[str, str]] = ()) -> list:
+    """Read-only binds: system dirs (merged-usr aware), the site dir, ``extra`` (target, source)."""
     from docker.types import Mount
 
     mounts = []
@@ -84,6 +73,8 @@ def mounts_for(site: str) -> list:
         mounts.append(Mount(target=path, source=os.path.realpath(path), type="bind",
                             read_only=True))
     mounts.append(Mount(target=SITE_MOUNT, source=site, type="bind", read_only=True))
+    for target, source in extra:
+        mounts.append(Mount(target=target, source=source, type="bind", read_only=True))
     return mounts
 
 
@@ -123,8 +114,10 @@ class ContainerRun:
 def run_python(client, site: str, script: str, *, user: str | None = None,
                environment: Mapping[str, str] | None = None,
                cap_add: Sequence[str] | None = None, security_opt: Sequence[str] | None = None,
-               tmpfs: Mapping[str, str] | None = None, timeout: float = 60) -> ContainerRun:
+               tmpfs: Mapping[str, str] | None = None,
+               extra_mounts: Sequence[tuple[str, str]] = (), timeout: float = 60) -> ContainerRun:
     """Run ``/usr/bin/python3 -c script`` in a fresh runc container; always remove it."""
+    import docker.errors
     import requests
 
     from gvisor_magic.backends.docker_image import ensure_scratch_image
@@ -133,11 +126,12 @@ def run_python(client, site: str, script: str, *, user: str | None = None,
     env = {"PYTHONPATH": SITE_MOUNT, "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
            "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp"}
     env.update(environment or {})
-    mounts_tmpfs = {"/tmp": "rw,nosuid,nodev,mode=1777,size=256m"}
+    # Docker's own default for a tmpfs is noexec; say so explicitly.
+    mounts_tmpfs = {"/tmp": "rw,nosuid,nodev,noexec,mode=1777,size=256m"}
     mounts_tmpfs.update(tmpfs or {})
-    container = client.containers.run(
-        image, [CONTAINER_PYTHON, "-c", script], detach=True, runtime="runc",
-        labels=dict(LABELS), mounts=mounts_for(site), tmpfs=mounts_tmpfs,
+    container = client.containers.create(
+        image, [CONTAINER_PYTHON, "-c", script], runtime="runc",
+        labels=dict(LABELS), mounts=mounts_for(site, extra_mounts), tmpfs=mounts_tmpfs,
         environment=env, user=user, network_mode="none",
         cap_add=list(cap_add) if cap_add else None,
         security_opt=list(security_opt) if security_opt else None,
@@ -145,11 +139,13 @@ def run_python(client, site: str, script: str, *, user: str | None = None,
     timed_out = False
     exit_code = None
     try:
+        container.start()
         try:
             exit_code = container.wait(timeout=timeout).get("StatusCode")
         except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
             timed_out = True
-            container.kill()
+            with contextlib.suppress(docker.errors.APIError):
+                container.kill()
         stdout = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
         stderr = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
     finally:

@@ -1,4 +1,4 @@
-"""The result contract, checked against the real runsc and the host fallback.
+"""The result contract, checked against the real runsc, Docker with runsc, and the host fallback.
 
 Every test here runs real processes: runsc sandboxes built from OCI bundles,
 and plain host processes for the subprocess backend.
@@ -22,22 +22,24 @@ from gvisor_magic import CommandInterrupted, run_command_isolated
 GVISOR_RELEASE = "4.4.0"
 
 
-@pytest.fixture(params=["runsc", "subprocess"])
+@pytest.fixture(params=["runsc", "docker", "subprocess"])
 def mode(request):
-    if request.param == "runsc":
-        request.getfixturevalue("runsc_works")
+    if request.param != "subprocess":
+        request.getfixturevalue(f"{request.param}_works")
     return request.param
 
 
-@pytest.fixture
-def runsc(runsc_works):
-    return "runsc"
+@pytest.fixture(params=["runsc", "docker"])
+def sandboxed(request):
+    """A gVisor backend: runsc directly, or Docker with the runsc runtime."""
+    request.getfixturevalue(f"{request.param}_works")
+    return request.param
 
 
-def test_runsc_runs_under_gvisor_and_subprocess_on_the_host(runsc):
-    inside = run_command_isolated(["uname", "-r"], mode="runsc")
+def test_gvisor_backends_run_under_gvisor_and_subprocess_on_the_host(sandboxed):
+    inside = run_command_isolated(["uname", "-r"], mode=sandboxed)
     assert inside.stdout.strip() == GVISOR_RELEASE
-    assert inside.backend == "runsc" and inside.isolated and inside.success
+    assert inside.backend == sandboxed and inside.isolated and inside.success
     assert inside.fallback_reason is None
     host = run_command_isolated(["uname", "-r"], mode="subprocess")
     assert host.stdout.strip() == platform.release() != GVISOR_RELEASE
@@ -146,11 +148,11 @@ def test_default_working_dir_is_fresh_and_removed(mode):
     assert not os.path.exists(cwd), "the temporary working dir was not removed"
 
 
-def test_writes_outside_the_working_dir_do_not_reach_the_host(runsc, tmp_path):
+def test_writes_outside_the_working_dir_do_not_reach_the_host(sandboxed, tmp_path):
     name = f"gvm-escape-{uuid.uuid4().hex}"
     script = "; ".join(f"(echo x > {d}/{name}) 2>/dev/null; echo $?" for d in
                        ("/usr", "/etc", "/tmp", "/", os.path.dirname(tmp_path)))
-    result = run_command_isolated(script, mode="runsc", working_dir=tmp_path)
+    result = run_command_isolated(script, mode=sandboxed, working_dir=tmp_path)
     codes = result.stdout.split()
     assert codes[2] == "0", "the private /tmp should be writable inside"
     assert "0" not in (codes[0], codes[1], codes[3]), "system dirs must be read-only"
@@ -158,7 +160,7 @@ def test_writes_outside_the_working_dir_do_not_reach_the_host(runsc, tmp_path):
         assert not os.path.exists(os.path.join(directory, name))
 
 
-def test_repo_path_is_read_only(runsc, tmp_path):
+def test_repo_path_is_read_only(sandboxed, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "code.py").write_text("original\n")
@@ -166,7 +168,7 @@ def test_repo_path_is_read_only(runsc, tmp_path):
     work.mkdir()
     result = run_command_isolated(
         f"cat {repo}/code.py; echo changed > {repo}/code.py; echo rc=$?; touch {repo}/new; "
-        f"cp {repo}/code.py copied.py", mode="runsc", working_dir=work, repo_path=repo)
+        f"cp {repo}/code.py copied.py", mode=sandboxed, working_dir=work, repo_path=repo)
     assert result.stdout.startswith("original\n")
     assert "rc=0" not in result.stdout and "Read-only file system" in result.stderr
     assert (repo / "code.py").read_text() == "original\n"
@@ -174,13 +176,13 @@ def test_repo_path_is_read_only(runsc, tmp_path):
     assert (work / "copied.py").read_text() == "original\n"
 
 
-def test_host_secrets_and_homes_are_not_visible(runsc, tmp_path):
+def test_host_secrets_and_homes_are_not_visible(sandboxed, tmp_path):
     (tmp_path / ".ssh").mkdir()
     (tmp_path / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
     (tmp_path / ".netrc").write_text("machine x password hunter2")
     result = run_command_isolated(
         "cat /etc/shadow; ls /home; ls -A /root; cat .ssh/id_ed25519 .netrc; "
-        "ls /var/run/secrets; ls /var/run/docker.sock", mode="runsc", working_dir=tmp_path)
+        "ls /var/run/secrets; ls /var/run/docker.sock", mode=sandboxed, working_dir=tmp_path)
     everything = result.stdout + result.stderr
     assert "PRIVATE KEY" not in everything and "hunter2" not in everything
     assert "root:" not in result.stdout
@@ -222,11 +224,11 @@ CONNECT = ("import socket,sys\n"
            "    print('blocked', type(e).__name__)\n")
 
 
-def test_host_loopback_is_unreachable_without_network(runsc, host_tcp_server):
+def test_host_loopback_is_unreachable_without_network(sandboxed, host_tcp_server):
     import sys
 
     isolated = run_command_isolated([sys.executable, "-c", CONNECT, str(host_tcp_server)],
-                                    mode="runsc")
+                                    mode=sandboxed)
     assert isolated.stdout.startswith("blocked"), isolated.stdout + isolated.stderr
     assert not isolated.network
     host = run_command_isolated([sys.executable, "-c", CONNECT, str(host_tcp_server)],
@@ -234,14 +236,19 @@ def test_host_loopback_is_unreachable_without_network(runsc, host_tcp_server):
     assert host.stdout.strip() == "hello-from-host"
 
 
+# A duration no other program on the machine is likely to sleep for: the checks
+# below look for survivors by their command line.
+LONG = str(9000 + os.getpid() % 900)
+
+
 def _sleepers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"])
-            if (p.info["cmdline"] or [])[:2] == ["sleep", "100"]]
+            if (p.info["cmdline"] or [])[:2] == ["sleep", LONG]]
 
 
 def test_timeout_kills_the_whole_tree(mode):
     start = time.monotonic()
-    result = run_command_isolated("echo started; sleep 100 & sleep 100", mode=mode, timeout=1)
+    result = run_command_isolated(f"echo started; sleep {LONG} & sleep {LONG}", mode=mode, timeout=1)
     elapsed = time.monotonic() - start
     assert result.timed_out and result.returncode == 124 and not result.success
     assert result.stdout == "started\n", "partial output is kept"
@@ -263,7 +270,7 @@ def test_interrupt_kills_the_command_and_keeps_partial_output(mode):
 
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(CommandInterrupted) as caught:
-        run_command_isolated("echo partial; sleep 100 & sleep 100", mode=mode, timeout=60,
+        run_command_isolated(f"echo partial; sleep {LONG} & sleep {LONG}", mode=mode, timeout=60,
                              on_output=on_output)
     assert isinstance(caught.value, KeyboardInterrupt)
     assert caught.value.result.stdout == "partial\n"
@@ -277,6 +284,6 @@ def test_callback_errors_stop_the_command_and_propagate(mode):
 
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="consumer failed"):
-        run_command_isolated("echo a; sleep 100", mode=mode, timeout=60, on_output=on_output)
+        run_command_isolated(f"echo a; sleep {LONG}", mode=mode, timeout=60, on_output=on_output)
     assert time.monotonic() - start < 20
     assert not _sleepers()

@@ -224,8 +224,8 @@ class RunscBackend:
         returncode = outcome.returncode
         if outcome.timed_out:
             returncode = TIMEOUT_RETURNCODE
-        elif status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
-            returncode = -int(status.split()[1])
+        else:
+            returncode = refine_returncode(returncode, status)
         details = {"sandbox_id": sandbox_id}
         error = None
         if returncode >= 128 and not status and not outcome.timed_out:
@@ -262,15 +262,7 @@ class RunscBackend:
         The status file is written by code inside the sandbox, so it is read
         with a size bound and only trusted to refine ``128 + N`` into a signal.
         """
-        status = ""
-        status_file = os.path.join(run_dir, "status", "status")
-        try:
-            with open(status_file, encoding="ascii", errors="replace") as handle:
-                status = handle.read(64).strip()
-        except OSError:
-            pass
-        if not re.fullmatch(r"(exit|signal) \d{1,3}", status):
-            status = ""
+        status = read_status(os.path.join(run_dir, "status", "status"))
         # `runsc run` removes a sandbox whose init exited and leaves its state dir
         # empty; anything else (a kill, a crash, a start-up failure) gets the
         # full treatment: delete, then hunt for stray runsc processes.
@@ -285,6 +277,27 @@ class RunscBackend:
             _sweep(sandbox_id)
         shutil.rmtree(run_dir, ignore_errors=True)
         return status
+
+
+def read_status(path: str) -> str:
+    """The init's report (``exit N`` / ``signal N``), or "" if absent or malformed.
+
+    The file is written from inside the sandbox, so it is read with a size
+    bound and only trusted to refine an ambiguous ``128 + N`` into a signal.
+    """
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            status = handle.read(64).strip()
+    except OSError:
+        return ""
+    return status if re.fullmatch(r"(exit|signal) \d{1,3}", status) else ""
+
+
+def refine_returncode(returncode: int, status: str) -> int:
+    """``128 + N`` from the runtime becomes ``-N`` when the init saw signal N."""
+    if status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
+        return -int(status.split()[1])
+    return returncode
 
 
 def _sweep(sandbox_id: str) -> None:

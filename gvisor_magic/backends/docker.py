@@ -1,0 +1,262 @@
+"""Run commands in Docker containers under the runsc runtime, through the docker SDK.
+
+Same sandbox policy as the runsc backend (``layout.py``): an empty local image
+with the host's system directories bound read-only, the working directory
+read-write, no network, no capabilities, the caller's uid/gid, a private
+``/tmp``. Docker adds what it is good at: cgroup limits on memory, pids and
+CPU, and ``--rm`` semantics enforced by the daemon even if the client dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+
+from ..errors import CommandInterrupted, SandboxStartError
+from ..process import OutputCallback, supervise
+from ..request import CommandRequest
+from ..result import TIMEOUT_RETURNCODE, CommandResult
+from .base import BackendStatus
+from .docker_process import DockerProcess, sweep_processes
+from .layout import Identity, SandboxLayout, build_layout, caller_identity
+from .runsc import init_argv, refine_returncode
+
+log = logging.getLogger("gvisor_magic")
+
+ENV_IMAGE = "GVISOR_MAGIC_IMAGE"
+ENV_RUNTIME = "GVISOR_MAGIC_DOCKER_RUNTIME"
+LABEL = "io.github.gvisor-magic"
+REGISTER_HINT = "register runsc with Docker: sudo python3 scripts/install_gvisor.py --docker"
+#: Exit status when the container runtime itself failed (as ``docker run`` uses it).
+RUNTIME_FAILURE = 125
+
+
+class DockerBackend:
+    """gVisor through Docker's runsc runtime: one auto-removed container per command."""
+
+    name = "docker"
+    isolated = True
+
+    def __init__(self, image: str | None = None, runtime: str | None = None) -> None:
+        self._image = image or os.environ.get(ENV_IMAGE) or None
+        self._runtime = runtime or os.environ.get(ENV_RUNTIME) or None
+        self._client = None
+        self._lock = threading.Lock()
+
+    # -- the daemon -----------------------------------------------------------
+
+    def client(self):
+        """A docker SDK client, created on first use (raises ``DockerException``)."""
+        import docker
+
+        with self._lock:
+            if self._client is None:
+                self._client = docker.from_env(timeout=30)
+            return self._client
+
+    def find_runtime(self) -> tuple[str, dict]:
+        """(name, config) of the daemon's runsc runtime; raises SandboxStartError if none."""
+        try:
+            client = self.client()
+            client.ping()
+            runtimes = client.info().get("Runtimes") or {}
+        except Exception as exc:  # the SDK raises several unrelated types here
+            raise SandboxStartError(self.name, f"Docker daemon not reachable: {exc}") from exc
+        if self._runtime:
+            if self._runtime not in runtimes:
+                raise SandboxStartError(self.name, f"Docker has no runtime named "
+                                        f"{self._runtime!r} (it has {', '.join(runtimes)})")
+            return self._runtime, self._checked(self._runtime, runtimes[self._runtime] or {})
+        for name, config in runtimes.items():
+            path = str((config or {}).get("path", ""))
+            if name == "runsc" or os.path.basename(path) == "runsc":
+                return name, self._checked(name, config or {})
+        raise SandboxStartError(self.name, "Docker has no runsc runtime (runtimes: "
+                                f"{', '.join(runtimes) or 'none'}); {REGISTER_HINT}")
+
+    def _checked(self, name: str, config: dict) -> dict:
+        """Refuse a runtime whose read-only mounts do not hold.
+
+        With directfs on, runsc (20240729, and we know of no fixed release)
+        truncates a host file on a read-only bind mount when the sandbox opens
+        it with O_TRUNC. Read-only must mean read-only, so we require the
+        runtime to be registered with --directfs=false, as the installer does.
+        """
+        args = config.get("runtimeArgs") or []
+        if "--directfs=false" not in args:
+            raise SandboxStartError(
+                self.name, f"the Docker runtime {name!r} runs with directfs on, which lets a "
+                "sandbox truncate files on read-only mounts; register it with "
+                f"--directfs=false ({REGISTER_HINT})")
+        return config
+
+    def image(self) -> str:
+        if self._image:
+            return self._image
+        from .docker_image import ensure_scratch_image
+
+        return ensure_scratch_image(self.client())
+
+    # -- probing --------------------------------------------------------------
+
+    def probe(self) -> BackendStatus:
+        try:
+            runtime, config = self.find_runtime()
+            version = self.client().version().get("Version")
+        except SandboxStartError as exc:
+            fix = None if "not reachable" in exc.reason else REGISTER_HINT
+            if "not reachable" in exc.reason:
+                fix = "start the Docker daemon (or use the runsc backend directly)"
+            return BackendStatus(self.name, False, True, exc.reason, fix=fix)
+        details = {"runtime": runtime, "runtime_path": str(config.get("path", "")),
+                   "runtime_args": " ".join(config.get("runtimeArgs") or [])}
+        probe = CommandRequest.build(["uname", "-r"], timeout=60)
+        try:
+            result = self.run(probe)
+        except SandboxStartError as exc:
+            return BackendStatus(self.name, False, True, f"container failed to start: "
+                                 f"{exc.reason}", fix=REGISTER_HINT, version=version,
+                                 details=details)
+        if not result.success:
+            return BackendStatus(self.name, False, True, "probe command failed in the container "
+                                 f"(exit {result.returncode}): {result.stderr.strip()[-300:]}",
+                                 version=version, details=details)
+        details["sandbox_kernel"] = result.stdout.strip()
+        return BackendStatus(self.name, True, True,
+                             f"a probe command ran in a container under runtime {runtime!r}",
+                             version=f"Docker {version}", details=details)
+
+    # -- running --------------------------------------------------------------
+
+    def run(self, request: CommandRequest, on_output: OutputCallback | None = None
+            ) -> CommandResult:
+        runtime, config = self.find_runtime()
+        if request.network and "--network=none" in (config.get("runtimeArgs") or []):
+            raise SandboxStartError(self.name, f"the Docker runtime {runtime!r} is registered "
+                                    "with --network=none, so network=True cannot work with it")
+        try:
+            image = self.image()
+        except Exception as exc:
+            raise SandboxStartError(self.name, f"cannot prepare the image: {exc}") from exc
+        scratch = tempfile.mkdtemp(prefix="gvisor-magic-")
+        try:
+            return self._run(request, on_output, runtime, image, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _run(self, request: CommandRequest, on_output: OutputCallback | None, runtime: str,
+             image: str, scratch: str) -> CommandResult:
+        host_system = not self._image
+        status_dir = os.path.join(scratch, "status")
+        os.mkdir(status_dir, 0o700)
+        layout = build_layout(request, _docker_identity(), scratch, host_system=host_system,
+                              status_dir=status_dir if host_system else None)
+        marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
+        argv = init_argv(marker, request.argv) if marker else list(request.argv)
+        api = self.client().api
+        try:
+            container = api.create_container(
+                image, command=argv, user=f"{layout.identity.uid}:{layout.identity.gid}",
+                environment=[f"{k}={v}" for k, v in layout.env.items()],
+                working_dir=layout.cwd, hostname=layout.hostname, detach=False,
+                stdin_open=request.stdin is not None,
+                labels={LABEL: "1", f"{LABEL}.owner-pid": str(os.getpid())},
+                host_config=self._host_config(api, request, layout, runtime))
+        except Exception as exc:
+            raise SandboxStartError(self.name, f"cannot create the container: {exc}") from exc
+        cid = container["Id"]
+        process = DockerProcess(api, cid, request.stdin)
+        started = False
+        try:
+            process.start()  # raises SandboxStartError while the command cannot have run
+            started = True
+            outcome = supervise(process, kill=process.kill, timeout=request.timeout,
+                                on_output=on_output, max_output=request.max_output,
+                                stderr_gate=marker.encode() if marker else None)
+        finally:
+            process.close()
+            if not started or process.error:
+                _remove(api, cid)
+        status = _read_status(status_dir)
+        if marker and not outcome.gate_seen:
+            if outcome.interrupted:
+                raise KeyboardInterrupt
+            text = outcome.pre_gate.decode("utf-8", "replace").strip()
+            raise SandboxStartError(self.name, text or process.error or
+                                    f"the container exited {outcome.returncode} before the "
+                                    "command started")
+        returncode = outcome.returncode
+        error = process.error
+        if error:
+            returncode = RUNTIME_FAILURE
+        elif outcome.timed_out:
+            returncode = TIMEOUT_RETURNCODE
+        else:
+            returncode = refine_returncode(returncode, status)
+        result = CommandResult(
+            returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
+            backend=self.name, isolated=True, timed_out=outcome.timed_out,
+            duration=outcome.duration,
+            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
+            network=request.network, error=error,
+            details={"container_id": cid[:12], "runtime": runtime, "image": image,
+                     **({"masked_secrets": ", ".join(layout.masked)} if layout.masked else {})})
+        if outcome.interrupted:
+            raise CommandInterrupted(result)
+        return result
+
+    def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str):
+        from docker.types import Mount, Ulimit
+
+        mounts, tmpfs = [], {}
+        for link in layout.symlinks:
+            real = os.path.realpath(link)
+            mounts.append(Mount(link, real, type="bind", read_only=True))
+        for spec in layout.sorted_mounts():
+            if spec.kind == "bind":
+                mounts.append(Mount(spec.destination, spec.source, type="bind",
+                                    read_only=spec.read_only))
+            elif spec.kind == "tmpfs":
+                tmpfs[spec.destination] = ",".join(
+                    [*spec.options, "ro" if spec.read_only else "rw", "nosuid", "nodev"])
+        limits = request.limits
+        names = {"RLIMIT_NOFILE": "nofile", "RLIMIT_FSIZE": "fsize", "RLIMIT_NPROC": "nproc"}
+        ulimits = [Ulimit(name=names[key], soft=value, hard=value)
+                   for key, value in limits.rlimits().items() if key in names]
+        return api.create_host_config(
+            runtime=runtime, network_mode="none", read_only=True, auto_remove=True,
+            mounts=mounts, tmpfs=tmpfs, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            pids_limit=limits.max_processes, mem_limit=limits.memory,
+            memswap_limit=limits.memory, nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
+            ulimits=ulimits, shm_size="64m")
+
+
+def _docker_identity() -> Identity:
+    """The caller's real uid/gid: Docker maps nothing, so files land as the caller's."""
+    ident = caller_identity()
+    return Identity(os.getuid(), os.getgid(), ident.user if ident.uid == os.getuid() else
+                    f"u{os.getuid()}", ident.home)
+
+
+def _read_status(status_dir: str) -> str:
+    from .runsc import read_status
+
+    return read_status(os.path.join(status_dir, "status"))
+
+
+def _remove(api, cid: str) -> None:
+    """Remove the container; if the daemon is gone, kill what serves it directly."""
+    import docker.errors
+
+    try:
+        api.remove_container(cid, force=True)
+    except docker.errors.NotFound:
+        pass
+    except Exception as exc:
+        log.warning("gvisor: could not remove container %s (%s); killing its processes",
+                    cid[:12], exc)
+        sweep_processes(cid)
