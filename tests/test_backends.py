@@ -248,7 +248,8 @@ def _sleepers() -> list[psutil.Process]:
 
 def test_timeout_kills_the_whole_tree(mode):
     start = time.monotonic()
-    result = run_command_isolated(f"echo started; sleep {LONG} & sleep {LONG}", mode=mode, timeout=1)
+    result = run_command_isolated(f"echo started; sleep {LONG} & sleep {LONG}", mode=mode,
+                                  timeout=1)
     elapsed = time.monotonic() - start
     assert result.timed_out and result.returncode == 124 and not result.success
     assert result.stdout == "started\n", "partial output is kept"

@@ -148,7 +148,8 @@ def test_existing_runsc_entry_keeps_its_args(register: Register, tmp_path: Path)
     status, output = register(path)
     assert status == 0, output
     entry = json.loads(path.read_text())["runtimes"]["runsc"]
-    assert entry == {"path": RUNSC, "runtimeArgs": ["--platform=ptrace", "--network=none", "--directfs=false"]}
+    assert entry == {"path": RUNSC,
+                     "runtimeArgs": ["--platform=ptrace", "--network=none", "--directfs=false"]}
     assert len(_backups(path)) == 1
 
 
@@ -197,7 +198,8 @@ def test_other_network_flag_is_replaced_and_private_mode_kept(tmp_path: Path, ca
     path.chmod(0o600)
     assert dr.register_runtime(path, "/usr/bin/runsc", "gvisor") is True
     entry = json.loads(path.read_text())["runtimes"]["gvisor"]
-    assert entry == {"path": "/usr/bin/runsc", "runtimeArgs": ["-x", "--network=none", "--directfs=false"]}
+    assert entry == {"path": "/usr/bin/runsc",
+                     "runtimeArgs": ["-x", "--network=none", "--directfs=false"]}
     assert path.stat().st_mode & 0o777 == 0o600
     assert _backups(path)[0].stat().st_mode & 0o777 == 0o600  # the backup is no more readable
     assert "replacing --network=host" in capsys.readouterr().out
