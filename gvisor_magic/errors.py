@@ -47,9 +47,11 @@ class SandboxStartError(GvisorMagicError):
     script) can be worse than not running it at all.
     """
 
-    def __init__(self, backend: str, reason: str) -> None:
+    def __init__(self, backend: str, reason: str, fix: str | None = None) -> None:
         self.backend = backend
         self.reason = reason
+        #: What the user can do about it, when the backend knows.
+        self.fix = fix
         super().__init__(f"{backend}: {reason}")
 
 

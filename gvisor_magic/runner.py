@@ -221,9 +221,10 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
         try:
             result = backend.run(request, on_output)
         except SandboxStartError as exc:
-            reasons[name] = exc.reason
+            reasons[name] = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
             REGISTRY.remember(BackendStatus(name, False, backend.isolated,
-                                            f"sandbox failed to start: {exc.reason}"))
+                                            f"sandbox failed to start: {exc.reason}",
+                                            fix=exc.fix))
             log.warning("gvisor: %s could not start the sandbox (the command did not run): %s",
                         name, exc.reason)
             continue

@@ -28,7 +28,8 @@ def test_doctor_json_says_what_works(runsc_works):
 
 def test_doctor_text_gives_the_fix_for_a_missing_runsc():
     done = run_cli("doctor", "--require-isolation",
-                   env={"GVISOR_MAGIC_RUNSC": "/nonexistent/runsc", "PATH": "/usr/bin:/bin"})
+                   env={"GVISOR_MAGIC_RUNSC": "/nonexistent/runsc", "PATH": "/usr/bin:/bin",
+                        "GVISOR_MAGIC_DOCKER_RUNTIME": "no-such-runtime"})
     assert "runsc" in done.stdout and "NOT ISOLATED" in done.stdout
     assert done.returncode == 1
 
@@ -44,7 +45,8 @@ def test_run_streams_and_exits_with_the_command_code(runsc_works, tmp_path):
 def test_run_require_isolation_fails_closed(tmp_path):
     marker = tmp_path / "ran"
     done = run_cli("run", "--require-isolation", "--", "touch", str(marker),
-                   env={"GVISOR_MAGIC_RUNSC": "/bin/false"})
+                   env={"GVISOR_MAGIC_RUNSC": "/bin/false",
+                        "GVISOR_MAGIC_DOCKER_RUNTIME": "no-such-runtime"})
     assert done.returncode == 125
     assert "isolation is required" in done.stderr
     assert not marker.exists()

@@ -24,19 +24,33 @@ BROKEN_RUNSC = [("/bin/false", "exit"), ("/nonexistent/bin/runsc", "No such file
 @pytest.mark.parametrize(("runsc", "words"), BROKEN_RUNSC)
 def test_auto_falls_back_with_a_reason_and_runs_once(monkeypatch, tmp_path, runsc, words):
     monkeypatch.setenv("GVISOR_MAGIC_RUNSC", runsc)
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
     marker = tmp_path / "runs.log"
     result = run_command_isolated(f"echo ran >> {marker}; echo done", working_dir=tmp_path,
                                   mode="auto")
     assert result.stdout == "done\n"
     assert result.backend == "subprocess" and not result.isolated
     assert "runsc" in result.fallback_reason and words in result.fallback_reason
+    assert "no-such-runtime" in result.fallback_reason
     assert marker.read_text() == "ran\n"
-    assert not is_gvisor_available() or detect_environment().auto_backend == "docker"
+    assert not is_gvisor_available()
+
+
+def test_broken_runsc_falls_back_to_docker_when_docker_works(monkeypatch, tmp_path,
+                                                              docker_works):
+    monkeypatch.setenv("GVISOR_MAGIC_RUNSC", "/bin/false")
+    marker = tmp_path / "runs.log"
+    result = run_command_isolated(f"echo ran >> {marker}; uname -r", working_dir=tmp_path,
+                                  mode="auto")
+    assert (result.backend, result.isolated, result.stdout) == ("docker", True, "4.4.0\n")
+    assert "runsc" in result.fallback_reason
+    assert marker.read_text() == "ran\n"
 
 
 @pytest.mark.parametrize(("runsc", "words"), BROKEN_RUNSC)
 def test_explicit_runsc_or_required_isolation_raises(monkeypatch, tmp_path, runsc, words):
     monkeypatch.setenv("GVISOR_MAGIC_RUNSC", runsc)
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
     marker = tmp_path / "ran"
     with pytest.raises(IsolationUnavailable, match="runsc") as caught:
         run_command_isolated(f"touch {marker}", mode="runsc")
@@ -112,6 +126,7 @@ def test_forced_subprocess_mode_is_never_reported_as_isolated(monkeypatch):
 
 def test_decisions_are_logged_with_the_word_gvisor(runsc_works, caplog, monkeypatch):
     monkeypatch.setenv("GVISOR_MAGIC_RUNSC", "/bin/false")
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
     with caplog.at_level("INFO", logger="gvisor_magic"):
         run_command_isolated("true")
     messages = [r.getMessage() for r in caplog.records if r.name == "gvisor_magic"]

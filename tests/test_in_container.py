@@ -31,6 +31,7 @@ import psutil
 from gvisor_magic import IsolationUnavailable, Limits, detect_environment, run_command_isolated
 
 MARKER = "@@MARKER@@"
+DEBUG_DIR = "@@DEBUG_DIR@@"
 release = platform.release()
 out = {"uid": os.getuid(), "gid": os.getgid(), "release": release,
        "own_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
@@ -86,8 +87,17 @@ out["limits"] = result(lambda: run_command_isolated(
     on_output=watch))
 out["runsc_argv"] = runsc_argv
 out["owned_uid"] = os.stat(owned).st_uid if os.path.exists(owned) else None
+# runsc's own account of a failure, when the test asked for --debug-log=DEBUG_DIR/.
+out["runsc_fatal"] = []
+if os.path.isdir(DEBUG_DIR):
+    for name in sorted(os.listdir(DEBUG_DIR)):
+        with open(os.path.join(DEBUG_DIR, name), errors="replace") as handle:
+            out["runsc_fatal"] += [name.rsplit(".", 2)[-2] + ": " + line.split("] ", 1)[-1].strip()
+                                   for line in handle if "FATAL ERROR" in line]
 print(MARKER + json.dumps(out), flush=True)
-'''.replace("@@MARKER@@", containers.RESULT_MARKER)
+'''
+DEBUG_DIR = "/tmp/runsc-debug"
+INNER = INNER.replace("@@MARKER@@", containers.RESULT_MARKER).replace("@@DEBUG_DIR@@", DEBUG_DIR)
 
 pytestmark = pytest.mark.runsc
 
@@ -145,7 +155,9 @@ def privileged(docker_site) -> dict:
                 **containers.PRIVILEGED)
 
 
-def _as_user(docker_site, tmp_options: str, subids: bool = False) -> dict:
+def _as_user(docker_site, tmp_options: str, subids: bool = False, debug: bool = False,
+             home_options: str = "rw,nosuid,nodev,uid=1000,gid=1000,mode=0700",
+             extra_env: dict | None = None) -> dict:
     """uid/gid 1000 (``jovyan``) in the privileged container, HOME a writable tmpfs."""
     _, _, base = docker_site
     extra_mounts = []
@@ -156,10 +168,12 @@ def _as_user(docker_site, tmp_options: str, subids: bool = False) -> dict:
             handle.write("1000:200000:65536\n")
         os.chmod(ids, 0o644)
         extra_mounts = [("/etc/subuid", ids), ("/etc/subgid", ids)]
-    return _run(docker_site, user="1000:1000",
-                environment={"KUBERNETES_SERVICE_HOST": "10.0.0.1", "HOME": "/home/jovyan"},
-                tmpfs={"/tmp": tmp_options,
-                       "/home/jovyan": "rw,nosuid,nodev,uid=1000,gid=1000,mode=0700"},
+    environment = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "HOME": "/home/jovyan"}
+    if debug:  # runsc writes a log per command; INNER collects their FATAL lines
+        environment["GVISOR_MAGIC_RUNSC_FLAGS"] = f"--debug --debug-log={DEBUG_DIR}/"
+    environment.update(extra_env or {})
+    return _run(docker_site, user="1000:1000", environment=environment,
+                tmpfs={"/tmp": tmp_options, "/home/jovyan": home_options},
                 extra_mounts=extra_mounts, **containers.PRIVILEGED)
 
 
@@ -176,7 +190,15 @@ def user_exec_tmp(docker_site) -> dict:
 
 @pytest.fixture(scope="module")
 def user_noexec_tmp(docker_site) -> dict:
-    return _as_user(docker_site, TMP_NOEXEC)
+    return _as_user(docker_site, TMP_NOEXEC, debug=True)
+
+
+@pytest.fixture(scope="module")
+def user_noexec_tmp_state_dir(docker_site) -> dict:
+    """/tmp noexec, but GVISOR_MAGIC_STATE_DIR on an exec-mounted home."""
+    return _as_user(docker_site, TMP_NOEXEC,
+                    home_options="rw,exec,nosuid,nodev,uid=1000,gid=1000,mode=0700",
+                    extra_env={"GVISOR_MAGIC_STATE_DIR": "/home/jovyan/.gvm-state"})
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +269,11 @@ def test_unprivileged_pod_limits_still_apply_without_gvisor(unprivileged):
     assert unprivileged["runsc_argv"] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py remembers a runsc start failure from a command without explain_failure(), "
-    "so the fix hint is lost until detect_environment(refresh=True)"))
 def test_unprivileged_pod_fix_hint_survives_a_failed_first_command(unprivileged):
-    assert unprivileged["env_after_first"]["runsc"]["fix"] is not None
+    # The first command's failure (no probe before it) keeps runsc's fix hint, both
+    # in its fallback_reason and in what detect_environment() reports afterwards.
+    assert "CAP_SYS_ADMIN" in (unprivileged["env_after_first"]["runsc"]["fix"] or "")
+    assert "CAP_SYS_ADMIN" in unprivileged["first"]["fallback_reason"]
 
 
 # -- 2. a pod granted CAP_SYS_ADMIN/CAP_SYS_PTRACE, seccomp/apparmor unconfined --
@@ -311,22 +333,29 @@ def test_user_with_subuid_range_keeps_its_uid(user_with_subids):
     assert data["owned_uid"] == 1000
 
 
-GOFER_EOF = ("running container: creating container: cannot create sandbox: "
-             "cannot read client sync file: waiting for sandbox to start: EOF")
+NOEXEC_REASON = ("/tmp is mounted noexec, which runsc cannot use inside a user namespace, "
+                 "and no other writable exec-mounted directory was found")
 
 
-def test_user_with_noexec_tmp_falls_back(user_noexec_tmp):
-    """With /tmp mounted noexec, runsc's gofer cannot remount the bundle's rootfs
-    read-only inside the user namespace (the locked noexec flag would be dropped:
-    EPERM), so the sandbox dies before the command starts."""
+def test_user_with_noexec_tmp_falls_back_and_says_why(user_noexec_tmp):
+    """With /tmp (and $HOME) mounted noexec, runsc's gofer could not remount the bundle's
+    rootfs inside the user namespace (the locked noexec flag would be dropped: EPERM),
+    so the runner refuses up front with the reason and the fix, before starting runsc."""
     data = user_noexec_tmp
     _ran_on_host_once(data)
-    assert data["first"]["fallback_reason"].startswith(f"runsc: {GOFER_EOF}")
+    assert data["first"]["fallback_reason"].startswith(f"runsc: {NOEXEC_REASON}")
+    assert "GVISOR_MAGIC_STATE_DIR" in data["first"]["fallback_reason"]
     env = data["env"]
     assert (env["auto_backend"], env["in_kubernetes"]) == ("subprocess", True)
-    assert env["runsc"]["reason"] == f"sandbox failed to start: {GOFER_EOF}"
-    assert env["runsc"]["fix"] is None
+    assert env["runsc"]["reason"] == f"sandbox failed to start: {NOEXEC_REASON}"
+    assert "GVISOR_MAGIC_STATE_DIR" in env["runsc"]["fix"]
     required = data["required"]
     assert required.get("raised") == "IsolationUnavailable", required
-    assert required["reasons"]["runsc"] == f"sandbox failed to start: {GOFER_EOF}"
+    assert NOEXEC_REASON in required["reasons"]["runsc"]
 
+
+def test_user_with_noexec_tmp_and_a_state_dir_runs_in_gvisor(user_noexec_tmp_state_dir):
+    data = user_noexec_tmp_state_dir
+    _ran_in_gvisor_once(data)
+    assert data["env"]["runsc"]["details"]["identity"] == "rootless"
+    assert data["owned_uid"] == 1000

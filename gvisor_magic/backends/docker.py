@@ -65,18 +65,21 @@ class DockerBackend:
             client.ping()
             runtimes = client.info().get("Runtimes") or {}
         except Exception as exc:  # the SDK raises several unrelated types here
-            raise SandboxStartError(self.name, f"Docker daemon not reachable: {exc}") from exc
+            raise SandboxStartError(self.name, f"Docker daemon not reachable: {exc}",
+                                    fix="start the Docker daemon, or use the runsc backend"
+                                    ) from exc
         if self._runtime:
             if self._runtime not in runtimes:
                 raise SandboxStartError(self.name, f"Docker has no runtime named "
-                                        f"{self._runtime!r} (it has {', '.join(runtimes)})")
+                                        f"{self._runtime!r} (it has {', '.join(runtimes)})",
+                                        fix=REGISTER_HINT)
             return self._runtime, self._checked(self._runtime, runtimes[self._runtime] or {})
         for name, config in runtimes.items():
             path = str((config or {}).get("path", ""))
             if name == "runsc" or os.path.basename(path) == "runsc":
                 return name, self._checked(name, config or {})
         raise SandboxStartError(self.name, "Docker has no runsc runtime (runtimes: "
-                                f"{', '.join(runtimes) or 'none'}); {REGISTER_HINT}")
+                                f"{', '.join(runtimes) or 'none'})", fix=REGISTER_HINT)
 
     def _checked(self, name: str, config: dict) -> dict:
         """Refuse a runtime whose read-only mounts do not hold.
@@ -91,7 +94,7 @@ class DockerBackend:
             raise SandboxStartError(
                 self.name, f"the Docker runtime {name!r} runs with directfs on, which lets a "
                 "sandbox truncate files on read-only mounts; register it with "
-                f"--directfs=false ({REGISTER_HINT})")
+                "--directfs=false", fix=REGISTER_HINT)
         return config
 
     def image(self) -> str:
@@ -108,10 +111,7 @@ class DockerBackend:
             runtime, config = self.find_runtime()
             version = self.client().version().get("Version")
         except SandboxStartError as exc:
-            fix = None if "not reachable" in exc.reason else REGISTER_HINT
-            if "not reachable" in exc.reason:
-                fix = "start the Docker daemon (or use the runsc backend directly)"
-            return BackendStatus(self.name, False, True, exc.reason, fix=fix)
+            return BackendStatus(self.name, False, True, exc.reason, fix=exc.fix)
         details = {"runtime": runtime, "runtime_path": str(config.get("path", "")),
                    "runtime_args": " ".join(config.get("runtimeArgs") or [])}
         probe = CommandRequest.build(["uname", "-r"], timeout=60)
@@ -119,7 +119,7 @@ class DockerBackend:
             result = self.run(probe)
         except SandboxStartError as exc:
             return BackendStatus(self.name, False, True, f"container failed to start: "
-                                 f"{exc.reason}", fix=REGISTER_HINT, version=version,
+                                 f"{exc.reason}", fix=exc.fix, version=version,
                                  details=details)
         if not result.success:
             return BackendStatus(self.name, False, True, "probe command failed in the container "

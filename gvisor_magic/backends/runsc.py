@@ -34,6 +34,7 @@ log = logging.getLogger("gvisor_magic")
 
 ENV_RUNSC = "GVISOR_MAGIC_RUNSC"
 ENV_RUNSC_FLAGS = "GVISOR_MAGIC_RUNSC_FLAGS"
+ENV_STATE_DIR = "GVISOR_MAGIC_STATE_DIR"
 INSTALL_HINT = "install runsc: sudo python3 scripts/install_gvisor.py (from the gvisor-magic repo)"
 # Debian bookworm's own runsc (20221219) fails `ls /` (statx EINVAL); backports' 20240729 works.
 MIN_RELEASE = 20230601
@@ -93,7 +94,45 @@ def explain_failure(text: str) -> tuple[str, str | None]:
     if "operation not permitted" in lower or "permission denied" in lower:
         return last, ("runsc lacks privileges here (in a container it needs CAP_SYS_ADMIN, "
                       "CAP_SYS_PTRACE and seccomp/apparmor unconfined, or a gVisor RuntimeClass)")
+    if "client sync file" in lower or "waiting for sandbox to start" in lower:
+        return last, ("the sandbox process died while starting; to see why, run with "
+                      f"{ENV_RUNSC_FLAGS}='--debug --debug-log=/tmp/runsc/' and read the "
+                      "*.gofer.txt / *.boot.txt logs")
     return last, None
+
+
+def state_base(rootless: bool) -> tuple[str | None, str]:
+    """Where to put sandbox state and bundles: (directory or None, why).
+
+    Inside a user namespace runsc's gofer remounts the bundle's rootfs and cannot
+    keep a locked ``noexec`` flag of the filesystem under it (EPERM; Docker's
+    ``--tmpfs`` default is noexec), so an ordinary user needs a directory on a
+    filesystem mounted without ``noexec``. ``$GVISOR_MAGIC_STATE_DIR`` wins.
+    """
+    configured = os.environ.get(ENV_STATE_DIR)
+    if configured:
+        return configured, f"{ENV_STATE_DIR} is set"
+    default = tempfile.gettempdir()
+    if not rootless or not _noexec(default):
+        return default, "the temporary directory"
+    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""),
+                  os.path.join(os.path.expanduser("~"), ".cache", "gvisor-magic"), "/var/tmp"]
+    for candidate in filter(None, candidates):
+        try:
+            os.makedirs(candidate, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK | os.X_OK) and not _noexec(candidate):
+            return candidate, f"{default} is mounted noexec"
+    return None, (f"{default} is mounted noexec, which runsc cannot use inside a user "
+                  "namespace, and no other writable exec-mounted directory was found")
+
+
+def _noexec(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
+    except OSError:
+        return False
 
 
 def _runsc_env() -> dict[str, str]:
@@ -152,9 +191,8 @@ class RunscBackend:
         try:
             result = self.run(request)
         except SandboxStartError as exc:
-            reason, fix = explain_failure(exc.reason)
-            return BackendStatus(self.name, False, True, f"sandbox failed to start: {reason}",
-                                 fix=fix, version=version, details=details)
+            return BackendStatus(self.name, False, True, f"sandbox failed to start: {exc.reason}",
+                                 fix=exc.fix, version=version, details=details)
         if not result.success:
             return BackendStatus(
                 self.name, False, True,
@@ -171,10 +209,21 @@ class RunscBackend:
             ) -> CommandResult:
         runsc = self.runsc
         if runsc is None:
-            raise SandboxStartError(self.name, f"runsc not found on PATH; {INSTALL_HINT}")
+            raise SandboxStartError(self.name, "runsc not found on PATH", fix=INSTALL_HINT)
+        identity = caller_identity()
+        base, why = state_base(identity.rootless)
+        if base is None:
+            raise SandboxStartError(self.name, why, fix=f"set {ENV_STATE_DIR} to a writable "
+                                    "directory on a filesystem mounted without noexec")
         sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]"
-        run_dir = tempfile.mkdtemp(prefix="gvisor-magic-")
+        try:
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            run_dir = tempfile.mkdtemp(prefix="gvisor-magic-", dir=base)
+        except OSError as exc:
+            raise SandboxStartError(self.name, f"cannot create sandbox state in {base} ({why}): "
+                                    f"{exc}", fix=f"point {ENV_STATE_DIR} at a writable "
+                                    "directory") from exc
         state = os.path.join(run_dir, "state")
         status_dir = os.path.join(run_dir, "status")
         flags = self.flags(state, request.network)
@@ -184,7 +233,7 @@ class RunscBackend:
         try:
             os.mkdir(state, 0o700)
             os.mkdir(status_dir, 0o700)
-            layout = build_layout(request, caller_identity(), run_dir, status_dir=status_dir)
+            layout = build_layout(request, identity, run_dir, status_dir=status_dir)
             bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
                             init_argv(marker, request.argv), request.limits)
             bundle.write()
@@ -197,7 +246,8 @@ class RunscBackend:
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True, env=_runsc_env())
             except OSError as exc:
-                raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}") from exc
+                raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}",
+                                        fix=INSTALL_HINT) from exc
             outcome = supervise(
                 proc, kill=lambda: self._kill(runsc, flags, sandbox_id, proc),
                 stdin=request.stdin, timeout=request.timeout, on_output=on_output,
@@ -219,8 +269,9 @@ class RunscBackend:
                 raise KeyboardInterrupt
             if outcome.timed_out:
                 message = f"sandbox did not start within {request.timeout}s. {message}"
-            raise SandboxStartError(self.name, message or f"runsc exited {outcome.returncode} "
-                                    "before the command started")
+            message = message or f"runsc exited {outcome.returncode} before the command started"
+            reason, fix = explain_failure(message)
+            raise SandboxStartError(self.name, reason, fix=fix)
         returncode = outcome.returncode
         if outcome.timed_out:
             returncode = TIMEOUT_RETURNCODE
