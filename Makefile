@@ -1,23 +1,34 @@
-# `make test` sets up everything on a fresh Debian/Ubuntu machine (runsc, uidmap, a
-# virtualenv) and runs the whole suite against the real runsc.
+# `make test` sets up everything on a fresh Debian/Ubuntu machine (runsc, uidmap, Docker
+# with the runsc runtime, a virtualenv) and runs the whole suite against the real things.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := uidmap python3 docker.io
 
 .PHONY: test system venv lint bench doctor clean
 
+# dockerd is started for the tests if none answers, and stopped again afterwards.
 test: system venv lint
+ifeq ($(SUDO),)
+	$(PYTHON) scripts/with_dockerd.py -- $(PY) -m pytest
+else
+	$(SUDO) $(PYTHON) scripts/with_dockerd.py --start-only
 	$(PY) -m pytest
+endif
 
-# runsc (Debian: bookworm-backports, else the verified official release) and uidmap;
-# /usr/bin/python3 runs the suite again as an ordinary user.
+# runsc (Debian: bookworm-backports, else the verified official release), registered as a
+# Docker runtime; uidmap for ordinary users; /usr/bin/python3 runs the suite as one.
 system:
-	$(SUDO) $(PYTHON) scripts/install_gvisor.py
-	@command -v newuidmap >/dev/null && [ -x /usr/bin/python3 ] || \
-	  (command -v apt-get >/dev/null && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
-	   apt-get install -y -q uidmap python3)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || \
+	  { $(SUDO) apt-get update -q && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
+	fi
+	$(SUDO) $(PYTHON) scripts/install_gvisor.py --docker
 
 venv: $(VENV)/.installed
 
@@ -30,7 +41,7 @@ lint: venv
 	$(PY) -m ruff check gvisor_magic tests scripts benchmarks
 
 bench: system venv
-	$(PY) benchmarks/latency.py
+	$(PYTHON) scripts/with_dockerd.py -- $(PY) benchmarks/latency.py
 
 doctor: venv
 	$(VENV)/bin/gvisor-magic doctor

@@ -1,0 +1,123 @@
+"""Docker going wrong: a missing runsc runtime, and dockerd dying mid-command.
+
+dockerd is killed for real, so this uses a private daemon of its own (own
+socket, data root and containerd), never the machine's shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+
+from gvisor_magic import IsolationUnavailable, run_command_isolated
+from gvisor_magic.backends.docker import DockerBackend
+from gvisor_magic.errors import SandboxStartError
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def test_missing_runsc_runtime_is_refused_with_the_fix(docker_works, tmp_path, monkeypatch):
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
+    marker = tmp_path / "ran"
+    with pytest.raises(IsolationUnavailable, match="no runtime named 'no-such-runtime'") as caught:
+        run_command_isolated(f"touch {marker}", mode="docker")
+    assert "install_gvisor.py --docker" in caught.value.reasons["docker"]
+    assert not marker.exists()
+
+
+def test_a_runtime_without_directfs_off_is_refused():
+    backend = DockerBackend()
+    with pytest.raises(SandboxStartError, match="read-only mounts") as caught:
+        backend._checked("runsc", {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none"]})
+    assert "--docker" in caught.value.fix
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture
+def private_dockerd(docker_works):
+    """A throw-away dockerd with the runsc runtime, removed with everything it started."""
+    dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+    runsc = shutil.which("runsc") or "/usr/bin/runsc"
+    base = tempfile.mkdtemp(prefix="gvm-dockerd-", dir="/var/tmp")
+    sock = os.path.join(base, "docker.sock")
+    config = os.path.join(base, "daemon.json")
+    with open(config, "w") as handle:
+        json.dump({"runtimes": {"runsc": {"path": runsc, "runtimeArgs": [
+            "--network=none", "--directfs=false"]}}}, handle)
+    log = open(os.path.join(base, "dockerd.log"), "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [dockerd, "--config-file", config, "-H", f"unix://{sock}",
+         "--data-root", os.path.join(base, "data"), "--exec-root", os.path.join(base, "exec"),
+         "--pidfile", os.path.join(base, "docker.pid"), "--bridge=none", "--iptables=false",
+         "--ip-masq=false"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            with open(os.path.join(base, "dockerd.log")) as handle:
+                tail = handle.read()[-2000:]
+            shutil.rmtree(base, ignore_errors=True)
+            pytest.fail(f"the private dockerd did not start:\n{tail}")
+        time.sleep(0.2)
+    family = _tree(proc.pid)
+    try:
+        yield proc, f"unix://{sock}"
+    finally:
+        family += _tree(proc.pid)
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        proc.wait(timeout=30)
+        log.close()
+        subprocess.run(["umount", "-R", os.path.join(base, "exec")], capture_output=True)
+        subprocess.run(["umount", "-R", os.path.join(base, "data")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dockerd_dying_mid_command_is_reported_not_rerun(private_dockerd, tmp_path,
+                                                          monkeypatch):
+    proc, host = private_dockerd
+    monkeypatch.setenv("DOCKER_HOST", host)
+    marker = tmp_path / "runs.log"
+    started = threading.Event()
+
+    def kill_daemon() -> None:
+        started.wait(60)
+        os.kill(proc.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_daemon)
+    killer.start()
+    begin = time.monotonic()
+    result = run_command_isolated(
+        f"echo ran >> {marker}; echo started; sleep 600", mode="docker", working_dir=tmp_path,
+        timeout=300, on_output=lambda stream, text: started.set())
+    killer.join()
+    assert time.monotonic() - begin < 90, "a lost daemon must not hang the caller"
+    assert result.backend == "docker" and not result.success
+    assert result.error and "Docker daemon" in result.error
+    assert result.returncode == 125
+    assert result.stdout == "started\n"
+    assert marker.read_text() == "ran\n", "the command must not run again"
+    # The command ran inside gVisor's kernel, so what could survive on the host is the
+    # container's shim and runsc processes: none may be left.
+    cid = result.details["container_id"]
+    leftover = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                if any(cid in part for part in p.info["cmdline"] or [])]
+    assert not leftover, f"the container's processes survived their daemon: {leftover}"
