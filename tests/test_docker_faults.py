@@ -59,8 +59,12 @@ def private_dockerd(docker_works):
     sock = os.path.join(base, "docker.sock")
     config = os.path.join(base, "daemon.json")
     with open(config, "w") as handle:
-        json.dump({"runtimes": {"runsc": {"path": runsc, "runtimeArgs": [
-            "--network=none", "--directfs=false"]}}}, handle)
+        json.dump({"runtimes": {
+            "runsc": {"path": runsc, "runtimeArgs": ["--network=none", "--directfs=false"]},
+            # Accepted by dockerd, refused by runsc when the container starts.
+            "runsc-broken": {"path": runsc, "runtimeArgs": [
+                "--network=none", "--directfs=false", "--platform=no-such-platform"]},
+        }}, handle)
     log = open(os.path.join(base, "dockerd.log"), "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [dockerd, "--config-file", config, "-H", f"unix://{sock}",
@@ -78,7 +82,7 @@ def private_dockerd(docker_works):
         time.sleep(0.2)
     family = _tree(proc.pid)
     try:
-        yield proc, f"unix://{sock}"
+        yield proc, f"unix://{sock}", base
     finally:
         family += _tree(proc.pid)
         for process in family:
@@ -93,7 +97,7 @@ def private_dockerd(docker_works):
 
 def test_dockerd_dying_mid_command_is_reported_not_rerun(private_dockerd, tmp_path,
                                                           monkeypatch):
-    proc, host = private_dockerd
+    proc, host, _base = private_dockerd
     monkeypatch.setenv("DOCKER_HOST", host)
     marker = tmp_path / "runs.log"
     started = threading.Event()
@@ -121,3 +125,21 @@ def test_dockerd_dying_mid_command_is_reported_not_rerun(private_dockerd, tmp_pa
     leftover = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
                 if any(cid in part for part in p.info["cmdline"] or [])]
     assert not leftover, f"the container's processes survived their daemon: {leftover}"
+
+
+def test_a_container_that_fails_to_start_leaves_nothing(private_dockerd, tmp_path, monkeypatch):
+    proc, host, base = private_dockerd
+    monkeypatch.setenv("DOCKER_HOST", host)
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "runsc-broken")
+    marker = tmp_path / "ran"
+    with pytest.raises(IsolationUnavailable) as caught:
+        run_command_isolated(f"touch {marker}", mode="docker", working_dir=tmp_path)
+    assert "no-such-platform" in caught.value.reasons["docker"]
+    assert not marker.exists()
+    daemon = {p.pid for p in _tree(proc.pid) if p.name() in ("dockerd", "containerd")}
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+            if p.pid not in daemon and any(base in part for part in p.info["cmdline"] or [])]
+    assert not left, f"a failed start left processes behind: {left}"
+    import docker
+
+    assert docker.DockerClient(base_url=host).containers.list(all=True) == []

@@ -181,6 +181,10 @@ class DockerBackend:
             process.close()
             if not started or process.error:
                 _remove(api, cid)
+            if not started:
+                # A start that failed inside runsc can leave its containerd shim and
+                # sandbox processes running, unknown to Docker's own list.
+                sweep_processes(cid)
         status = _read_status(status_dir)
         if marker and not outcome.gate_seen:
             if outcome.interrupted:

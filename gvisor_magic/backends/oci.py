@@ -51,8 +51,11 @@ class Bundle:
 
     def _mount(self, spec: MountSpec) -> dict[str, object]:
         target = os.path.join(self.rootfs, spec.destination.lstrip("/"))
-        if not os.path.lexists(target) and not self._covered(spec.destination):
-            # Pre-create mount points so runsc never has to write into the rootfs.
+        if not os.path.lexists(target):
+            # Pre-create every mount point, even under another mount: runsc's gofer
+            # prepares binds in this directory on the host, and what it creates
+            # there itself belongs to the sandbox's uid (which an ordinary user
+            # cannot delete afterwards).
             if spec.kind == "bind" and os.path.isfile(spec.source):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 open(target, "a").close()
@@ -64,16 +67,6 @@ class Bundle:
             options = list(spec.options) + (["ro"] if spec.read_only else [])
         return {"destination": spec.destination, "type": spec.kind, "source": spec.source,
                 "options": options}
-
-    def _covered(self, destination: str) -> bool:
-        """True if a parent of ``destination`` is itself a mount (gVisor makes the point)."""
-        parents = {m.destination for m in self.layout.mounts} | {"/dev", "/proc", "/sys"}
-        head = os.path.dirname(destination)
-        while head not in ("/", ""):
-            if head in parents:
-                return True
-            head = os.path.dirname(head)
-        return False
 
     def spec(self, mounts: list[dict[str, object]]) -> dict[str, object]:
         layout, ident = self.layout, self.layout.identity

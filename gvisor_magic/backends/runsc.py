@@ -228,6 +228,7 @@ class RunscBackend:
         status_dir = os.path.join(run_dir, "status")
         flags = self.flags(state, request.network)
         outcome: Outcome | None = None
+        proc: subprocess.Popen[bytes] | None = None
         status = ""
         masked: list[str] = []
         try:
@@ -253,8 +254,10 @@ class RunscBackend:
                 stdin=request.stdin, timeout=request.timeout, on_output=on_output,
                 max_output=request.max_output, stderr_gate=marker.encode())
         finally:
-            abnormal = outcome is None or outcome.timed_out or outcome.interrupted \
-                or not outcome.gate_seen or outcome.returncode >= 128
+            # Nothing to delete if runsc never ran; everything to check if it ended oddly.
+            abnormal = proc is not None and (
+                outcome is None or outcome.timed_out or outcome.interrupted
+                or not outcome.gate_seen or outcome.returncode >= 128)
             status = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
         result = self._result(request, outcome, status, sandbox_id)
         if masked:
@@ -317,7 +320,7 @@ class RunscBackend:
         # `runsc run` removes a sandbox whose init exited and leaves its state dir
         # empty; anything else (a kill, a crash, a start-up failure) gets the
         # full treatment: delete, then hunt for stray runsc processes.
-        leftover = not os.path.isdir(state) or bool(os.listdir(state))
+        leftover = os.path.isdir(state) and bool(os.listdir(state))
         if leftover or abnormal:
             try:
                 subprocess.run([runsc, *flags, "delete", "--force", sandbox_id],
@@ -327,6 +330,8 @@ class RunscBackend:
                 log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
             _sweep(sandbox_id)
         shutil.rmtree(run_dir, ignore_errors=True)
+        if os.path.exists(run_dir):
+            log.warning("gvisor: could not remove the sandbox directory %s", run_dir)
         return status
 
 
