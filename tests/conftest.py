@@ -42,6 +42,20 @@ def sandbox_processes() -> list[psutil.Process]:
     return found
 
 
+def our_containers() -> list[str]:
+    """Containers this test process created (by the backend's owner-pid label), if any."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        found = client.containers.list(
+            all=True, filters={"label": f"io.github.gvisor-magic.owner-pid={os.getpid()}"})
+        client.close()
+    except Exception:  # no daemon here: nothing of ours can exist in it
+        return []
+    return [c.short_id for c in found]
+
+
 def scratch_dirs() -> set[str]:
     return {name for name in os.listdir(SESSION_TMP) if name.startswith("gvisor-magic-")}
 
@@ -83,5 +97,7 @@ def no_leaks(monkeypatch: pytest.MonkeyPatch):
     REGISTRY.forget()
     left = sandbox_processes()
     assert not left, f"sandbox processes left behind: {[p.info['cmdline'] for p in left]}"
+    containers = our_containers()
+    assert not containers, f"containers left behind: {containers}"
     new_dirs = scratch_dirs() - before
     assert not new_dirs, f"temporary directories left behind: {sorted(new_dirs)}"

@@ -143,3 +143,16 @@ def test_kubernetes_pod_prefers_runsc_directly(monkeypatch):
     assert "KUBERNETES_SERVICE_HOST is set" in facts.evidence
     order, why = preferred_backends(facts)
     assert order[0] == "runsc" and "pod" in why
+
+
+def test_a_linux_host_prefers_docker_then_runsc():
+    from gvisor_magic.detect import HostFacts, preferred_backends
+
+    host = HostFacts(platform="linux", machine="x86_64", is_linux=True, is_root=True,
+                     in_container=False, in_kubernetes=False, pod_runs_gvisor=False)
+    order, why = preferred_backends(host)
+    assert order == ("docker", "runsc", "subprocess") and "Docker" in why
+    mac = HostFacts(platform="darwin", machine="arm64", is_linux=False, is_root=False,
+                    in_container=False, in_kubernetes=False, pod_runs_gvisor=False)
+    order, why = preferred_backends(mac)
+    assert order == ("subprocess",) and "only on Linux" in why
