@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import OutputCallback, supervise
@@ -30,6 +31,7 @@ log = logging.getLogger("gvisor_magic")
 ENV_IMAGE = "GVISOR_MAGIC_IMAGE"
 ENV_RUNTIME = "GVISOR_MAGIC_DOCKER_RUNTIME"
 LABEL = "io.github.gvisor-magic"
+RUNTIME_CACHE_SECONDS = 30.0
 REGISTER_HINT = "register runsc with Docker: sudo python3 scripts/install_gvisor.py --docker"
 #: Exit status when the container runtime itself failed (as ``docker run`` uses it).
 RUNTIME_FAILURE = 125
@@ -46,6 +48,10 @@ class DockerBackend:
         self._runtime = runtime or os.environ.get(ENV_RUNTIME) or None
         self._client = None
         self._lock = threading.Lock()
+        # The daemon's runtime table and our image change rarely; asking for them on
+        # every command costs three API round trips. A failed command clears both.
+        self._runtime_cache: tuple[float, str, dict] | None = None
+        self._image_ready: str | None = None
 
     # -- the daemon -----------------------------------------------------------
 
@@ -60,6 +66,18 @@ class DockerBackend:
 
     def find_runtime(self) -> tuple[str, dict]:
         """(name, config) of the daemon's runsc runtime; raises SandboxStartError if none."""
+        cached = self._runtime_cache
+        if cached is not None and time.monotonic() - cached[0] < RUNTIME_CACHE_SECONDS:
+            return cached[1], cached[2]
+        name, config = self._lookup_runtime()
+        self._runtime_cache = (time.monotonic(), name, config)
+        return name, config
+
+    def forget(self) -> None:
+        self._runtime_cache = None
+        self._image_ready = None
+
+    def _lookup_runtime(self) -> tuple[str, dict]:
         try:
             client = self.client()
             client.ping()
@@ -100,13 +118,16 @@ class DockerBackend:
     def image(self) -> str:
         if self._image:
             return self._image
-        from .docker_image import ensure_scratch_image
+        if self._image_ready is None:
+            from .docker_image import ensure_scratch_image
 
-        return ensure_scratch_image(self.client())
+            self._image_ready = ensure_scratch_image(self.client())
+        return self._image_ready
 
     # -- probing --------------------------------------------------------------
 
     def probe(self) -> BackendStatus:
+        self.forget()
         try:
             runtime, config = self.find_runtime()
             version = self.client().version().get("Version")
@@ -145,6 +166,9 @@ class DockerBackend:
         scratch = tempfile.mkdtemp(prefix="gvisor-magic-")
         try:
             return self._run(request, on_output, runtime, image, scratch)
+        except SandboxStartError:
+            self.forget()  # the daemon may have changed under us: look again next time
+            raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
