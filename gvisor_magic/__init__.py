@@ -36,5 +36,44 @@ __all__ = [
     "__version__",
     "detect_environment",
     "is_gvisor_available",
+    "load_ipython_extension",
     "run_command_isolated",
+    "status_widget",
+    "unload_ipython_extension",
 ]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext gvisor_magic``: register ``%%isolated``, ``%isolated`` and ``%isolation``."""
+    from .magics import IsolatedMagics
+
+    if "IsolatedMagics" in ipython.magics_manager.registry:
+        return
+    magics = IsolatedMagics(ipython, parent=ipython)
+    ipython.register_magics(magics)
+    ipython.configurables.append(magics.settings)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext gvisor_magic``: remove the magics and restore ``!`` exactly."""
+    magics = ipython.magics_manager.registry.pop("IsolatedMagics", None)
+    if magics is None:
+        return
+    magics.router.uninstall()
+    for kind, names in (("line", ("isolated", "isolation")), ("cell", ("isolated",))):
+        table = ipython.magics_manager.magics[kind]
+        for name in names:
+            table.pop(name, None)
+    if magics.settings in ipython.configurables:
+        ipython.configurables.remove(magics.settings)
+
+
+def status_widget():
+    """The live isolation-status widget of the running IPython kernel."""
+    from IPython import get_ipython
+
+    ipython = get_ipython()
+    if ipython is None:
+        raise RuntimeError("status_widget() needs a running IPython (a notebook or ipython)")
+    load_ipython_extension(ipython)
+    return ipython.magics_manager.registry["IsolatedMagics"].status_widget()

@@ -1,0 +1,101 @@
+"""Routing IPython's shell escapes (``!cmd``, ``!!cmd``, ``x = !cmd``, ``%sx``) through the runner.
+
+IPython compiles ``!cmd`` to ``get_ipython().system(cmd)`` and ``x = !cmd`` to
+``get_ipython().getoutput(cmd)``; the sanctioned hook is to rebind those two
+methods on the shell *instance* (ipykernel rebinds ``system`` on its class),
+and removing the instance attributes restores the originals exactly.
+
+Package managers stay on the host: ``%pip``, ``%conda``, ``%mamba``,
+``%micromamba`` and ``%uv`` also call ``shell.system``, so while routing is on
+they are wrapped to mark their calls as host calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+HOST_MAGICS = ("pip", "conda", "mamba", "micromamba", "uv")
+
+
+class BangRouter:
+    """Installs and removes the ``system``/``getoutput`` overrides on one shell."""
+
+    def __init__(self, shell: Any, run: Callable[..., Any]) -> None:
+        self.shell = shell
+        self._run = run  # run(cmd, capture: bool) -> CommandResult
+        self._host = threading.local()
+        self._wrapped: dict[str, Callable[..., Any]] = {}
+        self.active = False
+
+    # -- on/off ---------------------------------------------------------------
+
+    def install(self) -> None:
+        if self.active:
+            return
+        self.shell.system = self.system
+        self.shell.getoutput = self.getoutput
+        line_magics = self.shell.magics_manager.magics["line"]
+        for name in HOST_MAGICS:
+            if name in line_magics:
+                self._wrapped[name] = line_magics[name]
+                line_magics[name] = self._on_host(line_magics[name])
+        self.active = True
+
+    def uninstall(self) -> None:
+        if not self.active:
+            return
+        for attribute in ("system", "getoutput"):
+            self.shell.__dict__.pop(attribute, None)
+        line_magics = self.shell.magics_manager.magics["line"]
+        for name, original in self._wrapped.items():
+            line_magics[name] = original
+        self._wrapped.clear()
+        self.active = False
+
+    def _on_host(self, magic: Callable[..., Any]) -> Callable[..., Any]:
+        def host_magic(*args: Any, **kwargs: Any) -> Any:
+            self._host.depth = getattr(self._host, "depth", 0) + 1
+            try:
+                return magic(*args, **kwargs)
+            finally:
+                self._host.depth -= 1
+
+        host_magic.__doc__ = magic.__doc__
+        host_magic.__wrapped__ = magic  # type: ignore[attr-defined]
+        return host_magic
+
+    def _on_host_now(self) -> bool:
+        return getattr(self._host, "depth", 0) > 0
+
+    # -- the overrides ------------------------------------------------------------
+
+    def system(self, cmd: str) -> None:
+        """``!cmd``: stream the output, set ``_exit_code``, return None (as IPython does)."""
+        if self._on_host_now():
+            return type(self.shell).system(self.shell, cmd)
+        expanded = self.shell.var_expand(cmd, depth=1)
+        result = self._run(expanded, capture=False)
+        self.shell.user_ns["_exit_code"] = result.returncode
+        if getattr(self.shell, "system_raise_on_error", False) and result.returncode != 0:
+            from subprocess import CalledProcessError
+
+            raise CalledProcessError(result.returncode, cmd)
+        return None
+
+    def getoutput(self, cmd: str, split: bool = True, depth: int = 0) -> Any:
+        """``x = !cmd`` / ``!!cmd``: stdout and stderr together, as an ``SList``."""
+        if self._on_host_now():
+            return type(self.shell).getoutput(self.shell, cmd, split=split, depth=depth + 1)
+        from IPython.utils.text import LSString, SList
+
+        expanded = self.shell.var_expand(cmd, depth=depth + 1)
+        result = self._run(expanded, capture=True)
+        self.shell.user_ns["_exit_code"] = result.returncode
+        if getattr(self.shell, "system_raise_on_error", False) and result.returncode != 0:
+            from subprocess import CalledProcessError
+
+            raise CalledProcessError(result.returncode, cmd)
+        combined = result.stdout + result.stderr
+        return SList(combined.splitlines()) if split else LSString(combined)
