@@ -284,3 +284,30 @@ def _uninterruptible(action: Callable[[], None]) -> bool:
             return interrupted
         except KeyboardInterrupt:
             interrupted = True
+
+
+def kill_processes_mentioning(token: str, what: str) -> int:
+    """Kill every process whose command line contains ``token``; return how many.
+
+    Sandboxes and containers are named by an id that their runsc, gofer and
+    shim processes carry on their command lines: this finds what a runtime
+    left behind when it could not clean up itself (a failed start, a lost
+    daemon, a kill during start-up).
+    """
+    import logging
+
+    import psutil
+
+    killed = 0
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+        except (psutil.Error, KeyError):
+            continue
+        if any(token in part for part in cmdline):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                killed += 1
+                logging.getLogger("gvisor_magic").warning(
+                    "gvisor: killed leftover process %s of %s %s", process.pid, what, token[:12])
+    return killed

@@ -38,10 +38,26 @@ class BangRouter:
         self.shell.getoutput = self.getoutput
         line_magics = self.shell.magics_manager.magics["line"]
         for name in HOST_MAGICS:
-            if name in line_magics:
-                self._wrapped[name] = line_magics[name]
-                line_magics[name] = self._on_host(line_magics[name])
+            magic = self._resolve(name, line_magics[name]) if name in line_magics else None
+            if magic is not None:
+                self._wrapped[name] = magic
+                line_magics[name] = self._on_host(magic)
         self.active = True
+
+    def _resolve(self, name: str, magic: Any) -> Callable[..., Any] | None:
+        """The real magic behind a lazy placeholder (IPython 9.x declares %pip lazily).
+
+        A placeholder looks itself up in the table when called, so once wrapped
+        it would find the wrapper and recurse forever; and restoring the
+        placeholder after it was resolved would break the magic. None: leave it.
+        """
+        find = getattr(self.shell.magics_manager, "find", None)
+        if find is None or type(magic).__name__ != "LazyMagic":
+            return magic
+        try:
+            return find("line", name)
+        except Exception:  # a broken provider: the untouched placeholder reports it
+            return None
 
     def uninstall(self) -> None:
         if not self.active:

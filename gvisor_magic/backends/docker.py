@@ -18,11 +18,11 @@ import threading
 import time
 
 from ..errors import CommandInterrupted, SandboxStartError
-from ..process import OutputCallback, supervise
+from ..process import OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
 from ..result import TIMEOUT_RETURNCODE, CommandResult
 from .base import BackendStatus
-from .docker_process import DockerProcess, sweep_processes
+from .docker_process import DockerProcess
 from .layout import Identity, SandboxLayout, build_layout, caller_identity
 from .runsc import init_argv, refine_returncode
 
@@ -208,7 +208,7 @@ class DockerBackend:
             if not started:
                 # A start that failed inside runsc can leave its containerd shim and
                 # sandbox processes running, unknown to Docker's own list.
-                sweep_processes(cid)
+                kill_processes_mentioning(cid, "container")
         status = _read_status(status_dir)
         if marker and not outcome.gate_seen:
             if outcome.interrupted:
@@ -287,4 +287,4 @@ def _remove(api, cid: str) -> None:
     except Exception as exc:
         log.warning("gvisor: could not remove container %s (%s); killing its processes",
                     cid[:12], exc)
-        sweep_processes(cid)
+        kill_processes_mentioning(cid, "container")

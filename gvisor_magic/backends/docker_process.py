@@ -17,9 +17,8 @@ import socket
 import struct
 import threading
 
-import psutil
-
 from ..errors import SandboxStartError
+from ..process import kill_processes_mentioning
 
 log = logging.getLogger("gvisor_magic")
 
@@ -139,7 +138,7 @@ class DockerProcess:
         except Exception as exc:
             log.warning("gvisor: docker kill %s failed (%s); killing its processes",
                         self.cid[:12], exc)
-            sweep_processes(self.cid)
+            kill_processes_mentioning(self.cid, "container")
             if not self._done.is_set():
                 self.error = self.error or f"the Docker daemon could not stop the container: {exc}"
                 self.returncode = -9
@@ -188,17 +187,3 @@ def _write_all(fd: int | None, data: bytes) -> None:
     while view and fd is not None:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def sweep_processes(container_id: str) -> None:
-    """Kill the shim and runsc processes of a container the daemon can no longer stop."""
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = process.info["cmdline"] or []
-        except (psutil.Error, KeyError):
-            continue
-        if any(container_id in part for part in cmdline):
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-                log.warning("gvisor: killed process %s of container %s", process.pid,
-                            container_id[:12])

@@ -20,10 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from ..errors import CommandInterrupted, SandboxStartError
-from ..process import Outcome, OutputCallback, supervise
+from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
 from ..result import TIMEOUT_RETURNCODE, CommandResult
 from .base import BackendStatus
@@ -307,7 +305,7 @@ class RunscBackend:
             # Not created yet, or already gone: take down runsc and its children.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, 9)
-            _sweep(sandbox_id)
+            kill_processes_mentioning(sandbox_id, "sandbox")
 
     def _cleanup(self, runsc: str, flags: list[str], sandbox_id: str, state: str,
                  run_dir: str, abnormal: bool) -> str:
@@ -328,7 +326,7 @@ class RunscBackend:
                                stdin=subprocess.DEVNULL)
             except (OSError, subprocess.SubprocessError) as exc:
                 log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
-            _sweep(sandbox_id)
+            kill_processes_mentioning(sandbox_id, "sandbox")
         shutil.rmtree(run_dir, ignore_errors=True)
         if os.path.exists(run_dir):
             log.warning("gvisor: could not remove the sandbox directory %s", run_dir)
@@ -354,17 +352,3 @@ def refine_returncode(returncode: int, status: str) -> int:
     if status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
         return -int(status.split()[1])
     return returncode
-
-
-def _sweep(sandbox_id: str) -> None:
-    """Kill any runsc process still serving this sandbox (sandbox, gofer, run)."""
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = process.info["cmdline"] or []
-        except (psutil.Error, KeyError):
-            continue
-        if any(sandbox_id in part for part in cmdline):
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-                log.warning("gvisor: killed leftover sandbox process %s (%s)", process.pid,
-                            sandbox_id)
