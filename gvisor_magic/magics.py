@@ -17,8 +17,8 @@ import sys
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.text import DollarFormatter, SList
-from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
-from traitlets.config import Configurable
+from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+from traitlets.config import Config, Configurable
 
 from .errors import CommandInterrupted, IsolationUnavailable
 from .request import MODES
@@ -60,18 +60,16 @@ class Isolation(Configurable):
     network = Bool(False, help="Allow network access inside the sandbox.").tag(config=True)
     route_bang = Bool(False, help="Route !cmd, !!cmd, x = !cmd and %sx through the sandbox "
                       "(%pip/%conda/%uv stay on the host).").tag(config=True)
-    shell = Unicode(help="Shell that runs %%isolated cells (default: bash, else sh)."
-                    ).tag(config=True)
+    # A static default, not a @default method: when %config's value is rejected,
+    # traitlets rolls a never-read trait back to its static default ('' otherwise).
+    shell = Unicode(_default_shell(), help="Shell that runs %%isolated cells "
+                    "(default: bash, else sh).").tag(config=True)
     max_output = Int(4 * 1024 * 1024, help="Bytes of each stream kept in results."
                      ).tag(config=True)
     quiet = Bool(False, help="Do not print the one-line status after each run."
                  ).tag(config=True)
 
     # -- configuration ---------------------------------------------------------
-
-    @default("shell")
-    def _shell_default(self) -> str:
-        return _default_shell()
 
     @validate("mode")
     def _check_mode(self, proposal):
@@ -104,13 +102,30 @@ class Isolation(Configurable):
 
 
 
+def _settings(shell) -> Isolation:
+    """``Isolation`` from the shell's config, minus values ``%config`` rejected before.
+
+    ``%config`` merges a value into the shell's shared config even when
+    ``Isolation`` rejects it, and loading the extension again would then fail on it.
+    """
+    section = shell.config["Isolation"] if shell is not None and "Isolation" in shell.config \
+        else {}
+    for name in list(section):
+        try:
+            Isolation(config=Config({"Isolation": {name: section[name]}}))
+        except TraitError as exc:
+            print(f"[gvisor-magic] ignoring a rejected setting: {exc}", file=sys.stderr)
+            del section[name]
+    return Isolation(parent=shell)
+
+
 @magics_class
 class IsolatedMagics(Magics):
     """``%%isolated``, ``%isolated`` and ``%isolation`` (settings live in ``Isolation``)."""
 
     def __init__(self, shell=None, **kwargs) -> None:
         super().__init__(shell=shell, **kwargs)
-        self.settings = Isolation(parent=shell)
+        self.settings = _settings(shell)
         self.state = IsolationState()
         self.router = BangRouter(shell, self._run_routed)
         self.settings.observe(self._route_changed, names="route_bang")
@@ -172,11 +187,21 @@ class IsolatedMagics(Magics):
         print(f"[gvisor-magic] {marker}{line}", file=sys.stderr, flush=True)
 
     def expand(self, text: str) -> str:
-        """``$var`` and ``{expr}`` from the user's namespace, as ``!`` does (all or nothing)."""
-        try:
-            return DollarFormatter().vformat(text, args=[], kwargs=dict(self.shell.user_ns))
-        except Exception:
-            return text
+        """``$var`` and ``{expr}`` from the user's namespace, as ``!`` does, line by line.
+
+        Each line is all or nothing, like one ``!`` line. (IPython's formatter is
+        meant for one line: given several, it drops the text before a ``$var``
+        that follows a newline.)
+        """
+        formatter, namespace = DollarFormatter(), dict(self.shell.user_ns)
+
+        def one(line: str) -> str:
+            try:
+                return formatter.vformat(line, args=[], kwargs=namespace)
+            except Exception:
+                return line
+
+        return "\n".join(one(line) for line in text.split("\n"))
 
     def _run_routed(self, command: str, capture: bool) -> CommandResult:
         return self.run(command, capture=capture)
@@ -219,7 +244,8 @@ class IsolatedMagics(Magics):
             body, mode=args.mode, timeout=args.timeout if args.timeout is not None else "trait",
             workdir=args.workdir, repo=args.repo, env=env,
             network=True if args.network else None,
-            require_isolation=True if args.require_isolation else None, quiet=args.quiet,
+            require_isolation=True if args.require_isolation else None,
+            quiet=True if args.quiet else None,
             show_stdout=not args.out, show_stderr=not args.err)
         self.shell.user_ns["_exit_code"] = result.returncode
         if args.out:

@@ -3,7 +3,9 @@
 IPython compiles ``!cmd`` to ``get_ipython().system(cmd)`` and ``x = !cmd`` to
 ``get_ipython().getoutput(cmd)``; the sanctioned hook is to rebind those two
 methods on the shell *instance* (ipykernel rebinds ``system`` on its class),
-and removing the instance attributes restores the originals exactly.
+and removing the instance attributes restores the originals exactly (an
+instance-level override that was there before, such as IPython's test shell's,
+is put back).
 
 Package managers stay on the host: ``%pip``, ``%conda``, ``%mamba``,
 ``%micromamba`` and ``%uv`` also call ``shell.system``, so while routing is on
@@ -27,6 +29,8 @@ class BangRouter:
         self._run = run  # run(cmd, capture: bool) -> CommandResult
         self._host = threading.local()
         self._wrapped: dict[str, Callable[..., Any]] = {}
+        #: ``system``/``getoutput`` bound on the instance before we were installed.
+        self._previous: dict[str, Any] = {}
         self.active = False
 
     # -- on/off ---------------------------------------------------------------
@@ -34,6 +38,8 @@ class BangRouter:
     def install(self) -> None:
         if self.active:
             return
+        self._previous = {name: self.shell.__dict__[name] for name in ("system", "getoutput")
+                          if name in self.shell.__dict__}
         self.shell.system = self.system
         self.shell.getoutput = self.getoutput
         line_magics = self.shell.magics_manager.magics["line"]
@@ -64,6 +70,9 @@ class BangRouter:
             return
         for attribute in ("system", "getoutput"):
             self.shell.__dict__.pop(attribute, None)
+            if attribute in self._previous:
+                self.shell.__dict__[attribute] = self._previous[attribute]
+        self._previous = {}
         line_magics = self.shell.magics_manager.magics["line"]
         for name, original in self._wrapped.items():
             line_magics[name] = original
@@ -85,12 +94,18 @@ class BangRouter:
     def _on_host_now(self) -> bool:
         return getattr(self._host, "depth", 0) > 0
 
+    def _host_method(self, name: str) -> Callable[..., Any]:
+        """The shell's own ``system``/``getoutput``, as it was before routing."""
+        previous = self._previous.get(name)
+        return previous if previous is not None else getattr(type(self.shell), name).__get__(
+            self.shell)
+
     # -- the overrides ------------------------------------------------------------
 
     def system(self, cmd: str) -> None:
         """``!cmd``: stream the output, set ``_exit_code``, return None (as IPython does)."""
         if self._on_host_now():
-            return type(self.shell).system(self.shell, cmd)
+            return self._host_method("system")(cmd)
         expanded = self.shell.var_expand(cmd, depth=1)
         result = self._run(expanded, capture=False)
         self.shell.user_ns["_exit_code"] = result.returncode
@@ -103,7 +118,7 @@ class BangRouter:
     def getoutput(self, cmd: str, split: bool = True, depth: int = 0) -> Any:
         """``x = !cmd`` / ``!!cmd``: stdout and stderr together, as an ``SList``."""
         if self._on_host_now():
-            return type(self.shell).getoutput(self.shell, cmd, split=split, depth=depth + 1)
+            return self._host_method("getoutput")(cmd, split=split, depth=depth + 1)
         from IPython.utils.text import LSString, SList
 
         expanded = self.shell.var_expand(cmd, depth=depth + 1)

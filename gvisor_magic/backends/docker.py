@@ -223,6 +223,8 @@ class DockerBackend:
             returncode = RUNTIME_FAILURE
         elif outcome.timed_out:
             returncode = TIMEOUT_RETURNCODE
+        elif outcome.interrupted and not status:
+            returncode = -9  # we killed the container (SIGKILL)
         else:
             returncode = refine_returncode(returncode, status)
         result = CommandResult(

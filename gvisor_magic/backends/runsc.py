@@ -280,7 +280,9 @@ class RunscBackend:
             returncode = refine_returncode(returncode, status)
         details = {"sandbox_id": sandbox_id}
         error = None
-        if returncode >= 128 and not status and not outcome.timed_out:
+        if outcome.interrupted and not status:
+            returncode = -9  # we killed the tree (runsc kill --all ... KILL)
+        elif returncode >= 128 and not status and not outcome.timed_out:
             # The init reports every status >= 128; without a report, the
             # sandbox itself ended (crashed or was killed) under the command.
             error = (f"the sandbox ended (runsc exit {returncode}) before the command "

@@ -1,0 +1,175 @@
+"""The extension in a real ipykernel, driven over ZeroMQ with jupyter_client."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kernel_helpers import Execution, Kernel, start_kernel, stop_kernel
+
+SANDBOX_RELEASE = "4.4.0"
+HOST_RELEASE = os.uname().release
+RUNSC_OK = re.compile(r"^\[gvisor-magic\] runsc \(gVisor\): exit 0 in \d+\.\d\ds$", re.M)
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _ok(execution: Execution) -> Execution:
+    assert execution.errors == [] and execution.reply["status"] == "ok", execution.describe()
+    return execution
+
+
+@pytest.fixture(scope="module")
+def kernel(runsc_works, tmp_path_factory):
+    """One kernel for the tests that do not disturb it, with the extension loaded."""
+    kernel = start_kernel(str(tmp_path_factory.mktemp("kernel-cwd")))
+    try:
+        _ok(kernel.execute("%load_ext gvisor_magic"))
+        yield kernel
+    finally:
+        stop_kernel(kernel)
+
+
+@pytest.fixture
+def fresh_kernel(runsc_works, tmp_path):
+    kernel = start_kernel(str(tmp_path))
+    try:
+        _ok(kernel.execute("%load_ext gvisor_magic"))
+        yield kernel
+    finally:
+        stop_kernel(kernel)
+
+
+def runsc_descendants(kernel: Kernel) -> list[str]:
+    found = []
+    for process in kernel.descendants():
+        try:
+            cmdline = " ".join(process.cmdline())
+            name = process.name()
+        except Exception:  # exited meanwhile
+            continue
+        if "runsc" in name or "runsc" in cmdline:
+            found.append(f"{process.pid}: {cmdline}")
+    return found
+
+
+def test_output_streams_live_into_the_cell(kernel):
+    go = Path(kernel.cwd, "go")
+    go.unlink(missing_ok=True)
+    released: dict[str, float] = {}
+
+    def on_message(execution: Execution, msg: dict) -> None:
+        if "at" not in released and "first" in execution.stdout:
+            # Only now may the command go on: "second" cannot have been printed yet.
+            assert "second" not in execution.stdout
+            released["at"] = time.monotonic()
+            go.touch()
+
+    execution = _ok(kernel.execute(
+        "%%isolated\n"
+        "echo first\n"
+        "for i in $(seq 300); do [ -e go ] && break; sleep 0.1; done\n"
+        "[ -e go ] && echo second || echo gave-up\n",
+        timeout=60, on_message=on_message))
+    assert execution.stdout == "first\nsecond\n"
+    assert execution.first_arrival("stdout", "second") > released["at"]
+    assert len(RUNSC_OK.findall(execution.stderr)) == 1
+
+    execution = _ok(kernel.execute("%%isolated\nuname -r\n"))
+    assert execution.stdout == f"{SANDBOX_RELEASE}\n"
+    assert RUNSC_OK.fullmatch(execution.stderr.strip())
+
+
+def test_errors_and_exit_codes(kernel):
+    execution = kernel.execute("%%isolated\necho partial\nexit 3\n")
+    assert execution.reply["status"] == "error"
+    [(ename, evalue)] = execution.errors
+    assert ename == "CalledProcessError"
+    assert evalue == "Command 'echo partial\nexit 3\n' returned non-zero exit status 3."
+    assert execution.stdout == "partial\n"
+
+    execution = _ok(kernel.execute("%%isolated --no-raise-error\nexit 3\n"))
+    assert re.search(r"runsc \(gVisor\): exit 3 in \d+\.\d\ds", execution.stderr)
+    assert _ok(kernel.execute("print(_exit_code)")).stdout == "3\n"
+
+
+def test_interrupt_kills_the_sandbox_and_keeps_the_kernel(fresh_kernel):
+    kernel = fresh_kernel
+    sent: dict[str, float] = {}
+
+    def on_message(execution: Execution, msg: dict) -> None:
+        if "at" not in sent and "start" in execution.stdout:
+            sent["at"] = time.monotonic()
+            kernel.km.interrupt_kernel()
+
+    execution = kernel.execute("%%isolated\necho start; trap '' INT; sleep 1000\n",
+                               timeout=60, on_message=on_message)
+    assert "at" in sent, execution.describe()
+    assert execution.finished - sent["at"] < 5.0, execution.describe()
+    assert execution.stdout == "start\n"
+    assert execution.reply["status"] == "error"
+    [(ename, _)] = execution.errors
+    assert ename in ("KeyboardInterrupt", "CommandInterrupted")
+    assert "(interrupted)" in execution.stderr
+    assert runsc_descendants(kernel) == []
+
+    execution = _ok(kernel.execute("%%isolated\necho ok\n"))
+    assert execution.stdout == "ok\n"
+    assert len(RUNSC_OK.findall(execution.stderr)) == 1
+
+
+def test_bang_routing_in_the_kernel(kernel):
+    execution = _ok(kernel.execute("%isolation on"))
+    assert "now run isolated" in execution.stderr
+
+    execution = _ok(kernel.execute("!uname -r"))
+    assert execution.stdout == f"{SANDBOX_RELEASE}\n"
+    assert len(RUNSC_OK.findall(execution.stderr)) == 1
+
+    execution = _ok(kernel.execute("lines = !uname -r\nprint(lines)"))
+    assert execution.stdout == f"['{SANDBOX_RELEASE}']\n"
+
+    execution = _ok(kernel.execute("%pip --version"))
+    assert re.search(r"^pip \S+ from " + re.escape(sys.prefix) + "/", execution.stdout, re.M), \
+        execution.describe()
+    assert "[gvisor-magic]" not in execution.stdout + execution.stderr
+
+    # %isolated streams its lines and its value does not show itself again
+    execution = _ok(kernel.execute("%isolated echo hi"))
+    assert (execution.stdout, execution.results) == ("hi\n", [])
+
+    execution = _ok(kernel.execute("%isolation off"))
+    assert "run on the host again" in execution.stderr
+    execution = _ok(kernel.execute("!uname -r"))
+    assert execution.stdout.replace("\r\n", "\n") == f"{HOST_RELEASE}\n"
+    assert "[gvisor-magic]" not in execution.stderr
+    execution = _ok(kernel.execute(
+        "ip = get_ipython()\n"
+        "print('system' in ip.__dict__, 'getoutput' in ip.__dict__,"
+        " ip.system.__func__ is type(ip).system)"))
+    assert execution.stdout == "False False True\n"
+
+
+def test_status_widget_in_the_kernel(kernel):
+    _ok(kernel.execute("%%isolated --quiet --no-raise-error\nexit 4\n"))
+    execution = _ok(kernel.execute(
+        "import gvisor_magic\nw = gvisor_magic.status_widget()\nw"))
+    [data] = execution.results
+    assert data["text/plain"] == ("gvisor-magic: isolated by gVisor (runsc) | network off"
+                                  " | last: exit 4")
+    model_id = data[WIDGET_VIEW]["model_id"]
+
+    execution = _ok(kernel.execute("%%isolated --quiet\ntrue\n"))
+    updates = [msg["data"]["state"]["value"] for msg in execution.comm_msgs
+               if msg["comm_id"] == model_id and msg["data"].get("method") == "update"
+               and "value" in msg["data"].get("state", {})]
+    assert updates, execution.describe()
+    assert "border-left:6px solid #1a7f37" in updates[-1]
+    assert re.search(r"<td>runsc: exit 0 in \d+\.\d\ds</td>", updates[-1])
+
+    execution = _ok(kernel.execute("print(repr(w))"))
+    assert execution.stdout == ("gvisor-magic: isolated by gVisor (runsc) | network off"
+                                " | last: exit 0\n")

@@ -1,0 +1,470 @@
+"""The IPython extension in IPython's in-process shell: %%isolated, %isolated, %isolation."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+from IPython import get_ipython
+from IPython.core.history import HistoryManager
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.text import SList
+
+import gvisor_magic
+from gvisor_magic import CommandResult, IsolationUnavailable
+from gvisor_magic.magics import StreamedSList
+from gvisor_magic.runner import REGISTRY
+
+SANDBOX_RELEASE = "4.4.0"
+HOST_RELEASE = os.uname().release
+GREEN, AMBER, RED = "#1a7f37", "#b26b00", "#cf222e"
+RUNSC_OK = re.compile(r"^\[gvisor-magic\] runsc \(gVisor\): exit 0 in \d+\.\d\ds$", re.M)
+STATUS = re.compile(r"^\[gvisor-magic\] .*$", re.M)
+OPTIONS = ("--mode", "--timeout", "--workdir", "--repo", "--env", "--network",
+           "--require-isolation", "--out", "--err", "--result", "--no-raise-error", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def shell():
+    shell = start_ipython() or get_ipython()  # None when someone else started it first
+    # globalipapp binds a doctest-friendly `system` on the instance: take it away here so
+    # `!cmd` behaves as in a real shell (and routing can be checked exactly), then put it back.
+    previous = {name: shell.__dict__.pop(name) for name in ("system", "getoutput")
+                if name in shell.__dict__}
+    _history_in_memory(shell)
+    yield shell
+    shell.__dict__.update(previous)
+
+
+def _history_in_memory(shell) -> None:
+    """globalipapp keeps history in a file under the session's temporary directory, which
+    conftest removes before IPython's atexit hook writes to it (a noisy sqlite error)."""
+    old = shell.history_manager
+    if old is None or str(old.hist_file) == ":memory:":
+        return
+    old.end_session()
+    old.close()
+    shell.history_manager = HistoryManager(shell=shell, parent=shell, hist_file=":memory:")
+    if old in shell.configurables:
+        shell.configurables[shell.configurables.index(old)] = shell.history_manager
+
+
+@pytest.fixture
+def ip(shell, monkeypatch, tmp_path, capfd):
+    """The shell with the extension loaded in a scratch cwd; everything undone afterwards."""
+    monkeypatch.chdir(tmp_path)  # %%isolated mounts the cwd read-write
+    saved_ns = dict(shell.user_ns)
+    shell.config.pop("Isolation", None)
+    shell.run_line_magic("load_ext", "gvisor_magic")
+    capfd.readouterr()
+    yield shell
+    shell.run_line_magic("unload_ext", "gvisor_magic")
+    shell.config.pop("Isolation", None)
+    for name in set(shell.user_ns) - set(saved_ns):
+        del shell.user_ns[name]
+    shell.user_ns.update(saved_ns)
+    assert "system" not in shell.__dict__ and "getoutput" not in shell.__dict__
+
+
+def magics(shell):
+    return shell.magics_manager.registry["IsolatedMagics"]
+
+
+def run(shell, code: str):
+    """Run a cell; return its result, or raise what it raised."""
+    result = shell.run_cell(code)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result
+
+
+def status_lines(err: str) -> list[str]:
+    return STATUS.findall(err)
+
+
+# -- %%isolated ------------------------------------------------------------------------
+
+
+def test_cell_runs_in_gvisor_and_says_so(ip, capfd, runsc_works):
+    run(ip, "%%isolated\nuname -r\n")
+    out, err = capfd.readouterr()
+    assert out == f"{SANDBOX_RELEASE}\n"
+    assert len(RUNSC_OK.findall(err)) == 1 and status_lines(err) == RUNSC_OK.findall(err)
+    assert ip.user_ns["_exit_code"] == 0
+
+
+def test_subprocess_mode_runs_on_the_host_and_warns(ip, capfd):
+    run(ip, "%%isolated --mode subprocess\nuname -r\n")
+    out, err = capfd.readouterr()
+    assert out == f"{HOST_RELEASE}\n"
+    [line] = status_lines(err)
+    assert line.startswith("[gvisor-magic] WARNING: subprocess (NOT isolated): exit 0 in ")
+    assert "fallback: mode 'subprocess' was requested: gVisor was not used" in line
+
+
+def test_nonzero_exit_raises_called_process_error(ip, capfd, runsc_works):
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        run(ip, "%%isolated\necho partial\necho oops >&2\nexit 3\n")
+    assert caught.value.returncode == 3
+    assert caught.value.cmd == "echo partial\necho oops >&2\nexit 3\n"
+    assert (caught.value.output, caught.value.stderr) == ("partial\n", "oops\n")
+    assert ip.user_ns["_exit_code"] == 3
+    out, err = capfd.readouterr()
+    assert out.startswith("partial\n")  # streamed before the traceback
+    assert "oops\n" in err and "[gvisor-magic] runsc (gVisor): exit 3 in " in err
+
+
+def test_no_raise_error(ip, capfd, runsc_works):
+    assert run(ip, "%%isolated --no-raise-error\necho before\nexit 3\n") is None
+    assert ip.user_ns["_exit_code"] == 3
+    out, err = capfd.readouterr()
+    assert out == "before\n"
+    assert re.search(r"^\[gvisor-magic\] runsc \(gVisor\): exit 3 in \d+\.\d\ds$", err, re.M)
+
+
+def test_out_err_result_capture_instead_of_printing(ip, capfd, runsc_works):
+    run(ip, "%%isolated --out o --err e --result r\necho to-out\necho to-err >&2\nuname -r\n")
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "to-err" not in err and len(RUNSC_OK.findall(err)) == 1
+    assert ip.user_ns["o"] == f"to-out\n{SANDBOX_RELEASE}\n"
+    assert ip.user_ns["e"] == "to-err\n"
+    result = ip.user_ns["r"]
+    assert isinstance(result, CommandResult)
+    assert (result.backend, result.isolated, result.returncode) == ("runsc", True, 0)
+    assert result.stdout == ip.user_ns["o"] and result.stderr == "to-err\n"
+
+    # --out alone: stderr still streams; --quiet: no status line
+    run(ip, "%%isolated --out only --quiet\necho kept\necho shown >&2\n")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "shown\n")
+    assert ip.user_ns["only"] == "kept\n"
+
+
+def test_out_is_set_even_when_the_command_fails(ip, capfd, runsc_works):
+    with pytest.raises(subprocess.CalledProcessError):
+        run(ip, "%%isolated --out o --quiet\necho got-this\nexit 1\n")
+    assert ip.user_ns["o"] == "got-this\n"
+    assert "got-this" not in capfd.readouterr().out.splitlines()  # only the traceback
+
+
+def test_variables_expand_in_body_and_options(ip, capfd, runsc_works):
+    ip.user_ns["greeting"] = "hello world"
+    ip.user_ns["who"] = "gvisor"
+    # body: $var and {expr} from user_ns; $$ is a literal $ for the shell
+    # line: expanded by IPython, here into --env values
+    run(ip, '%%isolated --quiet --env NAME=$who --env N={3*4}\n'
+            'echo "$greeting" {6*7} "$$NAME" "$$N"\n')
+    assert capfd.readouterr().out == "hello world 42 gvisor 12\n"
+
+
+def test_every_line_of_the_body_expands(ip, capfd, tmp_path, runsc_works):
+    ip.user_ns["name"] = "data"
+    ip.user_ns["greeting"] = "hello world"
+    # Each line is all or nothing (like one !cmd line): shell braces that are not
+    # Python leave their line alone without stopping the other lines.
+    run(ip, "%%isolated --quiet\n"
+            "pwd > before.txt\n"
+            "echo $name > $name-file\n"
+            "echo x{a,b} {6*7}\n"
+            "echo '$greeting' \"$greeting\"\n"
+            "echo last\n")
+    assert capfd.readouterr().out == "xa xb {6*7}\n$greeting hello world\nlast\n"
+    assert (tmp_path / "before.txt").read_text() == f"{tmp_path}\n"
+    assert (tmp_path / "data-file").read_text() == "data\n"
+
+
+def test_env_option_needs_key_value(ip):
+    with pytest.raises(ValueError, match="--env expects KEY=VALUE, got 'JUSTKEY'"):
+        run(ip, "%%isolated --env JUSTKEY\ntrue\n")
+
+
+def test_timeout_option(ip, capfd, runsc_works):
+    run(ip, "%%isolated --timeout 1 --no-raise-error\necho begun\nsleep 30\n")
+    assert ip.user_ns["_exit_code"] == 124
+    out, err = capfd.readouterr()
+    assert out == "begun\n"
+    assert re.search(r"^\[gvisor-magic\] runsc \(gVisor\): timed out in \d+\.\d\ds$", err, re.M)
+
+
+def test_workdir_and_repo_options(ip, capfd, tmp_path, runsc_works):
+    work = tmp_path / "work"
+    repo = tmp_path / "repo"
+    work.mkdir()
+    repo.mkdir()
+    (repo / "source.txt").write_text("from the repo\n")
+    ip.user_ns["repo_dir"] = str(repo)
+    run(ip, f"%%isolated --quiet --no-raise-error --workdir {work} --repo {repo}\n"
+            "pwd\ncat $repo_dir/source.txt > copy.txt\n"
+            "touch $repo_dir/new 2>/dev/null && echo wrote || echo read-only\n")
+    assert capfd.readouterr().out == f"{work}\nread-only\n"
+    assert (work / "copy.txt").read_text() == "from the repo\n"
+    assert sorted(os.listdir(repo)) == ["source.txt"]
+
+
+def test_cell_help_lists_every_option(ip, capfd):
+    run(ip, "%%isolated?")
+    out = capfd.readouterr().out
+    assert "Run the cell as a shell script in a gVisor sandbox." in out
+    for option in OPTIONS:
+        assert option in out, option
+
+
+# -- %isolated ---------------------------------------------------------------------------
+
+
+def test_line_magic_streams_and_returns_lines(ip, capfd, runsc_works):
+    run(ip, "files = %isolated printf 'a\\nb\\n'")
+    out, err = capfd.readouterr()
+    assert out == "a\nb\n"  # streamed once, not displayed again
+    assert len(RUNSC_OK.findall(err)) == 1
+    files = ip.user_ns["files"]
+    assert isinstance(files, StreamedSList) and isinstance(files, SList)
+    assert files == ["a", "b"]
+    assert ip.user_ns["_exit_code"] == 0
+
+    value = run(ip, "%isolated uname -r")
+    assert value == [SANDBOX_RELEASE]
+    out, _ = capfd.readouterr()
+    assert out.count(SANDBOX_RELEASE) == 1  # the value did not print itself
+
+
+def test_line_magic_sets_exit_code_without_raising(ip, capfd, runsc_works):
+    assert run(ip, "%isolated exit 4") == []
+    assert ip.user_ns["_exit_code"] == 4
+    assert "exit 4 in" in capfd.readouterr().err
+
+
+def test_line_magic_needs_a_command(ip):
+    with pytest.raises(ValueError, match="usage: %isolated COMMAND"):
+        run(ip, "%isolated   ")
+
+
+# -- %isolation on/off: routing ! through the sandbox ---------------------------------
+
+
+def _pip_entry(shell):
+    return shell.magics_manager.magics["line"]["pip"]
+
+
+def test_routing_sends_bang_commands_to_the_sandbox(ip, capfd, runsc_works):
+    run(ip, "%isolation on")
+    assert "now run isolated" in capfd.readouterr().err
+
+    run(ip, "y = !uname -r")
+    assert ip.user_ns["y"] == [SANDBOX_RELEASE] and isinstance(ip.user_ns["y"], SList)
+    assert len(RUNSC_OK.findall(capfd.readouterr().err)) == 1
+
+    assert run(ip, "!!uname -r") == [SANDBOX_RELEASE]
+    assert run(ip, "%sx uname -r") == [SANDBOX_RELEASE]
+
+    run(ip, "!uname -r")
+    assert capfd.readouterr().out.endswith(f"{SANDBOX_RELEASE}\n")
+
+    ip.user_ns["word"] = "expanded"
+    run(ip, "!echo $word {1+1}")
+    assert capfd.readouterr().out == "expanded 2\n"
+
+    run(ip, "!exit 5")
+    assert ip.user_ns["_exit_code"] == 5
+    assert "exit 5 in" in capfd.readouterr().err
+
+
+def test_pip_stays_on_the_host_while_routing_is_on(ip, capfd, runsc_works):
+    run(ip, "%isolation on")
+    capfd.readouterr()
+    run(ip, "%pip --version")
+    out, err = capfd.readouterr()
+    assert re.search(r"^pip \S+ from " + re.escape(sys.prefix) + r"/", out, re.M), out
+    assert "[gvisor-magic]" not in out + err  # not a sandboxed run
+    # and routing is still on for everything else
+    assert run(ip, "!!uname -r") == [SANDBOX_RELEASE]
+    assert getattr(_pip_entry(ip), "__wrapped__", None) is not None
+
+
+def test_isolation_off_restores_system_exactly(ip, capfd, runsc_works):
+    shell_type = type(ip)
+    run(ip, "%isolation on")
+    assert "system" in ip.__dict__ and "getoutput" in ip.__dict__
+    run(ip, "%isolation off")
+    assert "run on the host again" in capfd.readouterr().err
+    assert "system" not in ip.__dict__ and "getoutput" not in ip.__dict__
+    assert ip.system.__func__ is shell_type.system
+    assert ip.getoutput.__func__ is shell_type.getoutput
+    assert getattr(_pip_entry(ip), "__wrapped__", None) is None
+    assert run(ip, "!!uname -r") == [HOST_RELEASE]
+    capfd.readouterr()
+    run(ip, "%pip --version")
+    out, err = capfd.readouterr()
+    assert out.startswith("pip ") and "[gvisor-magic]" not in err
+
+
+def test_unload_restores_system_and_the_magics_tables(ip, capfd, runsc_works):
+    shell_type = type(ip)
+    settings = magics(ip).settings
+    run(ip, "%isolation on")
+    run(ip, "%unload_ext gvisor_magic")
+    assert "system" not in ip.__dict__ and "getoutput" not in ip.__dict__
+    assert ip.system.__func__ is shell_type.system
+    assert ip.getoutput.__func__ is shell_type.getoutput
+    assert getattr(_pip_entry(ip), "__wrapped__", None) is None
+    assert "isolated" not in ip.magics_manager.magics["cell"]
+    assert "isolated" not in ip.magics_manager.magics["line"]
+    assert "isolation" not in ip.magics_manager.magics["line"]
+    assert "IsolatedMagics" not in ip.magics_manager.registry
+    assert settings not in ip.configurables
+    assert run(ip, "!!uname -r") == [HOST_RELEASE]
+    capfd.readouterr()
+    run(ip, "%pip --version")
+    assert capfd.readouterr().out.startswith("pip ")
+    run(ip, "%load_ext gvisor_magic")  # for the fixture, and: loading again works
+    run(ip, "%%isolated --quiet\nuname -r\n")
+    assert capfd.readouterr().out.endswith(f"{SANDBOX_RELEASE}\n")
+
+
+def test_routing_keeps_and_restores_an_earlier_instance_override(ip, capfd, runsc_works):
+    calls = []
+
+    def earlier_system(self, cmd):
+        calls.append(cmd)
+
+    earlier = ip.system = types.MethodType(earlier_system, ip)
+    try:
+        run(ip, "%isolation on")
+        run(ip, "!uname -r")
+        assert calls == [] and capfd.readouterr().out == f"{SANDBOX_RELEASE}\n"
+        run(ip, "%pip --version")  # on the host: through the shell's own system
+        assert len(calls) == 1 and calls[0].endswith("-m pip --version")
+        run(ip, "%isolation off")
+        assert ip.__dict__["system"] is earlier and "getoutput" not in ip.__dict__
+        run(ip, "!echo after-off")
+        assert calls[-1] == "echo after-off"
+        run(ip, "%isolation on")
+        run(ip, "%unload_ext gvisor_magic")
+        assert ip.__dict__["system"] is earlier
+        run(ip, "%load_ext gvisor_magic")
+    finally:
+        ip.__dict__.pop("system", None)
+
+
+def test_isolation_rejects_unknown_actions(ip):
+    with pytest.raises(ValueError, match=r"usage: %isolation on\|off\|status \(got 'maybe'\)"):
+        run(ip, "%isolation maybe")
+
+
+# -- %config Isolation.* -----------------------------------------------------------------
+
+
+def test_config_rejects_invalid_values_and_keeps_the_previous(ip, caplog):
+    settings = magics(ip).settings
+    run(ip, "%config Isolation.mode = 'runsc'")
+    run(ip, "%config Isolation.mode = 'bogus'")
+    assert settings.mode == "runsc"
+    assert ("Isolation.mode must be one of auto, runsc, docker, subprocess (or None), "
+            "not 'bogus'") in caplog.text
+
+    run(ip, "%config Isolation.timeout = 30")
+    run(ip, "%config Isolation.timeout = -5")
+    assert settings.timeout == 30.0
+    assert "Isolation.timeout must be > 0 seconds or None, not -5.0" in caplog.text
+
+    run(ip, "%config Isolation.max_output = 0")
+    assert settings.max_output == 4 * 1024 * 1024
+    assert "Isolation.max_output must be a positive number of bytes" in caplog.text
+
+
+def test_config_rejects_a_non_executable_shell_and_keeps_bash(ip, caplog, capfd, runsc_works):
+    settings = magics(ip).settings
+    run(ip, "%config Isolation.shell = '/etc/passwd'")  # before anything read the default
+    assert "Isolation.shell must be an executable absolute path, not '/etc/passwd'" \
+        in caplog.text
+    assert settings.shell == shutil.which("bash")
+    run(ip, "%config Isolation.shell = 'sh'")
+    assert "not 'sh'" in caplog.text and settings.shell == shutil.which("bash")
+    run(ip, "%%isolated --quiet\necho ${BASH_VERSION:+bash}\n")
+    assert capfd.readouterr().out == "bash\n"
+
+
+def test_config_shell_is_used(ip, capfd, runsc_works):
+    run(ip, "%config Isolation.shell = '/bin/sh'")
+    run(ip, "%%isolated --quiet\necho ${BASH_VERSION:-not bash}\n")
+    assert capfd.readouterr().out == "not bash\n"
+
+
+def test_rejected_config_does_not_break_reloading(ip, capfd):
+    run(ip, "%config Isolation.mode = 'bogus'")
+    run(ip, "%config Isolation.network = True")
+    run(ip, "%reload_ext gvisor_magic")
+    settings = magics(ip).settings
+    assert settings.mode is None
+    assert settings.network is True  # accepted settings survive the reload
+    assert "ignoring a rejected setting: Isolation.mode must be one of" in capfd.readouterr().err
+
+
+def test_config_route_bang_turns_routing_on_and_off(ip, runsc_works):
+    run(ip, "%config Isolation.route_bang = True")
+    assert "system" in ip.__dict__
+    assert run(ip, "!!uname -r") == [SANDBOX_RELEASE]
+    run(ip, "%config Isolation.route_bang = False")
+    assert "system" not in ip.__dict__
+    assert run(ip, "!!uname -r") == [HOST_RELEASE]
+
+
+def test_config_quiet_and_mode(ip, capfd):
+    run(ip, "%config Isolation.quiet = True")
+    run(ip, "%config Isolation.mode = 'subprocess'")
+    run(ip, "%%isolated\nuname -r\n")
+    assert capfd.readouterr() == (f"{HOST_RELEASE}\n", "")
+
+
+# -- the status widget ---------------------------------------------------------------------
+
+
+def test_widget_follows_runs_green_then_amber(ip, runsc_works):
+    widget = gvisor_magic.status_widget()
+    assert repr(widget) == "gvisor-magic: isolated by gVisor (runsc) | network off"
+    assert f"border-left:6px solid {GREEN}" in widget.value
+    assert "last command" not in widget.value
+
+    run(ip, "%%isolated --quiet\ntrue\n")
+    assert repr(widget) == ("gvisor-magic: isolated by gVisor (runsc) | network off"
+                            " | last: exit 0")
+    assert f"border-left:6px solid {GREEN}" in widget.value
+    assert re.search(r"<td>runsc: exit 0 in \d+\.\d\ds</td>", widget.value)
+
+    run(ip, "%%isolated --quiet --mode subprocess --no-raise-error\nexit 2\n")
+    assert repr(widget) == "gvisor-magic: NOT isolated (subprocess) | network ON | last: exit 2"
+    assert f"border-left:6px solid {AMBER}" in widget.value
+    assert "<td>none (runs on the host)</td>" in widget.value
+    assert ">fallback</td><td>mode &#x27;subprocess&#x27; was requested" in widget.value
+    assert re.search(r"<td>subprocess: exit 2 in \d+\.\d\ds</td>", widget.value)
+
+    status = run(ip, "%isolation status")
+    assert repr(status) == repr(widget) and status.value == widget.value
+    assert "application/vnd.jupyter.widget-view+json" in status._repr_mimebundle_()
+
+
+def test_widget_turns_red_when_required_isolation_is_blocked(ip, monkeypatch, tmp_path):
+    monkeypatch.setenv("GVISOR_MAGIC_RUNSC", "/bin/false")
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
+    REGISTRY.forget()
+    widget = gvisor_magic.status_widget()
+    assert repr(widget) == "gvisor-magic: NOT isolated (subprocess) | network off"
+    assert f"border-left:6px solid {AMBER}" in widget.value
+
+    marker = tmp_path / "ran"
+    with pytest.raises(IsolationUnavailable, match="isolation is required"):
+        run(ip, f"%%isolated --require-isolation\ntouch {marker}\n")
+    assert not marker.exists()
+    assert repr(widget) == ("gvisor-magic: BLOCKED: isolation required but unavailable"
+                            " | network off | last: blocked")
+    assert f"border-left:6px solid {RED}" in widget.value
+    assert (">blocked</td><td>cannot run the command with runsc or docker and isolation "
+            "is required</td>") in widget.value
