@@ -42,6 +42,13 @@ def test_a_runtime_without_directfs_off_is_refused():
     assert "--docker" in caught.value.fix
 
 
+def _unmount_below(base: str) -> None:
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4] for line in handle]
+    for point in sorted((p for p in points if p.startswith(base + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
 def _tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
@@ -90,9 +97,9 @@ def private_dockerd(docker_works):
                 process.kill()
         proc.wait(timeout=30)
         log.close()
-        subprocess.run(["umount", "-R", os.path.join(base, "exec")], capture_output=True)
-        subprocess.run(["umount", "-R", os.path.join(base, "data")], capture_output=True)
+        _unmount_below(base)  # a killed dockerd leaves its netns bind mounts behind
         shutil.rmtree(base, ignore_errors=True)
+        assert not os.path.exists(base), f"could not remove {base}"
 
 
 def test_dockerd_dying_mid_command_is_reported_not_rerun(private_dockerd, tmp_path,

@@ -52,8 +52,10 @@ def user_tree(runsc_works):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
                     "--disable-pip-version-check", "--target", str(base / "site"),
                     "pytest>=8", "psutil>=5.9", "docker>=7.0"], check=True)
+    (base / "tmp").mkdir()
     for path in base.rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    os.chown(base / "tmp", entry.pw_uid, entry.pw_gid)
     yield entry, base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -66,6 +68,7 @@ def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
         "USER": USER,
         "PYTHONPATH": f"{base / 'src'}:{base / 'site'}",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "TMPDIR": str(base / "tmp"),  # removed with base, pytest's own basetemp included
         "GVISOR_MAGIC_TEST_REQUIRE_RUNSC": "1",
         "LANG": "C.UTF-8",
     }
