@@ -16,6 +16,7 @@ from .errors import (
 from .request import Limits
 from .result import CommandResult
 from .runner import detect_environment, is_gvisor_available, run_command_isolated
+from .session import IsolatedSession
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "GvisorMagicError",
     "HostFacts",
     "InvalidRequestError",
+    "IsolatedSession",
     "IsolationUnavailable",
     "Limits",
     "SandboxStartError",

@@ -20,7 +20,7 @@ def main() -> None:
     marker, status_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     home = os.environ.get("HOME")
     if home:
-        try:  # noqa: SIM105 (contextlib would cost an import at every start)
+        try:
             os.makedirs(home, 0o700, exist_ok=True)
         except OSError:
             pass

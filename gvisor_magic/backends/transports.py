@@ -1,0 +1,126 @@
+"""Long-lived sandboxes whose PID 1 is the session agent (``session_agent.py``).
+
+A transport starts one sandbox, gives the host a byte channel to the agent
+(its stdin and stdout), and tears everything down on ``close``. The protocol
+on top of it lives in ``gvisor_magic.session``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from ..errors import SandboxStartError
+from ..process import kill_processes_mentioning
+from ..request import CommandRequest
+from .layout import build_layout, caller_identity, init_python
+from .oci import Bundle
+from .runsc import ENV_STATE_DIR, INSTALL_HINT, RunscBackend, _runsc_env, state_base
+
+AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "session_agent.py").read_text()
+_STDERR_KEEP = 64 * 1024
+
+
+def agent_argv() -> list[str]:
+    return [init_python(), "-I", "-S", "-c", AGENT_SOURCE]
+
+
+class _StderrTail:
+    """Drains the sandbox's stderr (runsc's own messages) into a bounded buffer."""
+
+    def __init__(self, fd: int) -> None:
+        self.data = bytearray()
+        self._thread = threading.Thread(target=self._drain, args=(fd,), daemon=True,
+                                        name="gvisor-magic-stderr")
+        self._thread.start()
+
+    def _drain(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 65536):
+                self.data += chunk
+                del self.data[:-_STDERR_KEEP]
+
+    def text(self) -> str:
+        return bytes(self.data).decode("utf-8", "replace").strip()
+
+
+class RunscTransport:
+    """``runsc run`` (foreground) of a bundle whose init is the agent."""
+
+    name = "runsc"
+
+    def __init__(self, request: CommandRequest, backend: RunscBackend | None = None) -> None:
+        backend = backend or RunscBackend()
+        runsc = backend.runsc
+        if runsc is None:
+            raise SandboxStartError("runsc", "runsc not found on PATH", fix=INSTALL_HINT)
+        identity = caller_identity()
+        base, why = state_base(identity.rootless)
+        if base is None:
+            raise SandboxStartError("runsc", why, fix=f"set {ENV_STATE_DIR}")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        self.run_dir = tempfile.mkdtemp(prefix="gvisor-magic-", dir=base)
+        self.sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
+        state = os.path.join(self.run_dir, "state")
+        os.mkdir(state, 0o700)
+        self._runsc = runsc
+        self._flags = backend.flags(state, request.network)
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            layout = build_layout(request, identity, self.run_dir)
+            self.masked = layout.masked
+            self.env = layout.env
+            bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout, agent_argv(),
+                            request.limits)
+            bundle.write()
+            self.proc = subprocess.Popen(
+                [runsc, *self._flags, "run", "--bundle", bundle.path, self.sandbox_id],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, env=_runsc_env())
+        except BaseException:
+            self.close()
+            raise
+        self.stdout_fd = self.proc.stdout.fileno()
+        self._stderr = _StderrTail(self.proc.stderr.fileno())
+
+    def send(self, data: bytes) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr_text(self) -> str:
+        return self._stderr.text() if self.proc is not None else ""
+
+    def close(self) -> None:
+        """Kill the sandbox and remove its files; idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run([self._runsc, *self._flags, "kill", "--all", self.sandbox_id, "KILL"],
+                           capture_output=True, timeout=15, env=_runsc_env(),
+                           stdin=subprocess.DEVNULL)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, 9)
+                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+            state = os.path.join(self.run_dir, "state")
+            if os.path.isdir(state) and os.listdir(state):
+                subprocess.run([self._runsc, *self._flags, "delete", "--force", self.sandbox_id],
+                               capture_output=True, timeout=30, env=_runsc_env(),
+                               stdin=subprocess.DEVNULL)
+            kill_processes_mentioning(self.sandbox_id, "sandbox")
+            self.proc = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -1,0 +1,380 @@
+"""``IsolatedSession``: one warm sandbox, many commands, milliseconds each.
+
+A fresh gVisor sandbox costs a few hundred milliseconds to start and stop; a
+session starts one, with a small agent as its PID 1 (``session_agent.py``),
+and sends it each command. Everything inside the sandbox is untrusted: any
+malformed, oversized or unexpected frame, a silent agent or a dead sandbox
+ends the session with a clear error in that command's result (never a hang,
+never a crash, never a re-run), and the next ``run`` starts a fresh sandbox.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+
+from .backends.transports import RunscTransport
+from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
+from .process import Capture, OutputCallback
+from .request import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_SHELL,
+    DEFAULT_TIMEOUT,
+    CommandRequest,
+    Limits,
+    resolve_mode,
+    resolve_require_isolation,
+    sandbox_env,
+)
+from .result import TIMEOUT_RETURNCODE, CommandResult
+
+START_TIMEOUT = 60.0
+#: Largest frame the host accepts from the agent; a bigger one means a broken sandbox.
+MAX_FRAME = 1024 * 1024
+_KILL_GRACE = 5.0
+_SESSIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+class SessionBroken(Exception):
+    """The agent broke the protocol, went silent, or its sandbox died."""
+
+
+class _Channel:
+    """Frames to and from the agent, with bounded sizes and bounded waits."""
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self._buffer = bytearray()
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        try:
+            self.transport.send(kind + struct.pack(">I", len(payload)) + payload)
+        except (OSError, ValueError) as exc:
+            raise SessionBroken(f"cannot write to the sandbox agent: {exc}") from exc
+
+    def receive(self, deadline: float | None) -> tuple[bytes, bytes] | None:
+        """The next frame, or None when ``deadline`` passes first."""
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+            ready, _, _ = select.select([self.transport.stdout_fd], [], [], wait)
+            if ready:
+                chunk = os.read(self.transport.stdout_fd, 65536)
+                if not chunk:
+                    raise SessionBroken("the sandbox agent closed its channel "
+                                        f"({self.transport.stderr_text()[-300:] or 'no message'})")
+                self._buffer += chunk
+            elif deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _parse(self) -> tuple[bytes, bytes] | None:
+        if len(self._buffer) < 5:
+            return None
+        kind = bytes(self._buffer[:1])
+        size = struct.unpack(">I", self._buffer[1:5])[0]
+        if kind not in b"HAOEX" or size > MAX_FRAME:
+            raise SessionBroken(f"malformed frame from the sandbox agent (type {kind!r}, "
+                                f"{size} bytes)")
+        if len(self._buffer) < 5 + size:
+            return None
+        payload = bytes(self._buffer[5:5 + size])
+        del self._buffer[:5 + size]
+        return kind, payload
+
+
+@dataclasses.dataclass
+class _Warm:
+    transport: object
+    channel: _Channel
+    backend: str
+    started: float
+
+
+class IsolatedSession:
+    """A warm sandbox for many commands: ``with IsolatedSession() as s: s.run("ls")``.
+
+    Files in the sandbox's private ``/tmp`` and ``HOME`` persist between the
+    commands of one session; cwd and env are per command. ``mode`` and
+    ``require_isolation`` follow ``run_command_isolated``; a session falls back
+    to ``subprocess`` only when no gVisor sandbox can start (and never when
+    isolation is required).
+    """
+
+    def __init__(self, working_dir: str | os.PathLike[str] | None = None,
+                 repo_path: str | os.PathLike[str] | None = None, *, mode: str | None = None,
+                 require_isolation: bool | None = None, network: bool = False,
+                 limits: Limits | None = None, max_output: int | None = DEFAULT_MAX_OUTPUT,
+                 idle_timeout: float | None = None, shell: str = DEFAULT_SHELL) -> None:
+        self._base = CommandRequest.build(["true"], working_dir=working_dir or os.getcwd(),
+                                          repo_path=repo_path, network=network, limits=limits,
+                                          max_output=max_output, shell=shell)
+        self.mode = resolve_mode(mode)
+        self.require_isolation = resolve_require_isolation(require_isolation)
+        if self.require_isolation and self.mode == "subprocess":
+            raise IsolationUnavailable("isolation is required, but mode='subprocess' never "
+                                       "isolates", {"subprocess": "runs on the host"})
+        self.shell = shell
+        self.idle_timeout = idle_timeout
+        self._warm: _Warm | None = None
+        self._lock = threading.RLock()
+        self._idle_timer: threading.Timer | None = None
+        self._note: str | None = None  # told to the next result (e.g. a restart)
+        #: Why commands run one-shot instead of in a warm sandbox (None while warm).
+        self.cold_reason: str | None = None
+        self.backend: str | None = None
+        self.closed = False
+        self._starting = False
+        _SESSIONS.add(self)
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.closed:
+            return "closed"
+        if self._warm is not None:
+            return "warm"
+        if self._starting:
+            return "starting"
+        return "one-shot" if self.cold_reason else "stopped"
+
+    def __enter__(self) -> IsolatedSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sandbox now rather than at the first ``run`` (e.g. in the background)."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this IsolatedSession is closed")
+            if self._warm is None and self.cold_reason is None:
+                self._start_locked()
+
+    def _start_locked(self) -> None:
+        """Start a warm runsc sandbox, or decide to run commands one-shot, and say why.
+
+        Only runsc keeps a sandbox warm; everything else (Docker, the host) runs
+        each command through ``run_command_isolated``, whose results say where.
+        """
+        if self.mode not in ("auto", "runsc"):
+            self.cold_reason = f"mode {self.mode!r}: warm sandboxes need runsc"
+            return
+        self._starting = True
+        try:
+            self._warm = self._launch("runsc")
+            self.backend, self.cold_reason = "runsc", None
+        except SandboxStartError as exc:
+            reason = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
+            if self.mode == "runsc":
+                raise IsolationUnavailable("cannot start a warm runsc sandbox",
+                                           {"runsc": reason}) from exc
+            self.cold_reason = f"no warm runsc sandbox: {reason}"
+        finally:
+            self._starting = False
+
+    def _launch(self, name: str) -> _Warm:
+        transport = RunscTransport(self._base)
+        channel = _Channel(transport)
+        try:
+            frame = channel.receive(time.monotonic() + START_TIMEOUT)
+        except SessionBroken as exc:
+            transport.close()
+            raise SandboxStartError(name, str(exc)) from exc
+        if frame is None or frame[0] != b"H":
+            transport.close()
+            raise SandboxStartError(name, "the sandbox agent did not say hello within "
+                                    f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
+        return _Warm(transport, channel, name, time.monotonic())
+
+    def close(self) -> None:
+        """Stop the sandbox; idempotent, and also done at interpreter exit."""
+        with self._lock:
+            self.closed = True
+            self._stop_locked()
+
+    def restart(self) -> None:
+        """Replace the sandbox (fresh /tmp and HOME) and try runsc again."""
+        with self._lock:
+            self._stop_locked()
+            self.backend, self.cold_reason = None, None
+
+    def _stop_locked(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.transport.close()
+
+    def _arm_idle_timer(self) -> None:
+        if self.idle_timeout is None:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = threading.Timer(self.idle_timeout, self._idle_stop)
+        self._idle_timer.daemon = True
+        self._idle_timer.start()
+
+    def _idle_stop(self) -> None:
+        if self._lock.acquire(blocking=False):
+            try:
+                self._stop_locked()
+            finally:
+                self._lock.release()
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, command: str | Sequence[str], *, timeout: float | None = DEFAULT_TIMEOUT,
+            env: Mapping[str, str] | None = None, on_output: OutputCallback | None = None,
+            stdin: str | bytes | None = None, cwd: str | os.PathLike[str] | None = None
+            ) -> CommandResult:
+        """Run one command in the warm sandbox; the same ``CommandResult`` as one-shot runs."""
+        request = CommandRequest.build(
+            command, working_dir=cwd or self._base.working_dir, timeout=timeout, env=env,
+            stdin=stdin, network=self._base.network, limits=self._base.limits,
+            max_output=self._base.max_output, shell=self.shell)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this IsolatedSession is closed")
+            if self._warm is None and self.cold_reason is None:
+                self._start_locked()
+            if self._warm is None:
+                return self._run_cold(request, on_output)
+            try:
+                return self._run_warm(request, on_output)
+            finally:
+                self._arm_idle_timer()
+
+    def _run_cold(self, request: CommandRequest, on_output: OutputCallback | None
+                  ) -> CommandResult:
+        from .runner import run_command_isolated
+
+        result = run_command_isolated(
+            list(request.argv), working_dir=request.working_dir, repo_path=self._base.repo_path,
+            timeout=request.timeout, env=dict(request.env), mode=self.mode,
+            require_isolation=self.require_isolation, network=request.network,
+            on_output=on_output, stdin=request.stdin, limits=request.limits,
+            max_output=request.max_output)
+        result.details["session"] = f"one-shot ({self.cold_reason})"
+        return result
+
+    def _run_warm(self, request: CommandRequest, on_output: OutputCallback | None
+                  ) -> CommandResult:
+        warm = self._warm
+        assert warm is not None
+        note, self._note = self._note, None
+        env = sandbox_env(request, home=warm.transport.env["HOME"],
+                          path=warm.transport.env["PATH"], user=warm.transport.env["USER"])
+        payload = json.dumps({"argv": list(request.argv), "cwd": request.working_dir,
+                              "env": env, "stdin": request.stdin.hex() if request.stdin else None})
+        out, err = Capture("stdout", request.max_output), Capture("stderr", request.max_output)
+        start = time.monotonic()
+        status: dict | None = None
+        accepted = timed_out = interrupted = False
+        error = None
+        deadline = None if request.timeout is None else start + request.timeout
+        try:
+            warm.channel.send(b"R", payload.encode())
+            while status is None:
+                try:
+                    frame = warm.channel.receive(deadline)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    status = self._kill(warm)
+                    break
+                if frame is None:
+                    timed_out = True
+                    status = self._kill(warm)
+                    break
+                kind, data = frame
+                if kind == b"A" and not accepted:
+                    accepted = True
+                elif kind in (b"O", b"E") and accepted:
+                    capture = out if kind == b"O" else err
+                    capture.add(data)
+                    if on_output is not None:
+                        text = capture.decoder.decode(data)
+                        if text:
+                            on_output(capture.name, text)
+                elif kind == b"X" and accepted:
+                    status = self._parse_status(data)
+                else:
+                    raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
+        except SessionBroken as exc:
+            error = f"{exc}; the session will start a fresh sandbox"
+            self._stop_locked()
+            self._note = "the previous sandbox of this session failed and was replaced"
+            if not accepted:
+                # The request never reached a working agent: safe to say it did not run.
+                raise SandboxStartError(warm.backend, str(exc)) from exc
+        returncode = self._returncode(status, timed_out, error)
+        result = CommandResult(
+            returncode=returncode, stdout=out.text(), stderr=err.text(), backend=warm.backend,
+            isolated=True, timed_out=timed_out, duration=time.monotonic() - start,
+            truncated=out.truncated or err.truncated, network=request.network, error=error,
+            details={"session": warm.transport.sandbox_id,
+                     **({"session_note": note} if note else {}),
+                     **({"masked_secrets": ", ".join(warm.transport.masked)}
+                        if warm.transport.masked else {})})
+        if interrupted:
+            raise CommandInterrupted(result)
+        return result
+
+    def _kill(self, warm: _Warm) -> dict | None:
+        """Kill the running command's tree inside the sandbox, keeping the sandbox."""
+        try:
+            warm.channel.send(b"K")
+            deadline = time.monotonic() + _KILL_GRACE
+            while True:
+                frame = warm.channel.receive(deadline)
+                if frame is None:
+                    raise SessionBroken("the sandbox agent did not confirm the kill")
+                if frame[0] == b"X":
+                    return self._parse_status(frame[1])
+        except KeyboardInterrupt:
+            self._stop_locked()
+            return None
+
+    @staticmethod
+    def _parse_status(data: bytes) -> dict:
+        try:
+            status = json.loads(data)
+        except ValueError as exc:
+            raise SessionBroken("malformed exit report from the sandbox agent") from exc
+        if not isinstance(status, dict) or not (
+                isinstance(status.get("exit"), int) or isinstance(status.get("signal"), int)):
+            raise SessionBroken("malformed exit report from the sandbox agent")
+        return status
+
+    @staticmethod
+    def _returncode(status: dict | None, timed_out: bool, error: str | None) -> int:
+        if timed_out:
+            return TIMEOUT_RETURNCODE
+        if status is None:
+            return 125 if error else -9
+        if "signal" in status:
+            return -int(status["signal"])
+        return int(status["exit"])
+
+
+@atexit.register
+def _close_all() -> None:
+    for session in list(_SESSIONS):
+        with contextlib.suppress(Exception):  # interpreter exit: best effort, no traceback
+            session.close()
