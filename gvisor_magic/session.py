@@ -38,6 +38,7 @@ from .request import (
 from .result import TIMEOUT_RETURNCODE, CommandResult
 
 START_TIMEOUT = 60.0
+ACCEPT_TIMEOUT = 10.0
 #: Largest frame the host accepts from the agent; a bigger one means a broken sandbox.
 MAX_FRAME = 1024 * 1024
 _KILL_GRACE = 5.0
@@ -138,6 +139,11 @@ class IsolatedSession:
         _SESSIONS.add(self)
 
     # -- state ------------------------------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str | None:
+        warm = self._warm
+        return warm.transport.sandbox_id if warm is not None else None
 
     @property
     def state(self) -> str:
@@ -257,7 +263,15 @@ class IsolatedSession:
             if self._warm is None:
                 return self._run_cold(request, on_output)
             try:
-                return self._run_warm(request, on_output)
+                try:
+                    return self._run_warm(request, on_output)
+                except SandboxStartError:
+                    # The agent never accepted the command, so it did not run: one
+                    # more try on a fresh sandbox is safe (and never a re-run).
+                    self._start_locked()
+                    if self._warm is None:
+                        return self._run_cold(request, on_output)
+                    return self._run_warm(request, on_output)
             finally:
                 self._arm_idle_timer()
 
@@ -291,6 +305,20 @@ class IsolatedSession:
         deadline = None if request.timeout is None else start + request.timeout
         try:
             warm.channel.send(b"R", payload.encode())
+            # An idle agent answers at once; one that does not is broken (or busy
+            # with something a command left behind).
+            try:
+                frame = warm.channel.receive(start + ACCEPT_TIMEOUT)
+            except KeyboardInterrupt:
+                self._stop_locked()  # it may have started: take the whole sandbox down
+                raise CommandInterrupted(CommandResult(
+                    -9, "", "", warm.backend, True, duration=time.monotonic() - start,
+                    network=request.network)) from None
+            if frame is None or frame[0] != b"A":
+                what = "no answer" if frame is None else f"a {frame[0]!r} frame"
+                raise SessionBroken(f"the sandbox agent sent {what} instead of accepting "
+                                    "the command")
+            accepted = True
             while status is None:
                 try:
                     frame = warm.channel.receive(deadline)
@@ -303,16 +331,14 @@ class IsolatedSession:
                     status = self._kill(warm)
                     break
                 kind, data = frame
-                if kind == b"A" and not accepted:
-                    accepted = True
-                elif kind in (b"O", b"E") and accepted:
+                if kind in (b"O", b"E"):
                     capture = out if kind == b"O" else err
                     capture.add(data)
                     if on_output is not None:
                         text = capture.decoder.decode(data)
                         if text:
                             on_output(capture.name, text)
-                elif kind == b"X" and accepted:
+                elif kind == b"X":
                     status = self._parse_status(data)
                 else:
                     raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")

@@ -1,0 +1,173 @@
+"""IsolatedSession: a warm runsc sandbox, its protocol, and what a hostile command can do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+
+from gvisor_magic import (
+    CommandInterrupted,
+    IsolatedSession,
+    IsolationUnavailable,
+)
+
+
+@pytest.fixture
+def session(runsc_works, tmp_path):
+    with IsolatedSession(tmp_path) as warm:
+        assert warm.state == "warm" and warm.backend == "runsc"
+        yield warm
+    assert warm.state == "closed"
+
+
+def test_commands_run_in_one_warm_gvisor_sandbox(session, tmp_path):
+    first = session.run("uname -r; echo kept > /tmp/note; echo home > ~/note; pwd")
+    assert first.stdout == f"4.4.0\n{tmp_path}\n" and first.isolated and first.backend == "runsc"
+    second = session.run("cat /tmp/note ~/note")
+    assert second.stdout == "kept\nhome\n"
+    assert first.details["session"] == second.details["session"]
+
+
+def test_exit_codes_signals_streams_stdin_env_and_cwd(session, tmp_path):
+    assert session.run("exit 42").returncode == 42
+    assert session.run("exit 137").returncode == 137
+    assert session.run("kill -TERM $$").returncode == -signal.SIGTERM
+    both = session.run("echo out; echo err >&2")
+    assert (both.stdout, both.stderr) == ("out\n", "err\n")
+    assert session.run(["cat"], stdin="fed\n").stdout == "fed\n"
+    assert session.run(["cat"], timeout=20).stdout == ""
+    assert session.run("echo $ONLY_HERE", env={"ONLY_HERE": "yes"}).stdout == "yes\n"
+    assert session.run("echo ${ONLY_HERE:-unset}").stdout == "unset\n"
+    (tmp_path / "sub").mkdir()
+    assert session.run("pwd", cwd=tmp_path / "sub").stdout == f"{tmp_path}/sub\n"
+    assert session.run(["no-such-program"]).returncode == 127
+
+
+def test_output_streams_live(session, tmp_path):
+    go = tmp_path / "go"
+
+    def on_output(stream: str, text: str) -> None:
+        if "first" in text:
+            go.touch()
+
+    result = session.run(f"echo first; for i in $(seq 100); do [ -e {go} ] && break; "
+                         f"sleep 0.1; done; [ -e {go} ] && echo second", on_output=on_output,
+                         timeout=60)
+    assert result.stdout == "first\nsecond\n"
+
+
+def test_timeout_kills_the_tree_and_the_session_survives(session):
+    start = time.monotonic()
+    result = session.run("echo started; sleep 1000 & setsid sleep 1000 & sleep 1000", timeout=1)
+    assert result.timed_out and result.returncode == 124 and result.stdout == "started\n"
+    assert time.monotonic() - start < 10
+    after = session.run("ps -e -o comm= | sort | uniq -c")
+    assert "sleep" not in after.stdout, after.stdout
+    assert after.details["session"] == result.details["session"]
+
+
+def test_leftover_background_processes_do_not_outlive_their_command(session):
+    session.run("sleep 1000 & nohup sleep 1000 >/dev/null 2>&1 &")
+    assert "sleep" not in session.run("ps -e -o comm=").stdout
+
+
+def test_interrupt_kills_the_command_and_keeps_the_session(session):
+    main = threading.main_thread()
+    seen = threading.Event()
+
+    def interrupt() -> None:
+        seen.wait(30)
+        time.sleep(0.2)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(CommandInterrupted) as caught:
+        session.run("echo partial; trap '' INT; sleep 1000", timeout=60,
+                    on_output=lambda s, t: seen.set())
+    assert caught.value.result.stdout == "partial\n"
+    assert session.run("echo fine").stdout == "fine\n"
+
+
+def test_a_dead_sandbox_is_reported_and_replaced_without_a_rerun(session, tmp_path):
+    marker = tmp_path / "runs.log"
+    seen = threading.Event()
+
+    def kill_sandbox() -> None:
+        seen.wait(30)
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if "boot" in cmdline and any(session.sandbox_id in part for part in cmdline):
+                os.kill(process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_sandbox)
+    killer.start()
+    result = session.run(f"echo ran >> {marker}; echo started; sleep 60", timeout=120,
+                         on_output=lambda s, t: seen.set())
+    killer.join()
+    assert not result.success and result.error and "fresh sandbox" in result.error
+    assert marker.read_text() == "ran\n"
+    again = session.run("uname -r")
+    assert again.stdout == "4.4.0\n" and "replaced" in again.details["session_note"]
+    assert marker.read_text() == "ran\n", "the interrupted command must not run again"
+
+
+def test_frame_lookalikes_in_output_are_just_output(session):
+    fake = r'X\000\000\000\017{"exit": 0}'
+    result = session.run(f"printf '{fake}'; exit 3")
+    assert result.returncode == 3
+    assert result.stdout == 'X\x00\x00\x00\x0f{"exit": 0}'
+
+
+def test_garbage_written_into_the_agents_channel_restarts_the_session(session):
+    """A same-uid command can reach the agent's stdout through /proc/1/fd/1 (gVisor
+    does not hide it); the host must see garbage as a broken sandbox, not hang."""
+    start = time.monotonic()
+    result = session.run(r"printf 'Z\377\377\377\377junk' > /proc/1/fd/1; sleep 5", timeout=30)
+    assert time.monotonic() - start < 10
+    assert result.returncode == 125 and "malformed frame" in result.error
+    assert session.run("echo recovered").stdout == "recovered\n"
+
+
+def test_idle_timeout_and_idempotent_close(runsc_works, tmp_path):
+    warm = IsolatedSession(tmp_path, idle_timeout=0.5)
+    assert warm.run("echo a").stdout == "a\n" and warm.state == "warm"
+    deadline = time.monotonic() + 10
+    while warm.state == "warm" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert warm.state == "stopped"
+    assert warm.run("echo b").stdout == "b\n"
+    warm.close()
+    warm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        warm.run("true")
+
+
+def test_sessions_close_at_interpreter_exit(runsc_works):
+    code = ("from gvisor_magic import IsolatedSession\n"
+            "s = IsolatedSession('/tmp'); print(s.run('uname -r').stdout.strip())\n")
+    env = {**os.environ, "TMPDIR": tempfile.gettempdir()}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.stdout.strip() == "4.4.0", done.stderr
+
+
+def test_without_runsc_a_session_runs_one_shot_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("GVISOR_MAGIC_RUNSC", "/bin/false")
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
+    with IsolatedSession(tmp_path) as cold:
+        result = cold.run("echo hi")
+        assert cold.state == "one-shot" and "runsc" in cold.cold_reason
+    assert result.backend == "subprocess" and not result.isolated
+    assert result.fallback_reason and "one-shot" in result.details["session"]
+    with pytest.raises(IsolationUnavailable):
+        IsolatedSession(tmp_path, require_isolation=True).run("echo never")
+    with pytest.raises(IsolationUnavailable):
+        IsolatedSession(tmp_path, mode="runsc").start()
