@@ -62,6 +62,7 @@ def unload_ipython_extension(ipython) -> None:
     if magics is None:
         return
     magics.router.uninstall()
+    magics.sessions.close()
     for kind, names in (("line", ("isolated", "isolation")), ("cell", ("isolated",))):
         table = ipython.magics_manager.magics[kind]
         for name in names:

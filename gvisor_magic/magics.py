@@ -21,6 +21,7 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
 from .errors import CommandInterrupted, IsolationUnavailable
+from .kernel_session import KernelSessions, SessionKey
 from .request import MODES
 from .result import CommandResult
 from .routing import BangRouter
@@ -66,6 +67,11 @@ class Isolation(Configurable):
                     "(default: bash, else sh).").tag(config=True)
     max_output = Int(4 * 1024 * 1024, help="Bytes of each stream kept in results."
                      ).tag(config=True)
+    warm_session = Bool(True, help="Keep one sandbox warm for this kernel's commands "
+                        "(milliseconds each); False starts a fresh sandbox per command."
+                        ).tag(config=True)
+    prewarm = Bool(True, help="Start the warm sandbox in the background at %load_ext."
+                   ).tag(config=True)
     quiet = Bool(False, help="Do not print the one-line status after each run."
                  ).tag(config=True)
 
@@ -128,9 +134,21 @@ class IsolatedMagics(Magics):
         self.settings = _settings(shell)
         self.state = IsolationState()
         self.router = BangRouter(shell, self._run_routed)
+        self.sessions = KernelSessions()
         self.settings.observe(self._route_changed, names="route_bang")
         if self.settings.route_bang:
             self.router.install()
+        if self.settings.warm_session and self.settings.prewarm:
+            self.sessions.prewarm(self._key(os.getcwd(), None, None, None, None))
+
+    def _key(self, workdir: str, repo: str | None, network: bool | None, mode: str | None,
+             require: bool | None) -> SessionKey:
+        settings = self.settings
+        return SessionKey(os.path.realpath(workdir), repo and os.path.realpath(repo),
+                          settings.network if network is None else network,
+                          mode or settings.mode,
+                          settings.require_isolation if require is None else require,
+                          settings.shell)
 
     def _route_changed(self, change) -> None:
         if change["new"]:
@@ -145,7 +163,7 @@ class IsolatedMagics(Magics):
             workdir: str | None = None, repo: str | None = None,
             env: dict[str, str] | None = None, network: bool | None = None,
             require_isolation: bool | None = None, show_stdout: bool = True,
-            show_stderr: bool = True) -> CommandResult:
+            show_stderr: bool = True, fresh: bool = False) -> CommandResult:
         """Run ``command`` (a shell script), stream it, record it in the widget."""
 
         def stream(name: str, text: str) -> None:
@@ -158,13 +176,20 @@ class IsolatedMagics(Magics):
 
         settings = self.settings
         require = settings.require_isolation if require_isolation is None else require_isolation
+        seconds = settings.timeout if timeout == "trait" else timeout
         try:
-            result = run_command_isolated(
-                command, working_dir=workdir or os.getcwd(), repo_path=repo,
-                timeout=self.settings.timeout if timeout == "trait" else timeout, env=env,
-                mode=mode or self.settings.mode, require_isolation=require,
-                network=self.settings.network if network is None else network, on_output=stream,
-                max_output=self.settings.max_output, shell=self.settings.shell)
+            if settings.warm_session and not fresh:
+                session = self.sessions.get(
+                    self._key(workdir or os.getcwd(), repo, network, mode, require))
+                self.state.session = "starting" if session.state == "stopped" else None
+                result = session.run(command, timeout=seconds, env=env, on_output=stream)
+            else:
+                result = run_command_isolated(
+                    command, working_dir=workdir or os.getcwd(), repo_path=repo,
+                    timeout=seconds, env=env, mode=mode or settings.mode,
+                    require_isolation=require,
+                    network=settings.network if network is None else network, on_output=stream,
+                    max_output=settings.max_output, shell=settings.shell)
         except IsolationUnavailable as exc:
             self.state.record_blocked(str(exc).splitlines()[0])
             VIEWS.refresh(self.state)
@@ -175,6 +200,8 @@ class IsolatedMagics(Magics):
             self._status(exc.result, quiet, "interrupted")
             raise
         self.state.record(result)
+        self.state.session = self.sessions.describe() if settings.warm_session else \
+            "off (a fresh sandbox per command)"
         VIEWS.refresh(self.state)
         self._status(result, quiet)
         return result
@@ -225,6 +252,8 @@ class IsolatedMagics(Magics):
     @argument("--no-raise-error", action="store_true",
               help="do not raise CalledProcessError on a non-zero exit")
     @argument("--quiet", action="store_true", help="no status line")
+    @argument("--fresh", action="store_true",
+              help="run in a fresh one-shot sandbox instead of the kernel's warm one")
     @cell_magic("isolated")
     def magic_isolated(self, line: str, cell: str) -> None:
         """Run the cell as a shell script in a gVisor sandbox.
@@ -244,7 +273,7 @@ class IsolatedMagics(Magics):
             body, mode=args.mode, timeout=args.timeout if args.timeout is not None else "trait",
             workdir=args.workdir, repo=args.repo, env=env,
             network=True if args.network else None,
-            require_isolation=True if args.require_isolation else None,
+            require_isolation=True if args.require_isolation else None, fresh=args.fresh,
             quiet=True if args.quiet else None,
             show_stdout=not args.out, show_stderr=not args.err)
         self.shell.user_ns["_exit_code"] = result.returncode
@@ -269,7 +298,8 @@ class IsolatedMagics(Magics):
 
     @line_magic
     def isolation(self, line: str):
-        """``%isolation on|off|status``: route ``!`` through the sandbox, or show the status."""
+        """``%isolation on|off|status|restart``: route ``!``, show the status, or replace
+        the kernel's warm sandbox."""
         action = (shlex.split(line) or ["status"])[0]
         if action == "on":
             self.settings.route_bang = True
@@ -280,8 +310,14 @@ class IsolatedMagics(Magics):
             print("[gvisor-magic] !, !! and %sx run on the host again", file=sys.stderr)
         elif action == "status":
             return self.status_widget()
+        elif action == "restart":
+            self.sessions.restart()
+            self.state.session = self.sessions.describe()
+            VIEWS.refresh(self.state)
+            print("[gvisor-magic] the warm sandbox was replaced (fresh /tmp and HOME)",
+                  file=sys.stderr)
         else:
-            raise ValueError(f"usage: %isolation on|off|status (got {action!r})")
+            raise ValueError(f"usage: %isolation on|off|status|restart (got {action!r})")
         return None
 
     def status_widget(self):
@@ -293,6 +329,7 @@ class IsolatedMagics(Magics):
     def refresh_environment(self) -> None:
         info = detect_environment(mode=self.settings.mode,
                                   require_isolation=self.settings.require_isolation)
+        self.state.session = self.sessions.describe()
         runsc = info.backends.get("runsc")
         self.state.runsc_version = runsc.version if runsc is not None else None
         self.state.require_isolation = info.require_isolation

@@ -32,6 +32,7 @@ class Kernel:
     kc: BlockingKernelClient
     cwd: str
     spec_dir: str | None = None
+    tmp_dir: str | None = None
 
     @property
     def pid(self) -> int:
@@ -136,9 +137,12 @@ def execute(kc: BlockingKernelClient, code: str, timeout: float = 60.0,
     return execution
 
 
-def _kernel_env() -> dict[str, str]:
+def _kernel_env(tmp_dir: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in GVISOR_ENV}
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # quiet debugger warnings on start
+    # The kernel keeps a warm sandbox across cells: its state lives in a directory of
+    # its own, checked when the kernel stops (not by the per-test leak check).
+    env["TMPDIR"] = tmp_dir
     return env
 
 
@@ -155,11 +159,12 @@ def _spec_runs_this_python(km: KernelManager) -> bool:
 
 def start_kernel(cwd: str) -> Kernel:
     """A kernel running this venv's Python in ``cwd``, ready for requests."""
-    env = _kernel_env()
+    tmp_dir = tempfile.mkdtemp(prefix="gvm-kernel-", dir="/tmp")
+    env = _kernel_env(tmp_dir)
     if _spec_runs_this_python(KernelManager(kernel_name="python3")):
         km, kc = start_new_kernel(startup_timeout=STARTUP_TIMEOUT, kernel_name="python3",
                                   cwd=cwd, env=env)
-        kernel = Kernel(km, kc, cwd)
+        kernel = Kernel(km, kc, cwd, tmp_dir=tmp_dir)
     else:  # a kernelspec of our own that names sys.executable explicitly
         spec_dir = tempfile.mkdtemp(prefix="gvm-kernelspec-")
         os.makedirs(os.path.join(spec_dir, "gvm-python"))
@@ -172,7 +177,7 @@ def start_kernel(cwd: str) -> Kernel:
         km.start_kernel(cwd=cwd, env=env)
         kc = km.client()
         kc.start_channels()
-        kernel = Kernel(km, kc, cwd, spec_dir)
+        kernel = Kernel(km, kc, cwd, spec_dir, tmp_dir)
         try:
             kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
         except RuntimeError:
@@ -197,7 +202,8 @@ def stop_kernel(kernel: Kernel) -> None:
     try:
         kernel.kc.stop_channels()
     finally:
-        kernel.km.shutdown_kernel(now=True)
+        # A graceful shutdown, as Jupyter does: the kernel closes its warm sandbox.
+        kernel.km.shutdown_kernel(now=False)
         if kernel.spec_dir is not None:
             shutil.rmtree(kernel.spec_dir, ignore_errors=True)
     _, alive = psutil.wait_procs(family, timeout=10)
@@ -205,3 +211,7 @@ def stop_kernel(kernel: Kernel) -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
     assert not alive, f"kernel processes left after shutdown: {alive}"
+    if kernel.tmp_dir is not None:
+        left = os.listdir(kernel.tmp_dir)
+        shutil.rmtree(kernel.tmp_dir, ignore_errors=True)
+        assert not [name for name in left if name.startswith("gvisor-magic-")], left

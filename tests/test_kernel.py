@@ -114,7 +114,10 @@ def test_interrupt_kills_the_sandbox_and_keeps_the_kernel(fresh_kernel):
     [(ename, _)] = execution.errors
     assert ename in ("KeyboardInterrupt", "CommandInterrupted")
     assert "(interrupted)" in execution.stderr
-    assert runsc_descendants(kernel) == []
+    # The kernel keeps its one warm sandbox; the interrupted tree inside it is gone.
+    assert len([p for p in runsc_descendants(kernel) if " run " in p]) == 1
+    inside = _ok(kernel.execute("%%isolated\nps -e -o comm=\n"))
+    assert "sleep" not in inside.stdout, inside.stdout
 
     execution = _ok(kernel.execute("%%isolated\necho ok\n"))
     assert execution.stdout == "ok\n"

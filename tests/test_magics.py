@@ -355,7 +355,7 @@ def test_routing_keeps_and_restores_an_earlier_instance_override(ip, capfd, runs
 
 
 def test_isolation_rejects_unknown_actions(ip):
-    with pytest.raises(ValueError, match=r"usage: %isolation on\|off\|status \(got 'maybe'\)"):
+    with pytest.raises(ValueError, match=r"usage: %isolation on\|off\|status\|restart \(got 'maybe'\)"):
         run(ip, "%isolation maybe")
 
 

@@ -171,3 +171,13 @@ def test_without_runsc_a_session_runs_one_shot_and_says_so(monkeypatch, tmp_path
         IsolatedSession(tmp_path, require_isolation=True).run("echo never")
     with pytest.raises(IsolationUnavailable):
         IsolatedSession(tmp_path, mode="runsc").start()
+
+
+def test_directories_of_a_dead_owner_are_removed(runsc_works, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(tempfile.gettempdir(), f"gvisor-magic-{dead.pid}-abc123")
+    os.makedirs(os.path.join(stale, "bundle", "rootfs"))
+    with IsolatedSession(tmp_path) as warm:
+        assert warm.run("true").success
+    assert not os.path.exists(stale), "a directory left by a dead process survived"

@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import psutil
+
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
@@ -126,6 +128,42 @@ def state_base(rootless: bool) -> tuple[str | None, str]:
                   "namespace, and no other writable exec-mounted directory was found")
 
 
+def make_run_dir(base: str) -> str:
+    """A private directory for one sandbox, named after this process.
+
+    The name carries our pid so that a later run can tell the directories of a
+    process that died without cleaning up (a kernel killed with SIGKILL) and
+    remove them: their sandboxes ended with their owner (the agent sees its
+    channel close; a one-shot's runsc dies with its pipes).
+    """
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    _remove_orphans(base)
+    return tempfile.mkdtemp(prefix=f"gvisor-magic-{os.getpid()}-", dir=base)
+
+
+def _remove_orphans(base: str) -> None:
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 4 or parts[:2] != ["gvisor", "magic"] or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        log.info("gvisor: removing %s, left by process %s that no longer runs", path, pid)
+        kill_processes_mentioning(path, "sandbox directory")
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _noexec(path: str) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
@@ -216,8 +254,7 @@ class RunscBackend:
         sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]"
         try:
-            os.makedirs(base, mode=0o700, exist_ok=True)
-            run_dir = tempfile.mkdtemp(prefix="gvisor-magic-", dir=base)
+            run_dir = make_run_dir(base)
         except OSError as exc:
             raise SandboxStartError(self.name, f"cannot create sandbox state in {base} ({why}): "
                                     f"{exc}", fix=f"point {ENV_STATE_DIR} at a writable "

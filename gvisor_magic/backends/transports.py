@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -21,7 +20,14 @@ from ..process import kill_processes_mentioning
 from ..request import CommandRequest
 from .layout import build_layout, caller_identity, init_python
 from .oci import Bundle
-from .runsc import ENV_STATE_DIR, INSTALL_HINT, RunscBackend, _runsc_env, state_base
+from .runsc import (
+    ENV_STATE_DIR,
+    INSTALL_HINT,
+    RunscBackend,
+    _runsc_env,
+    make_run_dir,
+    state_base,
+)
 
 AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "session_agent.py").read_text()
 _STDERR_KEEP = 64 * 1024
@@ -64,8 +70,7 @@ class RunscTransport:
         base, why = state_base(identity.rootless)
         if base is None:
             raise SandboxStartError("runsc", why, fix=f"set {ENV_STATE_DIR}")
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        self.run_dir = tempfile.mkdtemp(prefix="gvisor-magic-", dir=base)
+        self.run_dir = make_run_dir(base)
         self.sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
         state = os.path.join(self.run_dir, "state")
         os.mkdir(state, 0o700)

@@ -1,0 +1,75 @@
+"""The one warm sandbox a kernel keeps for its cells (created lazily, pre-warmable).
+
+A session's mounts are fixed when it starts, so it is keyed by what fixes them
+(working dir, repo, network, mode, isolation requirement, shell): a cell that
+needs another key gets a new session and the old one is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+from .session import IsolatedSession
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    workdir: str
+    repo: str | None
+    network: bool
+    mode: str | None
+    require_isolation: bool | None
+    shell: str
+
+
+class KernelSessions:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: SessionKey | None = None
+        self._session: IsolatedSession | None = None
+
+    def get(self, key: SessionKey) -> IsolatedSession:
+        with self._lock:
+            if self._session is not None and (self._key != key or self._session.closed):
+                self._session.close()
+                self._session = None
+            if self._session is None:
+                self._session = IsolatedSession(
+                    key.workdir, key.repo, mode=key.mode, require_isolation=key.require_isolation,
+                    network=key.network, shell=key.shell)
+                self._key = key
+            return self._session
+
+    def prewarm(self, key: SessionKey) -> threading.Thread:
+        """Start the sandbox in the background, so the first cell does not wait for it."""
+
+        def warm() -> None:
+            with contextlib.suppress(Exception):  # the first cell reports it, with the reason
+                self.get(key).start()
+
+        thread = threading.Thread(target=warm, daemon=True, name="gvisor-magic-prewarm")
+        thread.start()
+        return thread
+
+    def restart(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                self._session.restart()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
+    def describe(self) -> str:
+        session = self._session
+        if session is None:
+            return "stopped"
+        if session.state == "warm":
+            return f"warm ({session.backend})"
+        if session.state == "one-shot":
+            return f"one-shot ({session.cold_reason})"
+        return session.state
