@@ -355,7 +355,8 @@ def test_routing_keeps_and_restores_an_earlier_instance_override(ip, capfd, runs
 
 
 def test_isolation_rejects_unknown_actions(ip):
-    with pytest.raises(ValueError, match=r"usage: %isolation on\|off\|status\|restart \(got 'maybe'\)"):
+    usage = r"usage: %isolation on\|off\|status\|restart \(got 'maybe'\)"
+    with pytest.raises(ValueError, match=usage):
         run(ip, "%isolation maybe")
 
 
