@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 
-from .backends.transports import RunscTransport
+from .backends.transports import DockerTransport, RunscTransport
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .process import Capture, OutputCallback
 from .request import (
@@ -178,24 +178,29 @@ class IsolatedSession:
         Only runsc keeps a sandbox warm; everything else (Docker, the host) runs
         each command through ``run_command_isolated``, whose results say where.
         """
-        if self.mode not in ("auto", "runsc"):
-            self.cold_reason = f"mode {self.mode!r}: warm sandboxes need runsc"
+        if self.mode == "subprocess":
+            self.cold_reason = "mode 'subprocess': commands run on the host, one by one"
             return
+        names = [self.mode] if self.mode != "auto" else list(_warm_order())
+        reasons: dict[str, str] = {}
         self._starting = True
         try:
-            self._warm = self._launch("runsc")
-            self.backend, self.cold_reason = "runsc", None
-        except SandboxStartError as exc:
-            reason = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
-            if self.mode == "runsc":
-                raise IsolationUnavailable("cannot start a warm runsc sandbox",
-                                           {"runsc": reason}) from exc
-            self.cold_reason = f"no warm runsc sandbox: {reason}"
+            for name in names:
+                try:
+                    self._warm = self._launch(name)
+                    self.backend, self.cold_reason = name, None
+                    return
+                except SandboxStartError as exc:
+                    reasons[name] = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
         finally:
             self._starting = False
+        if self.mode != "auto":
+            raise IsolationUnavailable(f"cannot start a warm {self.mode} sandbox", reasons)
+        self.cold_reason = "no warm sandbox: " + "; ".join(f"{k}: {v}" for k, v in
+                                                           reasons.items())
 
     def _launch(self, name: str) -> _Warm:
-        transport = RunscTransport(self._base)
+        transport = RunscTransport(self._base) if name == "runsc" else DockerTransport(self._base)
         channel = _Channel(transport)
         try:
             frame = channel.receive(time.monotonic() + START_TIMEOUT)
@@ -397,6 +402,14 @@ class IsolatedSession:
         if "signal" in status:
             return -int(status["signal"])
         return int(status["exit"])
+
+
+def _warm_order() -> tuple[str, ...]:
+    """The gVisor backends ``auto`` would use here, in order (``detect``'s rules)."""
+    from .detect import host_facts, preferred_backends
+
+    order, _ = preferred_backends(host_facts())
+    return tuple(name for name in order if name != "subprocess")
 
 
 @atexit.register

@@ -110,9 +110,9 @@ def run(request):
     status = None
     killed = False
     while True:
-        readers = list(streams) + [0]
+        readers = list(streams) + [0, WAKE[0]]
         writers = [in_w] if in_w is not None else []
-        ready_r, ready_w, _ = select.select(readers, writers, [], 0.05)
+        ready_r, ready_w, _ = select.select(readers, writers, [], 0.5)
         if in_w is not None and in_w in ready_w:
             try:
                 written = os.write(in_w, pending[:65536])
@@ -123,6 +123,12 @@ def run(request):
                 os.close(in_w)
                 in_w = None
         for fd in ready_r:
+            if fd == WAKE[0]:
+                try:
+                    os.read(fd, 4096)  # SIGCHLD arrived: check the child below
+                except OSError:
+                    pass
+                continue
             if fd == 0:
                 kind, _ = read_frame()
                 if kind == b"K":
@@ -157,7 +163,17 @@ def run(request):
     send(b"X", json.dumps(report).encode())
 
 
+WAKE = (-1, -1)
+
+
 def main():
+    global WAKE
+    # SIGCHLD wakes the select loop at once when a command exits (no polling delay).
+    WAKE = os.pipe()
+    os.set_blocking(WAKE[0], False)
+    os.set_blocking(WAKE[1], False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(WAKE[1])
     # Not dumpable: a command running as the same uid cannot open /proc/1/fd/* or
     # /proc/1/mem to write frames into this process's own channel.
     try:

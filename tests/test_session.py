@@ -20,17 +20,19 @@ from gvisor_magic import (
 )
 
 
-@pytest.fixture
-def session(runsc_works, tmp_path):
-    with IsolatedSession(tmp_path) as warm:
-        assert warm.state == "warm" and warm.backend == "runsc"
+@pytest.fixture(params=["runsc", "docker"])
+def session(request, tmp_path):
+    request.getfixturevalue(f"{request.param}_works")
+    with IsolatedSession(tmp_path, mode=request.param) as warm:
+        assert warm.state == "warm" and warm.backend == request.param
         yield warm
     assert warm.state == "closed"
 
 
 def test_commands_run_in_one_warm_gvisor_sandbox(session, tmp_path):
     first = session.run("uname -r; echo kept > /tmp/note; echo home > ~/note; pwd")
-    assert first.stdout == f"4.4.0\n{tmp_path}\n" and first.isolated and first.backend == "runsc"
+    assert first.stdout == f"4.4.0\n{tmp_path}\n" and first.isolated
+    assert first.backend == session.backend
     second = session.run("cat /tmp/note ~/note")
     assert second.stdout == "kept\nhome\n"
     assert first.details["session"] == second.details["session"]
@@ -181,3 +183,31 @@ def test_directories_of_a_dead_owner_are_removed(runsc_works, tmp_path):
     with IsolatedSession(tmp_path) as warm:
         assert warm.run("true").success
     assert not os.path.exists(stale), "a directory left by a dead process survived"
+
+
+def test_threads_share_a_session_safely(session):
+    results: list = []
+
+    def worker(index: int) -> None:
+        results.append(session.run(f"echo {index}; sleep 0.05; echo done-{index}"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(r.stdout for r in results) == sorted(f"{i}\ndone-{i}\n" for i in range(6))
+    assert all(r.success for r in results)
+
+
+def test_two_hundred_commands_leak_nothing(runsc_works, tmp_path):
+    me = psutil.Process()
+    with IsolatedSession(tmp_path, mode="runsc") as warm:
+        for _ in range(10):
+            warm.run(["true"])
+        fds, children = me.num_fds(), len(me.children(recursive=True))
+        for index in range(200):
+            assert warm.run(["true"]).success, index
+        assert me.num_fds() <= fds + 2
+        assert len(me.children(recursive=True)) == children
+    assert not [p for p in me.children(recursive=True) if "runsc" in p.name()]

@@ -177,22 +177,13 @@ class DockerBackend:
         host_system = not self._image
         status_dir = os.path.join(scratch, "status")
         os.mkdir(status_dir, 0o700)
-        layout = build_layout(request, _docker_identity(), scratch, host_system=host_system,
+        layout = build_layout(request, docker_identity(), scratch, host_system=host_system,
                               status_dir=status_dir if host_system else None)
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
         argv = init_argv(marker, request.argv) if marker else list(request.argv)
         api = self.client().api
-        try:
-            container = api.create_container(
-                image, command=argv, user=f"{layout.identity.uid}:{layout.identity.gid}",
-                environment=[f"{k}={v}" for k, v in layout.env.items()],
-                working_dir=layout.cwd, hostname=layout.hostname, detach=False,
-                stdin_open=request.stdin is not None,
-                labels={LABEL: "1", f"{LABEL}.owner-pid": str(os.getpid())},
-                host_config=self._host_config(api, request, layout, runtime))
-        except Exception as exc:
-            raise SandboxStartError(self.name, f"cannot create the container: {exc}") from exc
-        cid = container["Id"]
+        cid = self.create(request, layout, argv, runtime, image,
+                          stdin_open=request.stdin is not None)
         process = DockerProcess(api, cid, request.stdin)
         started = False
         try:
@@ -239,6 +230,22 @@ class DockerBackend:
             raise CommandInterrupted(result)
         return result
 
+    def create(self, request: CommandRequest, layout: SandboxLayout, argv: list[str],
+               runtime: str, image: str, *, stdin_open: bool) -> str:
+        """Create (not start) the container; its id. Nothing has run yet."""
+        api = self.client().api
+        try:
+            container = api.create_container(
+                image, command=argv, user=f"{layout.identity.uid}:{layout.identity.gid}",
+                environment=[f"{k}={v}" for k, v in layout.env.items()],
+                working_dir=layout.cwd, hostname=layout.hostname, detach=False,
+                stdin_open=stdin_open,
+                labels={LABEL: "1", f"{LABEL}.owner-pid": str(os.getpid())},
+                host_config=self._host_config(api, request, layout, runtime))
+        except Exception as exc:
+            raise SandboxStartError(self.name, f"cannot create the container: {exc}") from exc
+        return container["Id"]
+
     def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str):
         from docker.types import Mount, Ulimit
 
@@ -265,7 +272,7 @@ class DockerBackend:
             ulimits=ulimits, shm_size="64m")
 
 
-def _docker_identity() -> Identity:
+def docker_identity() -> Identity:
     """The caller's real uid/gid: Docker maps nothing, so files land as the caller's."""
     ident = caller_identity()
     return Identity(os.getuid(), os.getgid(), ident.user if ident.uid == os.getuid() else

@@ -26,10 +26,13 @@ log = logging.getLogger("gvisor_magic")
 class DockerProcess:
     """Attach, wait and start one created container; expose it as a process."""
 
-    def __init__(self, api, container_id: str, stdin: bytes | None) -> None:
+    def __init__(self, api, container_id: str, stdin: bytes | None,
+                 interactive: bool = False) -> None:
         self.api = api
         self.cid = container_id
         self._stdin = stdin
+        #: Keep stdin open for ``send`` (a session agent) instead of feeding bytes once.
+        self.interactive = interactive
         self.returncode: int | None = None
         #: Why the container ended abnormally from Docker's side (daemon lost...).
         self.error: str | None = None
@@ -48,7 +51,8 @@ class DockerProcess:
 
     def start(self) -> None:
         """Attach, register the wait, start. Any failure here means the command never ran."""
-        params = {"stdout": 1, "stderr": 1, "stream": 1, "stdin": int(self._stdin is not None)}
+        wants_stdin = self._stdin is not None or self.interactive
+        params = {"stdout": 1, "stderr": 1, "stream": 1, "stdin": int(wants_stdin)}
         try:
             self._socket = self.api.attach_socket(self.cid, params=params)
             url = self.api._url("/containers/{0}/wait", self.cid)
@@ -68,8 +72,12 @@ class DockerProcess:
         except Exception as exc:
             self.close()
             raise SandboxStartError("docker", f"the container did not start: {exc}") from exc
-        if self._stdin is not None:
+        if self._stdin is not None and not self.interactive:
             self._start_thread(self._feed, raw)
+
+    def send(self, data: bytes) -> None:
+        """Write to the container's stdin (interactive mode)."""
+        _raw_socket(self._socket).sendall(data)
 
     def _start_thread(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True,

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -128,4 +129,64 @@ class RunscTransport:
                                stdin=subprocess.DEVNULL)
             kill_processes_mentioning(self.sandbox_id, "sandbox")
             self.proc = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class DockerTransport:
+    """A container under Docker's runsc runtime whose PID 1 is the agent."""
+
+    name = "docker"
+
+    def __init__(self, request: CommandRequest, backend=None) -> None:
+        from .docker import DockerBackend, docker_identity
+        from .docker_process import DockerProcess
+
+        backend = backend or DockerBackend()
+        if backend._image:
+            raise SandboxStartError("docker", "warm sessions need the host-tools image "
+                                    "(GVISOR_MAGIC_IMAGE is set)")
+        runtime, config = backend.find_runtime()
+        if request.network and "--network=none" in (config.get("runtimeArgs") or []):
+            raise SandboxStartError("docker", f"the Docker runtime {runtime!r} has no network")
+        image = backend.image()
+        self.run_dir = make_run_dir(tempfile.gettempdir())
+        self.process = None
+        try:
+            layout = build_layout(request, docker_identity(), self.run_dir)
+            self.masked, self.env = layout.masked, layout.env
+            self.cid = backend.create(request, layout, agent_argv(), runtime, image,
+                                      stdin_open=True)
+            self.sandbox_id = self.cid[:12]
+            self.process = DockerProcess(backend.client().api, self.cid, None, interactive=True)
+            self.process.start()
+        except BaseException:
+            self.close()
+            raise
+        self.stdout_fd = self.process.stdout.fileno()
+        self._stderr = _StderrTail(self.process.stderr.fileno())
+
+    def send(self, data: bytes) -> None:
+        self.process.send(data)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stderr_text(self) -> str:
+        return self._stderr.text() if self.process is not None else ""
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=15)
+            process.close()
+            for stream in (process.stdout, process.stderr):
+                with contextlib.suppress(OSError):
+                    stream.close()
+            if process.error or process.poll() is None:
+                from .docker import _remove
+
+                _remove(process.api, process.cid)
         shutil.rmtree(self.run_dir, ignore_errors=True)
