@@ -40,8 +40,11 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(PY) -m ruff check gvisor_magic tests scripts benchmarks
 
+# Figures, not tests: latency of every backend and peer, streaming throughput, density.
 bench: system venv
-	$(PYTHON) scripts/with_dockerd.py -- $(PY) benchmarks/latency.py
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/latency.py && \
+	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py'
 
 doctor: venv
 	$(VENV)/bin/gvisor-magic doctor

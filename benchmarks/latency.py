@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Per-command wall time of each way to run ``true``, measured interleaved in one process.
+"""Per-command wall time of every way to run a command, measured interleaved in one process.
 
 Interleaving (one run of every method per round) makes machine drift hit all
-methods alike. Prints a table of medians and p95, and the ratio of the runsc
-backend to ``runsc do`` (the lower bound for a fresh gVisor sandbox per
-command); ``--json`` prints the same figures as JSON.
+methods alike. Methods: a host subprocess, our backends one-shot (runsc,
+Docker, subprocess), our warm sessions (runsc, Docker), and the peers
+``runsc do``, ``docker run --rm --runtime=runsc`` and the official ``gvisor``
+package's ``Sandbox.exec`` (``pip install gvisor``; skipped if absent). Also the
+cold start (a new session's first command) and close time of sessions.
+Prints a table of medians and p95 and the ratios; ``--json`` for JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gvisor_magic import run_command_isolated
+from gvisor_magic import IsolatedSession, run_command_isolated
 from gvisor_magic.backends.runsc import locate_runsc
 
 
@@ -54,7 +57,26 @@ def methods(script: bool) -> dict[str, Callable[[], None]]:
             command, mode="docker", working_dir=work))
         table["docker run --rm --runtime=runsc"] = lambda: subprocess.run(
             docker_run, check=True, stdout=subprocess.DEVNULL)
-    methods.cleanup = lambda: shutil.rmtree(work, ignore_errors=True)  # type: ignore[attr-defined]
+    closers = [lambda: shutil.rmtree(work, ignore_errors=True)]
+    for mode in ("runsc", "docker"):
+        try:
+            session = IsolatedSession(work, mode=mode)
+            session.start()
+        except Exception as exc:
+            print(f"(warm {mode} session skipped: {exc})", file=sys.stderr)
+            continue
+        closers.insert(0, session.close)
+        table[f"warm session {mode}"] = (
+            lambda s=session: check(s.run(command)))
+    try:
+        import gvisor  # the official package, a benchmark-only peer
+
+        sandbox = gvisor.Sandbox()
+        closers.insert(0, sandbox.close)
+        table["official gvisor Sandbox.exec"] = lambda: sandbox.exec(*shell_argv)
+    except Exception as exc:
+        print(f"(official gvisor package skipped: {exc})", file=sys.stderr)
+    methods.cleanup = lambda: [close() for close in closers]  # type: ignore[attr-defined]
     return table
 
 
@@ -95,6 +117,32 @@ def measure(rounds: int, warmup: int, script: bool) -> dict[str, list[float]]:
     return samples
 
 
+def session_life(rounds: int) -> dict[str, dict[str, float]]:
+    """Cold start (new session, first command) and close time, per warm backend."""
+    figures = {}
+    work = tempfile.mkdtemp(prefix="gvm-bench-")
+    try:
+        for mode in ("runsc", "docker"):
+            cold, close = [], []
+            try:
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    session = IsolatedSession(work, mode=mode)
+                    session.run(["true"])
+                    cold.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    session.close()
+                    close.append(time.perf_counter() - start)
+            except Exception as exc:
+                print(f"({mode} session life skipped: {exc})", file=sys.stderr)
+                continue
+            figures[mode] = {"cold_first_command_ms": statistics.median(cold) * 1000,
+                             "close_ms": statistics.median(close) * 1000}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
 def summarise(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     out = {}
     for name, values in samples.items():
@@ -116,13 +164,21 @@ def main() -> int:
         stats = summarise(measure(args.rounds, args.warmup, script))
         ratios = {}
         for ours, peer in (("runsc backend (one-shot)", "runsc do"),
-                           ("docker backend (one-shot)", "docker run --rm --runtime=runsc")):
+                           ("docker backend (one-shot)", "docker run --rm --runtime=runsc"),
+                           ("warm session runsc", "runsc do"),
+                           ("warm session runsc", "official gvisor Sandbox.exec"),
+                           ("warm session docker", "docker run --rm --runtime=runsc")):
             if ours in stats and peer in stats:
                 ratios[f"{ours} / {peer}"] = stats[ours]["median_ms"] / stats[peer]["median_ms"]
         report[label] = {"methods": stats, "ratios": ratios}
+    report["sessions"] = session_life(max(3, args.rounds // 4))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    for mode, figures in report.pop("sessions").items():
+        print(f"\n{mode} session: cold start + first command median "
+              f"{figures['cold_first_command_ms']:.0f} ms, "
+              f"close median {figures['close_ms']:.0f} ms")
     for label, data in report.items():
         print(f"\ncommand: {label}   ({args.rounds} interleaved rounds, {os.cpu_count()} cores)")
         print(f"{'method':<28}{'median ms':>12}{'p95 ms':>10}")
