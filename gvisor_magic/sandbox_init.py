@@ -13,6 +13,7 @@ argv: MARKER STATUS_FILE PROGRAM [ARGS...]
 """
 
 import os
+import signal
 import sys
 
 
@@ -28,7 +29,10 @@ def main() -> None:
     try:
         # posix_spawn (vfork underneath) instead of fork: copying this Python
         # process under gVisor costs tens of milliseconds per command.
-        pid = os.posix_spawnp(argv[0], argv, os.environ)
+        # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec:
+        # give the command the defaults, as subprocess's restore_signals does.
+        pid = os.posix_spawnp(argv[0], argv, os.environ,
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
     except FileNotFoundError:
         os.write(2, f"{argv[0]}: command not found\n".encode(errors="replace"))
         os._exit(127)

@@ -90,6 +90,7 @@ def run(request):
         os.chdir(spec["cwd"])
         pid = os.posix_spawnp(
             spec["argv"][0], spec["argv"], spec["env"], setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them; exec keeps that
             file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                           (os.POSIX_SPAWN_DUP2, err_w, 2)])
     except OSError as exc:

@@ -50,6 +50,8 @@ def test_gvisor_backends_run_under_gvisor_and_subprocess_on_the_host(sandboxed):
 @pytest.mark.parametrize(("script", "code"), [
     ("exit 0", 0), ("exit 1", 1), ("exit 42", 42), ("exit 137", 137),
     ("kill -TERM $$", -signal.SIGTERM), ("kill -KILL $$", -signal.SIGKILL),
+    # Signals Python ignores must reach the command with their default action.
+    ("kill -PIPE $$", -signal.SIGPIPE), ("yes | head -c 1 >/dev/null; exit $?", 0),
 ])
 def test_exit_codes_and_signals_come_back_exactly(mode, script, code):
     result = run_command_isolated(script, mode=mode)

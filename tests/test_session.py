@@ -42,6 +42,8 @@ def test_exit_codes_signals_streams_stdin_env_and_cwd(session, tmp_path):
     assert session.run("exit 42").returncode == 42
     assert session.run("exit 137").returncode == 137
     assert session.run("kill -TERM $$").returncode == -signal.SIGTERM
+    assert session.run("kill -PIPE $$").returncode == -signal.SIGPIPE
+    assert session.run("yes | head -c 3").stderr == ""
     both = session.run("echo out; echo err >&2")
     assert (both.stdout, both.stderr) == ("out\n", "err\n")
     assert session.run(["cat"], stdin="fed\n").stdout == "fed\n"
