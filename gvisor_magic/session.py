@@ -15,13 +15,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import select
-import struct
 import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 
+from .agent_channel import Channel, SessionBroken
 from .backends.transports import DockerTransport, RunscTransport
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .process import Capture, OutputCallback
@@ -39,65 +38,14 @@ from .result import TIMEOUT_RETURNCODE, CommandResult
 
 START_TIMEOUT = 60.0
 ACCEPT_TIMEOUT = 10.0
-#: Largest frame the host accepts from the agent; a bigger one means a broken sandbox.
-MAX_FRAME = 1024 * 1024
 _KILL_GRACE = 5.0
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
-
-
-class SessionBroken(Exception):
-    """The agent broke the protocol, went silent, or its sandbox died."""
-
-
-class _Channel:
-    """Frames to and from the agent, with bounded sizes and bounded waits."""
-
-    def __init__(self, transport) -> None:
-        self.transport = transport
-        self._buffer = bytearray()
-
-    def send(self, kind: bytes, payload: bytes = b"") -> None:
-        try:
-            self.transport.send(kind + struct.pack(">I", len(payload)) + payload)
-        except (OSError, ValueError) as exc:
-            raise SessionBroken(f"cannot write to the sandbox agent: {exc}") from exc
-
-    def receive(self, deadline: float | None) -> tuple[bytes, bytes] | None:
-        """The next frame, or None when ``deadline`` passes first."""
-        while True:
-            frame = self._parse()
-            if frame is not None:
-                return frame
-            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
-            ready, _, _ = select.select([self.transport.stdout_fd], [], [], wait)
-            if ready:
-                chunk = os.read(self.transport.stdout_fd, 65536)
-                if not chunk:
-                    raise SessionBroken("the sandbox agent closed its channel "
-                                        f"({self.transport.stderr_text()[-300:] or 'no message'})")
-                self._buffer += chunk
-            elif deadline is not None and time.monotonic() >= deadline:
-                return None
-
-    def _parse(self) -> tuple[bytes, bytes] | None:
-        if len(self._buffer) < 5:
-            return None
-        kind = bytes(self._buffer[:1])
-        size = struct.unpack(">I", self._buffer[1:5])[0]
-        if kind not in b"HAOEX" or size > MAX_FRAME:
-            raise SessionBroken(f"malformed frame from the sandbox agent (type {kind!r}, "
-                                f"{size} bytes)")
-        if len(self._buffer) < 5 + size:
-            return None
-        payload = bytes(self._buffer[5:5 + size])
-        del self._buffer[:5 + size]
-        return kind, payload
 
 
 @dataclasses.dataclass
 class _Warm:
     transport: object
-    channel: _Channel
+    channel: Channel
     backend: str
     started: float
 
@@ -201,7 +149,7 @@ class IsolatedSession:
 
     def _launch(self, name: str) -> _Warm:
         transport = RunscTransport(self._base) if name == "runsc" else DockerTransport(self._base)
-        channel = _Channel(transport)
+        channel = Channel(transport)
         try:
             frame = channel.receive(time.monotonic() + START_TIMEOUT)
         except SessionBroken as exc:
