@@ -126,21 +126,32 @@ class _Views:
 VIEWS = _Views()
 
 
+_WIDGET_CLASS = None
+
+
+def _widget_class():
+    """Defined on first use, so that importing this module does not import ipywidgets."""
+    global _WIDGET_CLASS
+    if _WIDGET_CLASS is None:
+        import ipywidgets
+
+        class StatusWidget(ipywidgets.HTML):
+            """The isolation status; ``repr()`` (its text/plain form) is the stable summary."""
+
+            def show(self, new_state: IsolationState) -> None:
+                self._summary = new_state.summary()
+                self.value = new_state.to_html()
+
+            def __repr__(self) -> str:
+                return getattr(self, "_summary", "gvisor-magic: status unknown")
+
+        _WIDGET_CLASS = StatusWidget
+    return _WIDGET_CLASS
+
+
 def make_widget(state: IsolationState):
-    """An ``ipywidgets.HTML`` subclass instance bound to ``state`` (imports ipywidgets)."""
-    import ipywidgets
-
-    class StatusWidget(ipywidgets.HTML):
-        """The isolation status; ``repr()`` (its text/plain form) is the stable summary."""
-
-        def show(self, new_state: IsolationState) -> None:
-            self._summary = new_state.summary()
-            self.value = new_state.to_html()
-
-        def __repr__(self) -> str:
-            return getattr(self, "_summary", "gvisor-magic: status unknown")
-
-    widget = StatusWidget()
+    """A live ``StatusWidget`` (an ``ipywidgets.HTML``) showing ``state``."""
+    widget = _widget_class()()
     widget.show(state)
     VIEWS.add(widget)
     return widget
