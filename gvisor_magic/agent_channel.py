@@ -42,7 +42,7 @@ class Channel:
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
             ready, _, _ = select.select([self.transport.stdout_fd], [], [], wait)
             if ready:
-                chunk = os.read(self.transport.stdout_fd, 65536)
+                chunk = os.read(self.transport.stdout_fd, 1 << 20)
                 if not chunk:
                     raise SessionBroken("the sandbox agent closed its channel "
                                         f"({self.transport.stderr_text()[-300:] or 'no message'})")
