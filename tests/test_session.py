@@ -202,9 +202,12 @@ def test_threads_share_a_session_safely(session):
     assert all(r.success for r in results)
 
 
-def test_two_hundred_commands_leak_nothing(runsc_works, tmp_path):
+@pytest.mark.parametrize("mode", ["runsc", "docker"])
+def test_two_hundred_commands_leak_nothing(mode, request, tmp_path):
+    request.getfixturevalue(f"{mode}_works")
     me = psutil.Process()
-    with IsolatedSession(tmp_path, mode="runsc") as warm:
+    dirs = set(os.listdir(tempfile.gettempdir()))
+    with IsolatedSession(tmp_path, mode=mode) as warm:
         for _ in range(10):
             warm.run(["true"])
         fds, children = me.num_fds(), len(me.children(recursive=True))
@@ -213,3 +216,4 @@ def test_two_hundred_commands_leak_nothing(runsc_works, tmp_path):
         assert me.num_fds() <= fds + 2
         assert len(me.children(recursive=True)) == children
     assert not [p for p in me.children(recursive=True) if "runsc" in p.name()]
+    assert set(os.listdir(tempfile.gettempdir())) <= dirs, "temporary directories left"
