@@ -469,3 +469,37 @@ def test_widget_turns_red_when_required_isolation_is_blocked(ip, monkeypatch, tm
     assert f"border-left:6px solid {RED}" in widget.value
     assert (">blocked</td><td>cannot run the command with runsc or docker and isolation "
             "is required</td>") in widget.value
+
+
+# -- the kernel's warm sandbox ---------------------------------------------------------
+
+
+def test_cells_share_one_warm_sandbox_and_restart_replaces_it(ip, capfd, runsc_works):
+    run(ip, "%%isolated --result first\necho kept > /tmp/note")
+    run(ip, "%%isolated --result second\ncat /tmp/note")
+    first, second = ip.user_ns["first"], ip.user_ns["second"]
+    assert second.stdout == "kept\n"
+    assert first.details["session"] == second.details["session"]
+    assert magics(ip).sessions.describe() == "warm (runsc)"
+    run(ip, "%isolation restart")
+    assert "replaced" in capfd.readouterr().err
+    run(ip, "%%isolated --result third --no-raise-error\ncat /tmp/note")
+    third = ip.user_ns["third"]
+    assert third.returncode == 1 and third.details["session"] != first.details["session"]
+
+
+def test_fresh_runs_in_a_one_shot_sandbox(ip, capfd, runsc_works):
+    run(ip, "%%isolated --result warm\necho in-session > /tmp/note")
+    run(ip, "%%isolated --fresh --result fresh --no-raise-error\ncat /tmp/note; uname -r")
+    fresh = ip.user_ns["fresh"]
+    assert "session" not in fresh.details and "sandbox_id" in fresh.details
+    assert fresh.stdout == "4.4.0\n" and "No such file" in fresh.stderr
+
+
+def test_widget_shows_the_session_state(ip, capfd, runsc_works):
+    run(ip, "%%isolated\ntrue")
+    widget = run(ip, "%isolation status")
+    assert "warm (runsc)" in widget.value
+    run(ip, "%config Isolation.warm_session = False")
+    run(ip, "%%isolated\ntrue")
+    assert "off (a fresh sandbox per command)" in widget.value
