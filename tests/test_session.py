@@ -55,6 +55,31 @@ def test_exit_codes_signals_streams_stdin_env_and_cwd(session, tmp_path):
     assert session.run(["no-such-program"]).returncode == 127
 
 
+def test_each_command_sees_what_sh_c_would_give_it(session, tmp_path):
+    """Commands reach a shell started ahead of time; nothing of that may show."""
+    (tmp_path / "sub").mkdir()
+    fresh = session.run("env | sort; echo $0; pwd", env={"A": "1"}).stdout
+    # A different cwd and environment, values with quotes and newlines, a removed variable.
+    odd = "it's \"quoted\"\n$HOME `x` \\"
+    moved = session.run('printf %s "$ODD"; echo; env | grep -c "^A=\\|OLDPWD"; pwd',
+                        cwd=tmp_path / "sub", env={"ODD": odd})
+    assert moved.stdout == f"{odd}\n0\n{tmp_path}/sub\n"
+    assert session.run("env | sort; echo $0; pwd", env={"A": "1"}).stdout == fresh
+    assert "A=1\n" in fresh and fresh.endswith(f"sh\n{tmp_path}\n")
+    # A multi-line script with a here-document; a syntax error; an argv list.
+    script = "if true; then\n  cat <<EOF\nline $((1 + 1))\nEOF\nfi\nexit 3\necho never"
+    assert (session.run(script).stdout, session.run(script).returncode) == ("line 2\n", 3)
+    broken = session.run("echo 'unterminated")
+    assert broken.returncode == 2 and "Unterminated quoted string" in broken.stderr
+    assert session.run(["sh", "-c", 'echo "$0:$1"', "zero", "one $HOME"]).stdout == \
+        "zero:one $HOME\n"
+    assert session.run(["sh", "-c", "kill -KILL $$"]).returncode == -signal.SIGKILL
+    # A script longer than a pipe holds, whose first command reads stdin while the rest
+    # is still arriving.
+    long = "head -c 5; echo\n" + "true\n" * 40000 + "echo end"
+    assert session.run(long, stdin="fed-in").stdout == "fed-i\nend\n"
+
+
 def test_output_streams_live(session, tmp_path):
     go = tmp_path / "go"
 
