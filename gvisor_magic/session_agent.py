@@ -23,7 +23,9 @@ shell ahead of time: ``sh -c '. /dev/fd/3'`` waits on a pipe for its script.
 A shell command then costs a pipe write (~2 ms). The script arrives prefixed with
 one line that closes fd 3 and brings cwd and environment to what the request
 asks (``cd``, ``unset``, ``export``), so the command sees what ``sh -c`` would
-give it. One difference remains: ``sh -c`` replaces itself with its last
+give it. The shell starts with the sandbox's base environment, never with the
+previous command's: what one command was given cannot be read by the next from
+``/proc/$$/environ``. One difference remains: ``sh -c`` replaces itself with its last
 command, a sourced script does not, so a last command killed by signal N is
 reported as the shell reports it (exit 128+N) rather than as the signal.
 A command given as an argv list becomes ``exec 'prog' 'arg'…``: the shell
@@ -172,7 +174,6 @@ def take_ready(spec):
 
 
 def run(request):
-    global ENV
     spec = json.loads(request)
     send(b"A")
     script = b""
@@ -190,7 +191,6 @@ def run(request):
         send(b"E", message.encode(errors="replace"))
         send(b"X", json.dumps({"exit": code}).encode())
         return
-    ENV = spec["env"]  # the next shell starts with it: most commands share it
     pending = bytes.fromhex(spec["stdin"]) if spec.get("stdin") else b""
     if not pending:
         os.close(in_w)

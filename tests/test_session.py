@@ -65,6 +65,10 @@ def test_each_command_sees_what_sh_c_would_give_it(session, tmp_path):
                         cwd=tmp_path / "sub", env={"ODD": odd})
     assert moved.stdout == f"{odd}\n0\n{tmp_path}/sub\n"
     assert session.run("env | sort; echo $0; pwd", env={"A": "1"}).stdout == fresh
+    # What one command was given stays out of the next one's shell, /proc included.
+    assert session.run("echo $A", env={"A": "given-to-one"}).stdout == "given-to-one\n"
+    assert session.run("tr '\\0' '\\n' < /proc/$$/environ | grep -c given-to-one"
+                       ).stdout == "0\n"
     assert "A=1\n" in fresh and fresh.endswith(f"sh\n{tmp_path}\n")
     # A multi-line script with a here-document; a syntax error; an argv list.
     script = "if true; then\n  cat <<EOF\nline $((1 + 1))\nEOF\nfi\nexit 3\necho never"
