@@ -246,3 +246,19 @@ def test_two_hundred_commands_leak_nothing(mode, request, tmp_path):
         assert len(me.children(recursive=True)) == children
     assert not [p for p in me.children(recursive=True) if "runsc" in p.name()]
     assert set(os.listdir(tempfile.gettempdir())) <= dirs, "temporary directories left"
+
+
+def test_docker_output_is_streamed_not_logged_to_the_daemons_disk(docker_works, tmp_path):
+    import docker
+
+    with IsolatedSession(tmp_path, mode="docker") as warm:
+        client = docker.from_env()
+        (container,) = client.containers.list(
+            filters={"label": f"io.github.gvisor-magic.owner-pid={os.getpid()}"})
+        result = warm.run("head -c 3000000 /dev/zero | tr '\\0' x")
+        assert len(result.stdout) == 3000000
+        container.reload()
+        assert container.attrs["HostConfig"]["LogConfig"]["Type"] == "none"
+        assert not container.attrs["LogPath"] or not os.path.exists(container.attrs["LogPath"])
+        client.close()
+

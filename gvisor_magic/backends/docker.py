@@ -247,7 +247,7 @@ class DockerBackend:
         return container["Id"]
 
     def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str):
-        from docker.types import Mount, Ulimit
+        from docker.types import LogConfig, Mount, Ulimit
 
         mounts, tmpfs = [], {}
         for link in layout.symlinks:
@@ -269,7 +269,11 @@ class DockerBackend:
             mounts=mounts, tmpfs=tmpfs, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             pids_limit=limits.max_processes, mem_limit=limits.memory,
             memswap_limit=limits.memory, nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
-            ulimits=ulimits, shm_size="64m")
+            ulimits=ulimits, shm_size="64m",
+            # The attach stream carries the output; the default json-file driver would
+            # also copy every byte to the daemon's disk, unbounded (an output flood
+            # fills /var/lib/docker) and slowly.
+            log_config=LogConfig(type=LogConfig.types.NONE))
 
 
 def docker_identity() -> Identity:
