@@ -41,6 +41,18 @@ def _unavailable(message: str) -> None:
     pytest.skip(message)
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Processes whose command line names ``text`` (sandboxes: their state dir), killed."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if text in cmdline and proc.pid != os.getpid():
+                found.append(f"{proc.pid}: {cmdline[:200]}")
+                proc.kill()
+    return found
+
+
 def _user_processes(uid: int) -> list[str]:
     found = []
     for proc in psutil.process_iter(["uids", "cmdline"]):
@@ -117,10 +129,13 @@ def hub(hub_user):
     finally:
         survivors = the_hub.stop() if the_hub is not None else []
         user_left = _user_processes(hub_user.pw_uid)
+        # A rootless sandbox runs under the user's subordinate ids: find it by its state dir.
+        sandboxes_left = _processes_mentioning(str(base))
         log = the_hub.log() if the_hub is not None else ""
         shutil.rmtree(base, ignore_errors=True)
     assert not survivors, f"still running after the hub stopped: {survivors}\n{log}"
     assert not user_left, f"processes of {USER} after the hub stopped: {user_left}"
+    assert not sandboxes_left, f"sandboxes left behind: {sandboxes_left}"
     assert the_hub.process.returncode is not None
 
 
