@@ -53,3 +53,29 @@ doctor: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache tests/artifacts
+
+# The hosted path: a real JupyterHub (tests/e2e) and the Kubernetes files (deploy/).
+# configurable-http-proxy comes from npm into .e2e/ (node/npm from Debian if missing).
+E2E_DIR := .e2e
+CHP     := $(E2E_DIR)/node_modules/.bin/configurable-http-proxy
+
+.PHONY: test-e2e e2e-deps
+
+test: e2e-deps
+
+e2e-deps: $(VENV)/.installed-e2e $(CHP)
+
+$(VENV)/.installed-e2e: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,e2e]'
+	touch $@
+
+$(CHP):
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	mkdir -p $(E2E_DIR)
+	npm install --prefix $(E2E_DIR) --no-audit --no-fund --loglevel=error \
+	  'configurable-http-proxy@>=4.6.1 <6'
+	test -x $@ && touch $@
+
+test-e2e: system e2e-deps
+	$(PY) -m pytest tests/e2e tests/test_deploy_files.py

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from .backends.base import BackendStatus
 
 GVISOR_KERNEL_RELEASE = "4.4.0"
+#: What a pod with ``runtimeClassName: gvisor`` gets instead of a sandbox per command.
+POD_GVISOR_NOTE = (
+    "this pod already runs under gVisor: runsc cannot start a sandbox inside it, so "
+    "commands run in the pod's own gVisor sandbox, shared with the kernel (its files, "
+    "environment and network); the node's kernel stays protected")
 _CGROUP_HINTS = ("docker", "kubepods", "containerd", "libpod", "crio", "lxc", "garden")
 
 
@@ -32,6 +37,11 @@ class HostFacts:
     pod_runs_gvisor: bool
     #: What made us believe we are in a container (file names, cgroup lines...).
     evidence: tuple[str, ...] = ()
+
+
+def inside_gvisor() -> bool:
+    """True when this process itself runs under gVisor (fixed kernel release 4.4.0)."""
+    return sys.platform.startswith("linux") and platform.release() == GVISOR_KERNEL_RELEASE
 
 
 def host_facts() -> HostFacts:
@@ -173,6 +183,10 @@ class EnvironmentInfo:
         lines.append("")
         if self.auto_backend:
             state = "ISOLATED (gVisor)" if self.isolated else "NOT ISOLATED"
+            if not self.isolated and facts.pod_runs_gvisor:
+                state += " from the kernel (inside the pod's own gVisor sandbox)"
             lines.append(f"commands will run with: {self.auto_backend} -> {state}")
+        if facts.pod_runs_gvisor and not self.isolated:
+            lines.append(f"note: {POD_GVISOR_NOTE}")
         lines.append(f"why: {self.auto_reason}")
         return "\n".join(lines)

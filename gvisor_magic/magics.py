@@ -334,6 +334,7 @@ class IsolatedMagics(Magics):
         self.state.runsc_version = runsc.version if runsc is not None else None
         self.state.require_isolation = info.require_isolation
         self.state.network = self.settings.network
+        self.state.pod_gvisor = info.pod_runs_gvisor
         if info.auto_backend:
             self.state.backend = info.auto_backend
             self.state.isolated = info.isolated

@@ -19,7 +19,13 @@ from collections.abc import Mapping, Sequence
 from .backends.base import Backend, BackendStatus
 from .backends.runsc import RunscBackend
 from .backends.subprocess import SubprocessBackend
-from .detect import EnvironmentInfo, host_facts, preferred_backends
+from .detect import (
+    POD_GVISOR_NOTE,
+    EnvironmentInfo,
+    host_facts,
+    inside_gvisor,
+    preferred_backends,
+)
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .process import OutputCallback
 from .request import (
@@ -245,6 +251,10 @@ def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str,
     fallback = _join(reasons) if reasons else None
     if fallback is None and not result.isolated and mode == "subprocess":
         fallback = "mode 'subprocess' was requested: gVisor was not used"
+    if not result.isolated and inside_gvisor():
+        # Not isolated from the kernel, but not on the node's kernel either: say which.
+        fallback = POD_GVISOR_NOTE + (f"; {fallback}" if fallback else "")
+        result = dataclasses.replace(result, details={**result.details, "pod_sandbox": "gVisor"})
     if fallback:
         level = logging.WARNING if reasons else logging.INFO
         log.log(level, "gvisor: ran with %s (%s) because %s", result.backend,

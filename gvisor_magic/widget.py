@@ -40,6 +40,9 @@ class IsolationState:
     blocked: str | None = None
     session: str | None = None
     last: LastRun | None = None
+    #: The kernel's own pod runs under gVisor (a gVisor RuntimeClass), so commands
+    #: that are not isolated on their own still never reach the node's kernel.
+    pod_gvisor: bool = False
 
     @property
     def colour(self) -> str:
@@ -53,6 +56,8 @@ class IsolationState:
             return "BLOCKED: isolation required but unavailable"
         if self.isolated:
             return f"isolated by gVisor ({self.backend})"
+        if self.pod_gvisor:
+            return f"NOT isolated from the kernel ({self.backend}; pod runs under gVisor)"
         return f"NOT isolated ({self.backend})"
 
     def summary(self) -> str:
@@ -68,6 +73,7 @@ class IsolationState:
         self.backend, self.isolated = result.backend, result.isolated
         self.fallback_reason, self.network, self.blocked = result.fallback_reason, \
             result.network, None
+        self.pod_gvisor = result.details.get("pod_sandbox") == "gVisor"
         if outcome is None:
             outcome = "timed out" if result.timed_out else (
                 f"killed by {result.signal_name}" if result.returncode < 0
@@ -83,7 +89,9 @@ class IsolationState:
     def to_html(self) -> str:
         esc = html.escape
         rows = [("backend", self.backend),
-                ("isolation", "gVisor" if self.isolated else "none (runs on the host)"),
+                ("isolation", "gVisor" if self.isolated else (
+                    "the pod's gVisor sandbox, shared with the kernel" if self.pod_gvisor
+                    else "none (runs on the host)")),
                 ("network", "ON" if self.network else "off")]
         if self.runsc_version:
             rows.append(("runsc", self.runsc_version))

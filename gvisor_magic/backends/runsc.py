@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
@@ -86,6 +87,9 @@ def explain_failure(text: str) -> tuple[str, str | None]:
     text = text.strip()
     last = text.splitlines()[-1] if text else "runsc exited without a message"
     lower = text.lower()
+    if inside_gvisor():
+        return last, (f"none needed: {POD_GVISOR_NOTE}. For a sandbox per command, run "
+                      "ordinary pods with runsc in the image (see docs/deploy.md)")
     if "newuidmap" in lower or "newgidmap" in lower:
         return last, "install the 'uidmap' package (newuidmap/newgidmap) for ordinary users"
     if "cgroup" in lower and ("read-only" in lower or "permission" in lower):

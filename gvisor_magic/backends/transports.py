@@ -85,10 +85,14 @@ class RunscTransport:
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout, agent_argv(),
                             request.limits)
             bundle.write()
-            self.proc = subprocess.Popen(
-                [runsc, *self._flags, "run", "--bundle", bundle.path, self.sandbox_id],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, env=_runsc_env())
+            try:
+                self.proc = subprocess.Popen(
+                    [runsc, *self._flags, "run", "--bundle", bundle.path, self.sandbox_id],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True, env=_runsc_env())
+            except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
+                raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
+                                        fix=INSTALL_HINT) from exc
         except BaseException:
             self.close()
             raise
