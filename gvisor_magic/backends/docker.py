@@ -261,7 +261,8 @@ class DockerBackend:
                 tmpfs[spec.destination] = ",".join(
                     [*spec.options, "ro" if spec.read_only else "rw", "nosuid", "nodev"])
         limits = request.limits
-        names = {"RLIMIT_NOFILE": "nofile", "RLIMIT_FSIZE": "fsize", "RLIMIT_NPROC": "nproc"}
+        names = {"RLIMIT_NOFILE": "nofile", "RLIMIT_FSIZE": "fsize", "RLIMIT_NPROC": "nproc",
+                 "RLIMIT_AS": "as"}
         ulimits = [Ulimit(name=names[key], soft=value, hard=value)
                    for key, value in limits.rlimits().items() if key in names]
         return api.create_host_config(
