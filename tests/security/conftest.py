@@ -35,6 +35,8 @@ FLAVOURS = ("one-shot", "session")
 PYTHON = sys.executable
 CANARY_ARG = "--canary-token="
 #: Before a bomb: proves that this very sandbox runs on gVisor's kernel, or stops.
+PYTHON_GUARD = (f"import os, sys\nif os.uname().release != {GVISOR_RELEASE!r}:\n"
+                "    print('NOT-GVISOR'); sys.exit(99)\n")
 GVISOR_GUARD = f'[ "$(uname -r)" = {GVISOR_RELEASE} ] || {{ echo NOT-GVISOR; exit 99; }}; '
 
 
@@ -83,9 +85,17 @@ class Probe:
         assert result.isolated is self.isolated, "a result must say where it really ran"
         return result
 
-    def run_python(self, code: str, *args: str, **kwargs) -> tuple[CommandResult, dict]:
-        """Run a Python probe script; it prints one JSON object on its last line."""
+    def run_python(self, code: str, *args: str, gvisor_only: bool = False,
+                   **kwargs) -> tuple[CommandResult, dict]:
+        """Run a Python probe script; it prints one JSON object on its last line.
+
+        ``gvisor_only``: the script first proves it runs on gVisor's kernel, or stops.
+        """
+        if gvisor_only:
+            assert self.isolated, "a bomb is never aimed at the host"
+            code = PYTHON_GUARD + code
         result = self.run([PYTHON, "-c", code, *args], **kwargs)
+        assert "NOT-GVISOR" not in result.stdout, "refused: this sandbox is not gVisor"
         lines = result.stdout.strip().splitlines()
         try:
             found = json.loads(lines[-1])
