@@ -40,6 +40,8 @@ class IsolationState:
     blocked: str | None = None
     session: str | None = None
     last: LastRun | None = None
+    #: ``Limits.describe()`` of the limits the last command ran with.
+    limits: str | None = None
 
     @property
     def colour(self) -> str:
@@ -89,6 +91,8 @@ class IsolationState:
             rows.append(("runsc", self.runsc_version))
         if self.session:
             rows.append(("session", self.session))
+        if self.limits:
+            rows.append(("limits", self.limits))
         if self.blocked:
             rows.append(("blocked", self.blocked))
         elif self.fallback_reason:
