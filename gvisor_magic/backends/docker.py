@@ -247,7 +247,7 @@ class DockerBackend:
         return container["Id"]
 
     def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str):
-        from docker.types import Mount, Ulimit
+        from docker.types import LogConfig, Mount, Ulimit
 
         mounts, tmpfs = [], {}
         for link in layout.symlinks:
@@ -270,7 +270,10 @@ class DockerBackend:
             mounts=mounts, tmpfs=tmpfs, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             pids_limit=limits.max_processes, mem_limit=limits.memory,
             memswap_limit=limits.memory, nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
-            ulimits=ulimits, shm_size="64m")
+            ulimits=ulimits, shm_size="64m",
+            # The output is streamed to the caller; Docker's default json-file log
+            # would also write all of it (GBs from a flood) to the host's disk.
+            log_config=LogConfig(type="none"))
 
 
 def docker_identity() -> Identity:
