@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
 
 import pytest
@@ -203,10 +204,10 @@ def test_filling_tmp_and_the_working_dir_is_bounded(probe):
 
 MANY_FILES = r'''
 import os, sys
-made = 0
+made, tag = 0, sys.argv[1]
 try:
     for made in range(1, 1000001):
-        open("/tmp/f%d" % made, "w").close()
+        open("/tmp/%s-%d" % (tag, made), "w").close()
         if made % 5000 == 0:
             print(made, flush=True)
     print("all", made, flush=True)
@@ -218,13 +219,16 @@ except OSError as exc:
 def test_a_million_tiny_files(probe):
     probe.harmless_only(["a million tiny files in /tmp"],
                         "would create them in the host's /tmp")
-    result = probe.run_in_gvisor(f"exec {os.path.realpath(os.sys.executable)} -c '{MANY_FILES}'",
-                                 timeout=6)
+    result = probe.run_in_gvisor(f"exec {sys.executable} -c '{MANY_FILES}' {probe.tag}",
+                                 timeout=3)
     lines = result.stdout.split()
     made = lines[-1] if lines else "0"
-    probe.verdict("a million tiny files in /tmp", False,
-                  f"{'timed out' if result.timed_out else 'ended'} after {made} files "
-                  "(in the sandbox's memory; bounded by the timeout)")
+    on_host = [name for directory in {"/tmp", "/var/tmp", tempfile.gettempdir()}
+               for name in os.listdir(directory) if name.startswith(probe.tag)]
+    probe.verdict("a million tiny files in /tmp", bool(on_host) or not (
+        result.timed_out or "stopped" in result.stdout),
+        f"{'timed out' if result.timed_out else 'ended'} after {made} files, none on the "
+        "host (they live in the sandbox's memory; bounded by the timeout)")
     assert result.timed_out or "stopped" in result.stdout or "all" in result.stdout
     if probe.flavour == "session":
         after = probe.run("ls /tmp | wc -l")

@@ -8,8 +8,12 @@ test_host_limits.py.
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
+
+from gvisor_magic import IsolatedSession, run_command_isolated
 
 MiB = 2**20
 ON_HOST = "resource bombs are aimed only at a sandbox proven to be gVisor " \
@@ -18,7 +22,7 @@ ON_HOST = "resource bombs are aimed only at a sandbox proven to be gVisor " \
 
 def test_fork_bomb(probe):
     probe.harmless_only(["fork bomb"], ON_HOST)
-    result = probe.run_in_gvisor("bomb() { bomb | bomb & }; bomb; sleep 600", timeout=5)
+    result = probe.run_in_gvisor("bomb() { bomb | bomb & }; bomb; sleep 600", timeout=3)
     evidence = f"{result.describe()}; max {probe.limits or 'default'} processes"
     bounded = result.timed_out or not result.success
     if probe.flavour == "session":
@@ -70,15 +74,41 @@ def test_output_flood(probe):
     def count(stream: str, text: str) -> None:
         streamed[0] += len(text)
 
-    result = probe.run_in_gvisor("cat /dev/zero", timeout=4, on_output=count)
+    result = probe.run_in_gvisor("cat /dev/zero", timeout=3, on_output=count)
     grown = me.memory_info().rss - before
     kept = len(result.stdout)
     probe.verdict("output flood", kept > probe.max_output or not result.truncated,
                   f"{streamed[0] // MiB} MiB streamed, {kept // MiB} MiB kept (truncated), "
                   f"caller grew {grown // MiB} MiB, ended after {result.duration:.0f} s "
-                  "(timeout 4 s)")
+                  "(timeout 3 s)")
     assert result.timed_out and result.truncated
+    assert result.error is None, "the sandbox must stop cleanly at the timeout"
     assert grown < 200 * MiB
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["one-shot", "session"])
+def test_docker_keeps_no_log_of_the_output(docker_works, tmp_path, session):
+    """Docker's default json-file log would copy a flood onto the host's disk."""
+    import docker
+
+    client = docker.from_env()
+    seen: list[str] = []
+
+    def look(stream: str, text: str) -> None:
+        if not seen:
+            for container in client.containers.list(
+                    filters={"label": f"io.github.gvisor-magic.owner-pid={os.getpid()}"}):
+                seen.append(container.attrs["HostConfig"]["LogConfig"]["Type"])
+
+    try:
+        if session:
+            with IsolatedSession(tmp_path, mode="docker") as warm:
+                warm.run("echo flood", on_output=look)
+        else:
+            run_command_isolated("echo flood", mode="docker", on_output=look)
+    finally:
+        client.close()
+    assert seen and set(seen) == {"none"}, seen
 
 
 FD_BOMB = r'''
