@@ -13,7 +13,7 @@ import os
 import psutil
 import pytest
 
-from gvisor_magic import IsolatedSession, run_command_isolated
+from gvisor_magic import IsolatedSession, Limits, run_command_isolated
 
 MiB = 2**20
 ON_HOST = "resource bombs are aimed only at a sandbox proven to be gVisor " \
@@ -23,7 +23,7 @@ ON_HOST = "resource bombs are aimed only at a sandbox proven to be gVisor " \
 def test_fork_bomb(probe):
     probe.harmless_only(["fork bomb"], ON_HOST)
     result = probe.run_in_gvisor("bomb() { bomb | bomb & }; bomb; sleep 600", timeout=3)
-    evidence = f"{result.describe()}; max {probe.limits or 'default'} processes"
+    evidence = f"{result.describe()}; max_processes {(probe.limits or Limits()).max_processes}"
     bounded = result.timed_out or not result.success
     if probe.flavour == "session":
         left = probe.run("ps -e -o comm= | wc -l").stdout.strip()
