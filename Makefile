@@ -48,6 +48,16 @@ bench: system venv
 	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/latency.py && \
 	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py'
 
+# The hostile-probe suite and the fault tests, as a table: probe x backend -> blocked / LEAKED.
+.PHONY: security-report
+security-report: system venv
+ifeq ($(SUDO),)
+	$(PYTHON) scripts/with_dockerd.py -- $(PY) scripts/security_report.py
+else
+	$(SUDO) $(PYTHON) scripts/with_dockerd.py --start-only
+	$(PY) scripts/security_report.py
+endif
+
 doctor: venv
 	$(VENV)/bin/gvisor-magic doctor
 

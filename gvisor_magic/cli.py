@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,17 +11,23 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
-from .request import MODES
+from .request import ENFORCEMENT, MODES, Limits
 from .runner import detect_environment, run_command_isolated
 
 
 def _doctor(args: argparse.Namespace) -> int:
     info = detect_environment(refresh=True, mode=args.mode)
+    limits = Limits()
     if args.json:
-        print(json.dumps(info.to_dict(), indent=2, default=str))
+        data = info.to_dict()
+        data["limits"] = {**dataclasses.asdict(limits), "enforcement": ENFORCEMENT}
+        print(json.dumps(data, indent=2, default=str))
     else:
         print(f"gvisor-magic {__version__}")
         print(info.explain())
+        print(f"\ndefault limits: {limits.describe()}")
+        for name, how in ENFORCEMENT.items():
+            print(f"  {name}: {how}")
     if args.require_isolation and not info.isolated:
         return 1
     return 0
@@ -39,6 +46,13 @@ def _run(args: argparse.Namespace) -> int:
         target.write(text)
         target.flush()
 
+    limits = {}
+    for item in args.limit or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"gvisor-magic run: --limit expects NAME=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        limits[key.strip()] = value
     env = {}
     for item in args.env or ():
         key, sep, value = item.partition("=")
@@ -48,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
         env[key] = value
     try:
         result = run_command_isolated(
-            command[0] if args.shell else command, working_dir=args.workdir,
+            command[0] if args.shell else command, limits=Limits.parse(limits),
+            working_dir=args.workdir,
             repo_path=args.repo, timeout=args.timeout, env=env, mode=args.mode,
             require_isolation=True if args.require_isolation else None, network=args.network,
             on_output=None if args.json else stream)
@@ -97,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--network", action="store_true", help="allow network access")
     run.add_argument("--require-isolation", action="store_true",
                      help="fail (exit 125) rather than run without gVisor")
+    run.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                     help="resource limit, e.g. memory=1G, max_processes=64 (repeatable)")
     run.add_argument("--shell", action="store_true",
                      help="treat the single CMD argument as a shell script")
     run.add_argument("--json", action="store_true", help="print the result as JSON at the end")

@@ -17,12 +17,12 @@ import sys
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.text import DollarFormatter, SList
-from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Int, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
-from .errors import CommandInterrupted, IsolationUnavailable
+from .errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
 from .kernel_session import KernelSessions, SessionKey
-from .request import MODES
+from .request import MODES, Limits
 from .result import CommandResult
 from .routing import BangRouter
 from .runner import detect_environment, run_command_isolated
@@ -74,6 +74,9 @@ class Isolation(Configurable):
                    ).tag(config=True)
     quiet = Bool(False, help="Do not print the one-line status after each run."
                  ).tag(config=True)
+    limits = Dict(help="Resource limits over the defaults, e.g. {'memory': '2G', "
+                  "'max_processes': 256, 'tmp_size': '1G', 'cpus': 1} (see gvisor_magic.Limits; "
+                  "'none' for no limit).").tag(config=True)
 
     # -- configuration ---------------------------------------------------------
 
@@ -97,6 +100,18 @@ class Isolation(Configurable):
         if proposal["value"] <= 0:
             raise TraitError("Isolation.max_output must be a positive number of bytes")
         return proposal["value"]
+
+    @validate("limits")
+    def _check_limits(self, proposal):
+        try:
+            Limits.parse(proposal["value"])
+        except (InvalidRequestError, TypeError) as exc:
+            raise TraitError(f"Isolation.limits: {exc}") from None
+        return proposal["value"]
+
+    def effective_limits(self, overrides: dict[str, str] | None = None) -> Limits:
+        """The defaults, then ``Isolation.limits``, then a cell's ``--limit`` options."""
+        return Limits.parse(overrides or {}, Limits.parse(self.limits))
 
     @validate("shell")
     def _check_shell(self, proposal):
@@ -142,13 +157,13 @@ class IsolatedMagics(Magics):
             self.sessions.prewarm(self._key(os.getcwd(), None, None, None, None))
 
     def _key(self, workdir: str, repo: str | None, network: bool | None, mode: str | None,
-             require: bool | None) -> SessionKey:
+             require: bool | None, limits: Limits | None = None) -> SessionKey:
         settings = self.settings
         return SessionKey(os.path.realpath(workdir), repo and os.path.realpath(repo),
                           settings.network if network is None else network,
                           mode or settings.mode,
                           settings.require_isolation if require is None else require,
-                          settings.shell)
+                          settings.shell, limits or settings.effective_limits())
 
     def _route_changed(self, change) -> None:
         if change["new"]:
@@ -163,7 +178,8 @@ class IsolatedMagics(Magics):
             workdir: str | None = None, repo: str | None = None,
             env: dict[str, str] | None = None, network: bool | None = None,
             require_isolation: bool | None = None, show_stdout: bool = True,
-            show_stderr: bool = True, fresh: bool = False) -> CommandResult:
+            show_stderr: bool = True, fresh: bool = False,
+            limits: dict[str, str] | None = None) -> CommandResult:
         """Run ``command`` (a shell script), stream it, record it in the widget."""
 
         def stream(name: str, text: str) -> None:
@@ -177,10 +193,12 @@ class IsolatedMagics(Magics):
         settings = self.settings
         require = settings.require_isolation if require_isolation is None else require_isolation
         seconds = settings.timeout if timeout == "trait" else timeout
+        effective = settings.effective_limits(limits)
+        self.state.limits = effective.describe()
         try:
             if settings.warm_session and not fresh:
                 session = self.sessions.get(
-                    self._key(workdir or os.getcwd(), repo, network, mode, require))
+                    self._key(workdir or os.getcwd(), repo, network, mode, require, effective))
                 self.state.session = "starting" if session.state == "stopped" else None
                 result = session.run(command, timeout=seconds, env=env, on_output=stream)
             else:
@@ -189,7 +207,7 @@ class IsolatedMagics(Magics):
                     timeout=seconds, env=env, mode=mode or settings.mode,
                     require_isolation=require,
                     network=settings.network if network is None else network, on_output=stream,
-                    max_output=settings.max_output, shell=settings.shell)
+                    max_output=settings.max_output, shell=settings.shell, limits=effective)
         except IsolationUnavailable as exc:
             self.state.record_blocked(str(exc).splitlines()[0])
             VIEWS.refresh(self.state)
@@ -254,6 +272,9 @@ class IsolatedMagics(Magics):
     @argument("--quiet", action="store_true", help="no status line")
     @argument("--fresh", action="store_true",
               help="run in a fresh one-shot sandbox instead of the kernel's warm one")
+    @argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+              help="resource limit for this cell, e.g. memory=1G, max_processes=64, "
+                   "tmp_size=2G, cpus=1 (repeatable; see Isolation.limits)")
     @cell_magic("isolated")
     def magic_isolated(self, line: str, cell: str) -> None:
         """Run the cell as a shell script in a gVisor sandbox.
@@ -268,6 +289,13 @@ class IsolatedMagics(Magics):
             if not sep:
                 raise ValueError(f"--env expects KEY=VALUE, got {item!r}")
             env[key] = value
+        limits = {}
+        for item in args.limit:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--limit expects NAME=VALUE, got {item!r}")
+            limits[key.strip()] = value
+        self.settings.effective_limits(limits)  # a bad limit stops the cell before it runs
         body = self.expand(cell)
         result = self.run(
             body, mode=args.mode, timeout=args.timeout if args.timeout is not None else "trait",
@@ -275,7 +303,7 @@ class IsolatedMagics(Magics):
             network=True if args.network else None,
             require_isolation=True if args.require_isolation else None, fresh=args.fresh,
             quiet=True if args.quiet else None,
-            show_stdout=not args.out, show_stderr=not args.err)
+            show_stdout=not args.out, show_stderr=not args.err, limits=limits)
         self.shell.user_ns["_exit_code"] = result.returncode
         if args.out:
             self.shell.user_ns[args.out] = result.stdout
@@ -335,6 +363,7 @@ class IsolatedMagics(Magics):
         self.state.require_isolation = info.require_isolation
         self.state.network = self.settings.network
         self.state.pod_gvisor = info.pod_runs_gvisor
+        self.state.limits = self.settings.effective_limits().describe()
         if info.auto_backend:
             self.state.backend = info.auto_backend
             self.state.isolated = info.isolated

@@ -7,6 +7,7 @@ every mistake gets one precise message.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -75,6 +76,40 @@ class Limits:
             raise InvalidRequestError(f"limits.cpus must be a positive number or None, "
                                       f"got {self.cpus!r}")
 
+    @classmethod
+    def parse(cls, values: Mapping[str, object], base: Limits | None = None) -> Limits:
+        """Limits from user text: ``{"memory": "2G", "max_processes": "100", "cpus": "none"}``.
+
+        Sizes take a K/M/G/T suffix (powers of 1024); ``none`` means no limit.
+        Unknown names and bad values raise ``InvalidRequestError``.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, object] = {}
+        for name, raw in values.items():
+            if name not in names:
+                raise InvalidRequestError(f"unknown limit {name!r}: expected one of "
+                                          f"{', '.join(sorted(names))}")
+            changes[name] = _parse_limit(name, raw)
+        return dataclasses.replace(base or cls(), **changes)
+
+    def describe(self) -> str:
+        """One line, e.g. ``processes 512, open files 4096, ..., memory 4 GiB (cgroup)``."""
+        def size(value: int | None) -> str:
+            if value is None:
+                return "unlimited"
+            for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+                if value % factor == 0:
+                    return f"{value // factor} {unit}"
+            return f"{value} B"
+
+        count = {None: "unlimited"}
+        return (f"processes {count.get(self.max_processes, self.max_processes)}, "
+                f"open files {count.get(self.max_open_files, self.max_open_files)}, "
+                f"file size {size(self.max_file_size)}, "
+                f"address space {size(self.max_address_space)}, /tmp and HOME "
+                f"{size(self.tmp_size)} each, memory {size(self.memory)} (cgroup), "
+                f"cpus {self.cpus if self.cpus is not None else 'unlimited'} (cgroup)")
+
     def rlimits(self) -> dict[str, int]:
         """The limits as ``RLIMIT_*`` names, the vocabulary OCI and ``resource`` share."""
         table = {
@@ -84,6 +119,48 @@ class Limits:
             "RLIMIT_AS": self.max_address_space,
         }
         return {name: value for name, value in table.items() if value is not None}
+
+
+#: Which limit each backend enforces, and how (shown by ``gvisor-magic doctor``).
+ENFORCEMENT = {
+    "runsc": "processes, open files, file size and address space are rlimits enforced by "
+             "gVisor's own kernel (no host cgroups needed, so they hold in an unprivileged "
+             "pod); /tmp and HOME are size-capped in-memory tmpfs; memory and cpus are NOT "
+             "enforced (runsc runs with --ignore-cgroups): a sandbox's total memory is "
+             "bounded only by processes x address space",
+    "docker": "the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, plus "
+              "cgroups: memory (+swap) and cpus for the whole container, pids on the "
+              "container's host processes",
+    "subprocess": "rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
+                  "processes and does not apply to root); no /tmp cap, no memory or cpu "
+                  "cgroup: this fallback isolates nothing",
+}
+
+
+def _parse_limit(name: str, raw: object) -> object:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "unlimited")):
+        if name == "tmp_size":
+            raise InvalidRequestError("limits.tmp_size cannot be unlimited")
+        return None
+    if name == "cpus":
+        try:
+            return float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"limits.cpus must be a number, got {raw!r}") from None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().upper().removesuffix("IB").removesuffix("B")
+    factor = 1
+    if text[-1:] in _SIZE_SUFFIXES:
+        factor, text = _SIZE_SUFFIXES[text[-1]], text[:-1]
+    try:
+        return int(float(text) * factor)
+    except ValueError:
+        raise InvalidRequestError(f"limits.{name}: cannot read {raw!r} (use e.g. 512, 2G, "
+                                  "none)") from None
+
+
+_SIZE_SUFFIXES = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
 
 
 @dataclass(frozen=True)

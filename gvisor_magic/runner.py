@@ -38,6 +38,7 @@ from .request import (
     resolve_require_isolation,
 )
 from .result import CommandResult
+from .setid import strip_new_setid
 
 log = logging.getLogger("gvisor_magic")
 
@@ -223,7 +224,7 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             log.info("gvisor: skipping %s: %s", name, reasons[name])
             continue
         log.info("gvisor: running %r with %s (%s)", request.display[:200], name, why)
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         try:
             result = backend.run(request, on_output)
         except SandboxStartError as exc:
@@ -235,14 +236,25 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
                         name, exc.reason)
             continue
         except CommandInterrupted as exc:
+            _strip_setid(backend, request, wall, exc.result)
             exc.result = _with_reason(exc.result, reasons, mode, time.monotonic() - started)
             raise
+        _strip_setid(backend, request, wall, result)
         return _with_reason(result, reasons, mode, time.monotonic() - started)
     if require or mode != "auto":
         raise IsolationUnavailable(
             f"cannot run the command with {' or '.join(names) or 'any backend'}"
             + (" and isolation is required" if require else ""), reasons)
     raise IsolationUnavailable("no backend could start the command", reasons)
+
+
+def _strip_setid(backend: Backend, request: CommandRequest, since: float,
+                 result: CommandResult) -> None:
+    """Set-ID files a sandboxed command left in the working dir lose those bits."""
+    if backend.isolated:
+        stripped = strip_new_setid(request.working_dir, since)
+        if stripped:
+            result.details["stripped_setid"] = ", ".join(stripped)
 
 
 def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str,

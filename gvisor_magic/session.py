@@ -35,6 +35,7 @@ from .request import (
     sandbox_env,
 )
 from .result import TIMEOUT_RETURNCODE, CommandResult
+from .setid import strip_new_setid
 
 START_TIMEOUT = 60.0
 ACCEPT_TIMEOUT = 10.0
@@ -215,18 +216,24 @@ class IsolatedSession:
                 self._start_locked()
             if self._warm is None:
                 return self._run_cold(request, on_output)
+            since = time.time()
             try:
                 try:
-                    return self._run_warm(request, on_output)
+                    result = self._run_warm(request, on_output)
                 except SandboxStartError:
                     # The agent never accepted the command, so it did not run: one
                     # more try on a fresh sandbox is safe (and never a re-run).
                     self._start_locked()
                     if self._warm is None:
                         return self._run_cold(request, on_output)
-                    return self._run_warm(request, on_output)
+                    result = self._run_warm(request, on_output)
             finally:
                 self._arm_idle_timer()
+                # Set-ID files written into the (host) working dir lose those bits.
+                stripped = strip_new_setid(self._base.working_dir, since)
+            if stripped:
+                result.details["stripped_setid"] = ", ".join(stripped)
+            return result
 
     def _run_cold(self, request: CommandRequest, on_output: OutputCallback | None
                   ) -> CommandResult:

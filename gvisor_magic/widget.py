@@ -43,6 +43,8 @@ class IsolationState:
     #: The kernel's own pod runs under gVisor (a gVisor RuntimeClass), so commands
     #: that are not isolated on their own still never reach the node's kernel.
     pod_gvisor: bool = False
+    #: ``Limits.describe()`` of the limits the last command ran with.
+    limits: str | None = None
 
     @property
     def colour(self) -> str:
@@ -97,6 +99,8 @@ class IsolationState:
             rows.append(("runsc", self.runsc_version))
         if self.session:
             rows.append(("session", self.session))
+        if self.limits:
+            rows.append(("limits", self.limits))
         if self.blocked:
             rows.append(("blocked", self.blocked))
         elif self.fallback_reason:

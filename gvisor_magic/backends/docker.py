@@ -261,7 +261,8 @@ class DockerBackend:
                 tmpfs[spec.destination] = ",".join(
                     [*spec.options, "ro" if spec.read_only else "rw", "nosuid", "nodev"])
         limits = request.limits
-        names = {"RLIMIT_NOFILE": "nofile", "RLIMIT_FSIZE": "fsize", "RLIMIT_NPROC": "nproc"}
+        names = {"RLIMIT_NOFILE": "nofile", "RLIMIT_FSIZE": "fsize", "RLIMIT_NPROC": "nproc",
+                 "RLIMIT_AS": "as"}
         ulimits = [Ulimit(name=names[key], soft=value, hard=value)
                    for key, value in limits.rlimits().items() if key in names]
         return api.create_host_config(
@@ -270,10 +271,9 @@ class DockerBackend:
             pids_limit=limits.max_processes, mem_limit=limits.memory,
             memswap_limit=limits.memory, nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
             ulimits=ulimits, shm_size="64m",
-            # The attach stream carries the output; the default json-file driver would
-            # also copy every byte to the daemon's disk, unbounded (an output flood
-            # fills /var/lib/docker) and slowly.
-            log_config=LogConfig(type=LogConfig.types.NONE))
+            # The output is streamed to the caller; Docker's default json-file log
+            # would also write all of it (GBs from a flood) to the host's disk.
+            log_config=LogConfig(type="none"))
 
 
 def docker_identity() -> Identity:

@@ -140,7 +140,16 @@ class DockerProcess:
         return self.returncode if self.returncode is not None else -1
 
     def kill(self) -> None:
-        """Kill the container; if the daemon cannot, kill what serves it on the host."""
+        """Kill the container; if the daemon cannot, kill what serves it on the host.
+
+        Detach first: a command flooding its output would otherwise keep dockerd
+        blocked writing to our attach socket (the pump waits on a full pipe that
+        the caller, busy here, does not read), and dockerd does not finish a kill
+        until the container's output is copied. Output after a kill is not wanted.
+        """
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                _raw_socket(self._socket).shutdown(socket.SHUT_RDWR)
         try:
             self.api.kill(self.cid, "KILL")
         except Exception as exc:

@@ -271,12 +271,17 @@ class RunscBackend:
         status = ""
         masked: list[str] = []
         try:
-            os.mkdir(state, 0o700)
-            os.mkdir(status_dir, 0o700)
-            layout = build_layout(request, identity, run_dir, status_dir=status_dir)
-            bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
-                            init_argv(marker, request.argv), request.limits)
-            bundle.write()
+            try:
+                os.mkdir(state, 0o700)
+                os.mkdir(status_dir, 0o700)
+                layout = build_layout(request, identity, run_dir, status_dir=status_dir)
+                bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
+                                init_argv(marker, request.argv), request.limits)
+                bundle.write()
+            except OSError as exc:  # e.g. a full disk: the command has not started
+                raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
+                                        f"({why}): {exc}", fix=f"free space there or point "
+                                        f"{ENV_STATE_DIR} at another directory") from exc
             masked = layout.masked
             log.debug("gvisor: starting sandbox %s for %r", sandbox_id, request.display)
             try:

@@ -71,14 +71,19 @@ class RunscTransport:
         base, why = state_base(identity.rootless)
         if base is None:
             raise SandboxStartError("runsc", why, fix=f"set {ENV_STATE_DIR}")
-        self.run_dir = make_run_dir(base)
         self.sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
-        state = os.path.join(self.run_dir, "state")
-        os.mkdir(state, 0o700)
         self._runsc = runsc
-        self._flags = backend.flags(state, request.network)
         self.proc: subprocess.Popen[bytes] | None = None
         try:
+            self.run_dir = make_run_dir(base)
+        except OSError as exc:
+            raise SandboxStartError("runsc", f"cannot create sandbox state in {base}: {exc}",
+                                    fix=f"point {ENV_STATE_DIR} at a writable directory"
+                                    ) from exc
+        state = os.path.join(self.run_dir, "state")
+        self._flags = backend.flags(state, request.network)
+        try:
+            os.mkdir(state, 0o700)
             layout = build_layout(request, identity, self.run_dir)
             self.masked = layout.masked
             self.env = layout.env
@@ -93,6 +98,10 @@ class RunscTransport:
             except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
                 raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
+        except OSError as exc:
+            self.close()
+            raise SandboxStartError("runsc", f"cannot start the sandbox: {exc}",
+                                    fix=INSTALL_HINT) from exc
         except BaseException:
             self.close()
             raise
@@ -113,11 +122,11 @@ class RunscTransport:
     def close(self) -> None:
         """Kill the sandbox and remove its files; idempotent."""
         if self.proc is not None and self.proc.poll() is None:
-            subprocess.run([self._runsc, *self._flags, "kill", "--all", self.sandbox_id, "KILL"],
-                           capture_output=True, timeout=15, env=_runsc_env(),
-                           stdin=subprocess.DEVNULL)
+            # runsc itself may be gone or broken by now: then the wait below
+            # times out and the processes are killed directly.
+            killed = self._runsc_quietly("kill", "--all", self.sandbox_id, "KILL")
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=10 if killed else 0.1)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, 9)
@@ -128,12 +137,20 @@ class RunscTransport:
                     stream.close()
             state = os.path.join(self.run_dir, "state")
             if os.path.isdir(state) and os.listdir(state):
-                subprocess.run([self._runsc, *self._flags, "delete", "--force", self.sandbox_id],
-                               capture_output=True, timeout=30, env=_runsc_env(),
-                               stdin=subprocess.DEVNULL)
+                self._runsc_quietly("delete", "--force", self.sandbox_id)
             kill_processes_mentioning(self.sandbox_id, "sandbox")
             self.proc = None
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if getattr(self, "run_dir", None):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _runsc_quietly(self, *args: str) -> bool:
+        """Run a runsc subcommand; False if it failed or runsc itself is gone."""
+        try:
+            return subprocess.run([self._runsc, *self._flags, *args], capture_output=True,
+                                  timeout=30, env=_runsc_env(),
+                                  stdin=subprocess.DEVNULL).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 class DockerTransport:

@@ -1,0 +1,81 @@
+"""Limits: configurable through the API, the CLI, ``%config`` and ``%%isolated --limit``,
+enforced inside the sandbox, and shown by the widget and ``doctor``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_magics import ip, magics, run, shell  # noqa: F401  (the IPython fixtures)
+
+import gvisor_magic
+from gvisor_magic import InvalidRequestError, Limits, run_command_isolated
+from gvisor_magic.request import GiB, MiB
+
+CLI = [sys.executable, "-m", "gvisor_magic.cli"]
+
+
+def test_limits_parse_sizes_none_and_refuse_nonsense():
+    limits = Limits.parse({"memory": "2G", "max_processes": "64", "tmp_size": "64M",
+                           "cpus": "1.5", "max_address_space": "none"})
+    assert limits == Limits(memory=2 * GiB, max_processes=64, tmp_size=64 * MiB, cpus=1.5,
+                            max_address_space=None)
+    assert Limits.parse({}, limits) == limits
+    for bad in ({"memroy": "1G"}, {"memory": "lots"}, {"memory": "-1"}, {"tmp_size": "none"},
+                {"cpus": "many"}):
+        with pytest.raises(InvalidRequestError):
+            Limits.parse(bad)
+    assert "memory 4 GiB (cgroup)" in Limits().describe()
+
+
+@pytest.mark.parametrize("mode", ["runsc", "docker"])
+def test_api_limits_hold_inside_the_sandbox(mode, request):
+    request.getfixturevalue(f"{mode}_works")
+    limits = Limits(max_open_files=123, max_file_size=MiB, tmp_size=8 * MiB)
+    result = run_command_isolated(
+        "uname -r; ulimit -n; ulimit -f; df -k /tmp | tail -1; "
+        "head -c 2M /dev/zero > big; echo rc=$?", mode=mode, limits=limits)
+    lines = result.stdout.split("\n")
+    assert lines[:3] == ["4.4.0", "123", "2048"], result.stdout  # dash: 512-byte blocks
+    assert lines[3].split()[1] == str(8 * 1024)
+    assert "rc=0" not in result.stdout
+
+
+def test_cli_run_takes_limits_and_doctor_shows_them(runsc_works):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GVISOR_MAGIC_")}
+    done = subprocess.run([*CLI, "run", "--mode", "runsc", "--limit", "max_open_files=77",
+                           "--shell", "--", "ulimit -n"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout == "77\n", done.stderr
+    bad = subprocess.run([*CLI, "run", "--limit", "memory=lots", "--", "true"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "limits.memory" in bad.stderr
+    doctor = subprocess.run([*CLI, "doctor"], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert "default limits: processes 512" in doctor.stdout
+    assert "runsc: processes, open files" in doctor.stdout
+    data = json.loads(subprocess.run([*CLI, "doctor", "--json"], capture_output=True,
+                                     text=True, timeout=120, env=env).stdout)
+    assert data["limits"]["max_processes"] == 512 and "docker" in data["limits"]["enforcement"]
+
+
+def test_config_and_cell_limits_reach_the_sandbox_and_the_widget(ip, capfd, runsc_works):  # noqa: F811
+    settings = magics(ip).settings
+    run(ip, "%config Isolation.limits = {'max_open_files': 222}")
+    assert settings.effective_limits().max_open_files == 222
+    widget = gvisor_magic.status_widget()
+    run(ip, "%%isolated --quiet\nulimit -n\n")
+    assert capfd.readouterr().out == "222\n"
+    assert ">limits</td><td>processes 512, open files 222," in widget.value
+    run(ip, "%%isolated --quiet --limit max_open_files=99 --limit tmp_size=16M\n"
+            "ulimit -n; df -k /tmp | tail -1\n")
+    out = capfd.readouterr().out.split("\n")
+    assert out[0] == "99" and out[1].split()[1] == str(16 * 1024)
+    assert "open files 99," in widget.value and "/tmp and HOME 16 MiB" in widget.value
+    run(ip, "%config Isolation.limits = {'memory': 'lots'}")
+    assert settings.limits == {"max_open_files": 222}
+    with pytest.raises(InvalidRequestError):
+        run(ip, "%%isolated --limit memroy=1G\ntrue\n")
