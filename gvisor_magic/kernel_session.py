@@ -11,6 +11,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
+from .request import DEFAULT_MAX_OUTPUT
 from .session import IsolatedSession
 
 
@@ -22,6 +23,7 @@ class SessionKey:
     mode: str | None
     require_isolation: bool | None
     shell: str
+    max_output: int = DEFAULT_MAX_OUTPUT
 
 
 class KernelSessions:
@@ -38,7 +40,7 @@ class KernelSessions:
             if self._session is None:
                 self._session = IsolatedSession(
                     key.workdir, key.repo, mode=key.mode, require_isolation=key.require_isolation,
-                    network=key.network, shell=key.shell)
+                    network=key.network, shell=key.shell, max_output=key.max_output)
                 self._key = key
             return self._session
 

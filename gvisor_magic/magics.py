@@ -148,7 +148,7 @@ class IsolatedMagics(Magics):
                           settings.network if network is None else network,
                           mode or settings.mode,
                           settings.require_isolation if require is None else require,
-                          settings.shell)
+                          settings.shell, settings.max_output)
 
     def _route_changed(self, change) -> None:
         if change["new"]:
