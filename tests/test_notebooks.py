@@ -129,3 +129,28 @@ def test_nbval_fails_when_an_output_changes(runsc_works, tmp_path):
         timeout=600)
     assert run.returncode == 1, run.stdout[-4000:]
     assert "1 failed" in run.stdout and "emptY" in run.stdout
+
+
+def test_binder_builds_this_repo_with_its_python(tmp_path):
+    """repo2docker's plan for the repo (what mybinder builds): binder/ decides, `.` is installed
+    into the kernel's environment after the repository was copied, with binder/runtime.txt's
+    Python."""
+    repo2docker = Path(sys.executable).parent / "jupyter-repo2docker"
+    run = subprocess.run(
+        [str(repo2docker), "--no-build", "--debug", "--user-id", "1000", "--user-name",
+         "jovyan", str(ROOT)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    runtime = (ROOT / "binder" / "runtime.txt").read_text().strip()
+    assert runtime.startswith("python-3.")
+    assert f"Building conda environment for python={runtime.removeprefix('python-')}" in log
+    requirements = [line.strip() for line in (ROOT / "binder" / "requirements.txt").read_text()
+                    .splitlines() if line.strip() and not line.startswith("#")]
+    assert requirements == ["."]
+    install = ('RUN ${KERNEL_PYTHON_PREFIX}/bin/pip install --no-cache-dir '
+               '-r "binder/requirements.txt"')
+    copy = "COPY --chown=1000:1000 src/ ${REPO_DIR}/"
+    assert install in log and copy in log
+    assert log.index(copy) < log.index(install), "`.` must be installed after the repo is copied"
+    # binder/ wins: no root-level configuration is used alongside it.
+    assert "pip install --no-cache-dir ." not in log and "environment.yml" not in log
