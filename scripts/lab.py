@@ -256,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if problems else 0
         print(f"\nJupyterLab is running with gvisor_magic; open:\n\n    {server.url}\n\n"
               f"(127.0.0.1 only; Ctrl-C stops it and its kernels)", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # SIGINT too: a shell that starts us in the background has it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for stop in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop, lambda *_: sys.exit(0))
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
         return 1

@@ -203,7 +203,8 @@ def test_lab_check_serves_the_notebooks_with_the_extension():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_make_lab_prints_a_token_url_on_localhost_and_stops_cleanly():
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_make_lab_prints_a_token_url_on_localhost_and_stops_cleanly(stop):
     """What `make lab` runs: serve, print the URL, stop with everything on SIGTERM/Ctrl-C."""
     tmp = tempfile.mkdtemp(prefix="gvm-lab-serve-")
     process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "lab.py")],
@@ -225,7 +226,7 @@ def test_make_lab_prints_a_token_url_on_localhost_and_stops_cleanly():
         listening = {c.laddr.ip for c in psutil.net_connections("inet")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
         assert listening == {"127.0.0.1"}, listening  # the loopback address only
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         process.communicate(timeout=60)
         assert process.returncode == 0
         with socket.socket() as probe:
