@@ -75,7 +75,9 @@ def lab(tmp_path):
     kernel_tmp = tempfile.mkdtemp(prefix="gvm-lab-kernels-")
     env = {k: v for k, v in os.environ.items() if k not in GVISOR_ENV}
     env["TMPDIR"] = kernel_tmp
-    server = _lab_module().LabServer(root=root, env=env, log_path=str(tmp_path / "lab.log"))
+    lab_module = _lab_module()
+    server = lab_module.LabServer(root=root, port=lab_module.free_port(None), env=env,
+                                  log_path=str(tmp_path / "lab.log"))
     server.start()
     try:
         yield server
