@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := uidmap python3 docker.io
+# Debian's chromium: the browser test drives JupyterLab in it (Playwright, no browser download).
+APT_PACKAGES += chromium
 
 .PHONY: test system venv lint bench doctor clean
 
@@ -57,6 +59,13 @@ else
 	$(SUDO) $(PYTHON) scripts/with_dockerd.py --start-only
 	$(PY) scripts/security_report.py
 endif
+
+# The main job: JupyterLab on 127.0.0.1 with gvisor_magic and notebooks/ open; prints the
+# URL (with its token) and runs until Ctrl-C, which also stops its kernels and sandboxes.
+.PHONY: lab
+lab: system venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[lab]'
+	$(PY) scripts/lab.py
 
 doctor: venv
 	$(VENV)/bin/gvisor-magic doctor

@@ -11,7 +11,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
-from .request import Limits
+from .request import DEFAULT_MAX_OUTPUT, Limits
 from .session import IsolatedSession
 
 
@@ -24,6 +24,7 @@ class SessionKey:
     require_isolation: bool | None
     shell: str
     limits: Limits | None = None
+    max_output: int = DEFAULT_MAX_OUTPUT
 
 
 class KernelSessions:
@@ -40,7 +41,8 @@ class KernelSessions:
             if self._session is None:
                 self._session = IsolatedSession(
                     key.workdir, key.repo, mode=key.mode, require_isolation=key.require_isolation,
-                    network=key.network, shell=key.shell, limits=key.limits)
+                    network=key.network, shell=key.shell, limits=key.limits,
+                    max_output=key.max_output)
                 self._key = key
             return self._session
 

@@ -163,7 +163,8 @@ class IsolatedMagics(Magics):
                           settings.network if network is None else network,
                           mode or settings.mode,
                           settings.require_isolation if require is None else require,
-                          settings.shell, limits or settings.effective_limits())
+                          settings.shell, limits or settings.effective_limits(),
+                          settings.max_output)
 
     def _route_changed(self, change) -> None:
         if change["new"]:

@@ -503,3 +503,10 @@ def test_widget_shows_the_session_state(ip, capfd, runsc_works):
     run(ip, "%config Isolation.warm_session = False")
     run(ip, "%%isolated\ntrue")
     assert "off (a fresh sandbox per command)" in widget.value
+
+
+def test_max_output_applies_to_the_warm_sandbox(ip, capfd, runsc_works):
+    run(ip, "%config Isolation.max_output = 1000")
+    run(ip, "%%isolated --out log --result noisy --quiet\nseq 100000")
+    assert len(ip.user_ns["log"]) == 1000 and ip.user_ns["noisy"].truncated
+    assert "session" in ip.user_ns["noisy"].details  # the warm sandbox, not a one-shot run

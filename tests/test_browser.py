@@ -1,0 +1,242 @@
+"""01-quickstart.ipynb in a real JupyterLab, in headless Chromium (Debian's), run cell by cell.
+
+What only a browser shows: the status widget renders as a widget (not its text fallback), in
+green or amber; a ``%%isolated`` cell's output arrives while the cell is still running. A
+screenshot is left in tests/artifacts/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from kernel_helpers import GVISOR_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-dev-shm-usage"]
+GREEN, AMBER = "rgb(26, 127, 55)", "rgb(178, 107, 0)"
+CELL_TIMEOUT_MS = 180_000
+
+
+def _lab_module():
+    spec = importlib.util.spec_from_file_location("gvm_lab", ROOT / "scripts" / "lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        message = f"{CHROMIUM} is missing (Debian package chromium; `make test` installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """JupyterLab serving a copy of notebooks/ (the browser's autosave must not touch ours),
+    its kernels in a TMPDIR of their own that must be empty once the server has stopped."""
+    root = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", root)
+    for path in root.glob("*.ipynb"):  # outputs seen in the page are then this run's own
+        notebook = nbformat.read(path, as_version=4)
+        for cell in notebook.cells:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nbformat.write(notebook, path)
+    kernel_tmp = tempfile.mkdtemp(prefix="gvm-lab-kernels-")
+    env = {k: v for k, v in os.environ.items() if k not in GVISOR_ENV}
+    env["TMPDIR"] = kernel_tmp
+    lab_module = _lab_module()
+    server = lab_module.LabServer(root=root, port=lab_module.free_port(None), env=env,
+                                  log_path=str(tmp_path / "lab.log"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        left = os.listdir(kernel_tmp)
+        shutil.rmtree(kernel_tmp, ignore_errors=True)
+        assert not left, f"kernels of the Lab left files behind: {left}"
+
+
+# Reads one cell of the open notebook: its prompt ("[*]:" while running) and output text.
+CELL_STATE = """(index) => {
+  const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[index];
+  const prompt = cell.querySelector('.jp-InputPrompt');
+  const output = cell.querySelector('.jp-OutputArea');
+  return {prompt: prompt ? prompt.textContent.trim() : '',
+          output: output ? output.textContent : ''};
+}"""
+
+
+def _cell_index(page, text: str) -> int:
+    sources = page.eval_on_selector_all(
+        ".jp-Notebook .jp-Cell", "cells => cells.map(c => c.querySelector('.jp-InputArea')"
+        " ? c.querySelector('.jp-InputArea').textContent : '')")
+    for index, source in enumerate(sources):
+        if text in source:
+            return index
+    raise AssertionError(f"no cell contains {text!r}")
+
+
+def _run_one(page, index: int) -> list[dict]:
+    """Select cell ``index``, run it (Ctrl+Enter), and sample its state until it is done.
+
+    Returns every state seen, in order, so callers can tell what showed up while it ran.
+    """
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell.scroll_into_view_if_needed()
+    cell.locator(".jp-InputPrompt").click()  # command mode, this cell selected
+    page.keyboard.press("Control+Enter")
+    seen = []
+    deadline = time.monotonic() + CELL_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        state = page.evaluate(CELL_STATE, index)
+        seen.append(state)
+        if state["prompt"] not in ("[*]:", "[ ]:", ""):
+            return seen
+        page.wait_for_timeout(100)
+    raise AssertionError(f"cell {index} did not finish: {seen[-1]}")
+
+
+def test_quickstart_runs_in_jupyterlab(browser, lab, runsc_works):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(lab.notebook_url("01-quickstart.ipynb"))
+    # The notebook's own content, not the empty cell a panel starts with.
+    page.wait_for_selector(".jp-Notebook .jp-MarkdownCell h1", timeout=120_000)
+    # The kernel is up once the toolbar's indicator says Idle.
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=120_000)
+    # JupyterLab adds cells to the page in batches: wait for all of them.
+    expected = len(nbformat.read(ROOT / "notebooks" / "01-quickstart.ipynb", as_version=4).cells)
+    page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-Cell').length"
+                           f" === {expected}", timeout=60_000)
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    runs = {}
+    for index in range(cells.count()):
+        if "jp-CodeCell" in (cells.nth(index).get_attribute("class") or ""):
+            runs[index] = _run_one(page, index)
+
+    # The status widget: rendered by the widget manager, in green (gVisor) or amber (fallback).
+    widget_cell = cells.nth(_cell_index(page, "gvisor_magic.status_widget()"))
+    status = widget_cell.locator(".gvisor-magic-status")
+    status.wait_for(timeout=30_000)
+    colour = status.evaluate("el => getComputedStyle(el).borderLeftColor")
+    assert colour in (GREEN, AMBER), colour
+    text = status.text_content()
+    assert "runsc" in text and "isolated by gVisor (runsc)" in text, text
+    assert colour == GREEN
+    assert widget_cell.locator(".jp-OutputArea-output pre").count() == 0, \
+        "the widget's text fallback was shown instead of the widget"
+
+    # A %%isolated cell ran under gVisor.
+    uname = runs[_cell_index(page, 'kernel inside the sandbox: $(uname -r)')][-1]
+    assert "kernel inside the sandbox: 4.4.0" in uname["output"], uname
+    assert "[gvisor-magic] runsc (gVisor): exit 0" in uname["output"], uname
+
+    # Streaming: "step 1" was on the page while the cell was still running.
+    steps = runs[_cell_index(page, 'echo "step $step of 3"')]
+    early = [s for s in steps if s["prompt"] == "[*]:" and "step 1 of 3" in s["output"]
+             and "step 3 of 3" not in s["output"]]
+    assert early, f"no output was seen before the cell finished: {steps[:3]} ... {steps[-1]}"
+    assert "step 3 of 3" in steps[-1]["output"] and steps[-1]["prompt"] != "[*]:"
+
+    # The raises-exception cell shows its error; the last cell (clean-up) ran.
+    error = runs[_cell_index(page, "something went wrong")]
+    assert "CalledProcessError" in error[-1]["output"]
+
+    last = runs[max(runs)][-1]
+    assert last["output"] == "", f"the clean-up cell failed: {last}"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    widget_cell.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "quickstart-widget.png"))
+    cells.nth(_cell_index(page, 'echo "step $step of 3"')).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "quickstart-cells.png"))
+    page.close()
+
+
+def _lab_env(tmp: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in GVISOR_ENV}
+    env["TMPDIR"] = tmp
+    return env
+
+
+def test_lab_check_serves_the_notebooks_with_the_extension():
+    """`scripts/lab.py --check`: the setup half of `make lab`, which CI can run."""
+    tmp = tempfile.mkdtemp(prefix="gvm-lab-check-")
+    try:
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "lab.py"), "--check"],
+                             env=_lab_env(tmp), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "lab: ok: JupyterLab served notebooks/ with gvisor_magic at " \
+               "http://127.0.0.1:" in run.stdout
+        assert os.listdir(tmp) == [], "the check's kernel left files behind"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_make_lab_prints_a_token_url_on_localhost_and_stops_cleanly(stop):
+    """What `make lab` runs: serve, print the URL, stop with everything on SIGTERM/Ctrl-C."""
+    tmp = tempfile.mkdtemp(prefix="gvm-lab-serve-")
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "lab.py")],
+                               env=_lab_env(tmp), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in process.stdout:
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/lab\?token=(\w+)", line)
+            if match:
+                url, port, token = match.group(0), int(match.group(1)), match.group(2)
+                break
+        assert url, "no URL was printed"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and b"jupyter-config-data" in response.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=30)
+        assert refused.value.code == 403  # the token is required
+        listening = {c.laddr.ip for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}, listening  # the loopback address only
+        process.send_signal(stop)
+        process.communicate(timeout=60)
+        assert process.returncode == 0
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the server is still running"
+        assert token and os.listdir(tmp) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        shutil.rmtree(tmp, ignore_errors=True)
+
