@@ -8,6 +8,7 @@ on top of it lives in ``gvisor_magic.session``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -32,6 +33,12 @@ from .runsc import (
 
 AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "session_agent.py").read_text()
 _STDERR_KEEP = 64 * 1024
+
+
+def widen_pipe(fd: int) -> None:
+    """Let the agent's output frames (up to 1 MiB) cross in one piece, not in 64 KiB ones."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
 def agent_argv() -> list[str]:
@@ -106,6 +113,7 @@ class RunscTransport:
             self.close()
             raise
         self.stdout_fd = self.proc.stdout.fileno()
+        widen_pipe(self.stdout_fd)
         self._stderr = _StderrTail(self.proc.stderr.fileno())
 
     def send(self, data: bytes) -> None:
