@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from dataclasses import dataclass
 
 from ..request import Limits
@@ -71,7 +72,7 @@ class Bundle:
     def spec(self, mounts: list[dict[str, object]]) -> dict[str, object]:
         layout, ident = self.layout, self.layout.identity
         namespaces = [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")]
-        linux: dict[str, object] = {"namespaces": namespaces}
+        linux: dict[str, object] = {"namespaces": namespaces, "seccomp": no_setid_seccomp()}
         if ident.rootless:
             namespaces.append({"type": "user"})
             linux["uidMappings"] = list(ident.uid_mappings)
@@ -97,3 +98,38 @@ class Bundle:
             "mounts": mounts,
             "linux": linux,
         }
+
+
+_S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE_BIT = 0o4000, 0o2000, 0o100, 0o20000000
+
+
+def no_setid_seccomp() -> dict[str, object]:
+    """A filter that refuses (EPERM) to give a file set-user-ID or set-group-ID bits.
+
+    The working dir is a real host directory: a set-ID file made there (``cp
+    /bin/sh x; chmod 4755 x``) would be a set-ID program on the host, owned by
+    the caller (root, often). gVisor applies this filter to every process of the
+    container (``runsc --oci-seccomp``), so such a file is never created; the
+    runner's host-side check (``gvisor_magic.setid``) stays as a second layer.
+    ``openat2`` takes its mode in a struct a filter cannot read, so it answers
+    ENOSYS and callers fall back to ``openat``.
+    """
+    def refuse(name: str, *conditions: tuple[int, int]) -> dict[str, object]:
+        return {"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                "args": [{"index": index, "value": bits, "valueTwo": bits,
+                          "op": "SCMP_CMP_MASKED_EQ"} for index, bits in conditions]}
+
+    legacy = platform.machine() in ("x86_64", "AMD64")  # arm64 has only the *at calls
+    rules = [{"names": ["openat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]
+    for bit in (_S_ISUID, _S_ISGID):
+        rules += [refuse("fchmod", (1, bit)), refuse("fchmodat", (2, bit)),
+                  refuse("mknodat", (2, bit))]
+        if legacy:
+            rules += [refuse("chmod", (1, bit)), refuse("creat", (1, bit)),
+                      refuse("mknod", (1, bit))]
+        for created in (_O_CREAT, _O_TMPFILE_BIT):  # a mode only counts when creating
+            rules.append(refuse("openat", (2, created), (3, bit)))
+            if legacy:
+                rules.append(refuse("open", (1, created), (2, bit)))
+    arch = "SCMP_ARCH_X86_64" if legacy else "SCMP_ARCH_AARCH64"
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": rules}

@@ -200,8 +200,9 @@ class RunscBackend:
         # --directfs=false: with directfs, runsc 20240729 truncates a host file on
         # a *read-only* bind mount when the sandbox opens it with O_TRUNC (the
         # open itself then fails with EROFS). Through the gofer, read-only holds.
+        # --oci-seccomp: apply the bundle's filter, which refuses set-ID file modes.
         flags = ["--root", state_dir, f"--network={'host' if network else 'none'}",
-                 "--overlay2=none", "--directfs=false"]
+                 "--overlay2=none", "--directfs=false", "--oci-seccomp"]
         if "--ignore-cgroups" not in self.extra_flags and "--rootless" not in self.extra_flags:
             # Limits are rlimits enforced by gVisor itself, so no host cgroup is needed.
             flags.append("--ignore-cgroups")
