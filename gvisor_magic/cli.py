@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
             working_dir=args.workdir,
             repo_path=args.repo, timeout=args.timeout, env=env, mode=args.mode,
             require_isolation=True if args.require_isolation else None, network=args.network,
-            on_output=None if args.json else stream)
+            on_output=None if args.json else stream, protected_paths=args.protect)
     except IsolationUnavailable as exc:
         print(f"gvisor-magic: {exc}", file=sys.stderr)
         return 125
@@ -80,6 +80,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     elif not args.quiet:
         print(f"[gvisor-magic] {result.describe()}", file=sys.stderr)
+    if not args.json:
+        for warning in result.warnings():
+            print(f"[gvisor-magic] WARNING: {warning}", file=sys.stderr)
     if result.returncode < 0:
         return 128 - result.returncode
     return result.returncode
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fail (exit 125) rather than run without gVisor")
     run.add_argument("--limit", action="append", metavar="NAME=VALUE",
                      help="resource limit, e.g. memory=1G, max_processes=64 (repeatable)")
+    run.add_argument("--protect", action="append", metavar="PATH",
+                     help="make PATH of the working dir read-only too; '-NAME' relaxes a "
+                     "built-in protected path (repeatable; see SECURITY.md)")
     run.add_argument("--shell", action="store_true",
                      help="treat the single CMD argument as a shell script")
     run.add_argument("--json", action="store_true", help="print the result as JSON at the end")

@@ -25,6 +25,7 @@ class SessionKey:
     shell: str
     limits: Limits | None = None
     max_output: int = DEFAULT_MAX_OUTPUT
+    protected_paths: tuple[str, ...] = ()
 
 
 class KernelSessions:
@@ -42,7 +43,7 @@ class KernelSessions:
                 self._session = IsolatedSession(
                     key.workdir, key.repo, mode=key.mode, require_isolation=key.require_isolation,
                     network=key.network, shell=key.shell, limits=key.limits,
-                    max_output=key.max_output)
+                    max_output=key.max_output, protected_paths=list(key.protected_paths))
                 self._key = key
             return self._session
 

@@ -17,11 +17,12 @@ import sys
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.text import DollarFormatter, SList
-from traitlets import Bool, Dict, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
 from .errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
 from .kernel_session import KernelSessions, SessionKey
+from .protected import PathPolicy
 from .request import MODES, Limits
 from .result import CommandResult
 from .routing import BangRouter
@@ -77,6 +78,10 @@ class Isolation(Configurable):
     limits = Dict(help="Resource limits over the defaults, e.g. {'memory': '2G', "
                   "'max_processes': 256, 'tmp_size': '1G', 'cpus': 1} (see gvisor_magic.Limits; "
                   "'none' for no limit).").tag(config=True)
+    protected_paths = List(Unicode(), help="Changes to the protected paths: 'data/raw' makes "
+                           "a path of the working dir read-only in the sandbox, '-.bashrc' "
+                           "relaxes a built-in entry (shown in results and the widget).",
+                           ).tag(config=True)
 
     # -- configuration ---------------------------------------------------------
 
@@ -107,6 +112,14 @@ class Isolation(Configurable):
             Limits.parse(proposal["value"])
         except (InvalidRequestError, TypeError) as exc:
             raise TraitError(f"Isolation.limits: {exc}") from None
+        return proposal["value"]
+
+    @validate("protected_paths")
+    def _check_protected_paths(self, proposal):
+        try:
+            PathPolicy.parse(proposal["value"])
+        except (InvalidRequestError, TypeError) as exc:
+            raise TraitError(f"Isolation.protected_paths: {exc}") from None
         return proposal["value"]
 
     def effective_limits(self, overrides: dict[str, str] | None = None) -> Limits:
@@ -164,7 +177,7 @@ class IsolatedMagics(Magics):
                           mode or settings.mode,
                           settings.require_isolation if require is None else require,
                           settings.shell, limits or settings.effective_limits(),
-                          settings.max_output)
+                          settings.max_output, tuple(settings.protected_paths))
 
     def _route_changed(self, change) -> None:
         if change["new"]:
@@ -208,7 +221,8 @@ class IsolatedMagics(Magics):
                     timeout=seconds, env=env, mode=mode or settings.mode,
                     require_isolation=require,
                     network=settings.network if network is None else network, on_output=stream,
-                    max_output=settings.max_output, shell=settings.shell, limits=effective)
+                    max_output=settings.max_output, shell=settings.shell, limits=effective,
+                    protected_paths=list(settings.protected_paths))
         except IsolationUnavailable as exc:
             self.state.record_blocked(str(exc).splitlines()[0])
             VIEWS.refresh(self.state)
@@ -231,6 +245,8 @@ class IsolatedMagics(Magics):
         line = result.describe() + (f" ({note})" if note else "")
         marker = "" if result.isolated else "WARNING: "
         print(f"[gvisor-magic] {marker}{line}", file=sys.stderr, flush=True)
+        for warning in result.warnings():
+            print(f"[gvisor-magic] WARNING: {warning}", file=sys.stderr, flush=True)
 
     def expand(self, text: str) -> str:
         """``$var`` and ``{expr}`` from the user's namespace, as ``!`` does, line by line.

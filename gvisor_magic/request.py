@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
+from .protected import PathPolicy, ProtectionPlan
 
 MODES = ("auto", "runsc", "docker", "subprocess")
 ENV_MODE = "GVISOR_MAGIC_MODE"
@@ -26,8 +27,11 @@ DEFAULT_SHELL = "/bin/sh"
 
 # Host variables worth keeping: they change how text is rendered, never what a
 # command may access. Everything else (tokens, cloud keys, proxies) stays out.
-ENV_ALLOWLIST = ("LANG", "LANGUAGE", "TZ", "TERM")
-ENV_ALLOWLIST_PREFIXES = ("LC_",)
+# Exact names: a prefix such as ``LC_`` would let ``LC_AUDIT_TOKEN`` in.
+ENV_ALLOWLIST = frozenset({
+    "LANG", "LANGUAGE", "TZ", "TERM", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES",
+    "LC_NUMERIC", "LC_TIME", "LC_MONETARY", "LC_PAPER", "LC_NAME", "LC_ADDRESS",
+    "LC_TELEPHONE", "LC_MEASUREMENT", "LC_IDENTIFICATION"})
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Host directories that must never be mounted read-write over the sandbox.
@@ -178,6 +182,10 @@ class CommandRequest:
     max_output: int | None = DEFAULT_MAX_OUTPUT
     #: The text the user asked for, for messages and logs.
     display: str = ""
+    #: The user's changes to the protected-paths policy (``gvisor_magic.protected``).
+    protection: PathPolicy = field(default_factory=PathPolicy)
+    #: The plan made for this command's mounts just before it runs (host state, not input).
+    plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -193,6 +201,7 @@ class CommandRequest:
         limits: Limits | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: str = DEFAULT_SHELL,
+        protected_paths: Sequence[str] | PathPolicy | None = None,
     ) -> CommandRequest:
         argv, display = _check_command(command, shell)
         if limits is not None and not isinstance(limits, Limits):
@@ -210,6 +219,8 @@ class CommandRequest:
             limits=limits or Limits(),
             max_output=_check_max_output(max_output),
             display=display,
+            protection=protected_paths if isinstance(protected_paths, PathPolicy)
+            else PathPolicy.parse(protected_paths),
         )
 
 
@@ -352,7 +363,7 @@ def sandbox_env(request: CommandRequest, *, home: str, path: str, user: str) -> 
     """
     env = {"PATH": path, "HOME": home, "USER": user, "LOGNAME": user, "TMPDIR": "/tmp"}
     for key, value in os.environ.items():
-        if key in ENV_ALLOWLIST or key.startswith(ENV_ALLOWLIST_PREFIXES):
+        if key in ENV_ALLOWLIST:
             env[key] = value
     env.setdefault("LANG", "C.UTF-8")
     env.update(request.env)

@@ -70,6 +70,26 @@ class CommandResult:
             text += f"; fallback: {self.fallback_reason}"
         return text
 
+    def warnings(self) -> list[str]:
+        """Sentences about what needs the user's attention beyond the exit status."""
+        notes = []
+        quarantined = self.details.get("quarantined")
+        if quarantined:
+            notes.append("the command left files that a host tool would run later; they were "
+                         "moved to quarantine (nothing was deleted):\n  - "
+                         + quarantined.replace("; ", "\n  - "))
+        if self.details.get("stripped_setid"):
+            notes.append("set-ID bits the command gave files were removed: "
+                         + self.details["stripped_setid"])
+        if self.details.get("relaxed_protection"):
+            notes.append("protection relaxed on request for: "
+                         + self.details["relaxed_protection"])
+        if self.details.get("protection_note"):
+            notes.append(self.details["protection_note"])
+        if self.details.get("session_note"):
+            notes.append(self.details["session_note"])
+        return notes
+
     def check_returncode(self) -> None:
         """Raise ``subprocess.CalledProcessError`` if the command failed."""
         import subprocess

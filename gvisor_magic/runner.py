@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from .backends.base import Backend, BackendStatus
+from .backends.layout import plan_for
 from .backends.runsc import RunscBackend
 from .backends.subprocess import SubprocessBackend
 from .detect import (
@@ -27,6 +28,7 @@ from .detect import (
     preferred_backends,
 )
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
+from .postrun import check_after_run
 from .process import OutputCallback
 from .request import (
     DEFAULT_MAX_OUTPUT,
@@ -38,7 +40,6 @@ from .request import (
     resolve_require_isolation,
 )
 from .result import CommandResult
-from .setid import strip_new_setid
 
 log = logging.getLogger("gvisor_magic")
 
@@ -182,6 +183,7 @@ def run_command_isolated(
     limits: Limits | None = None,
     max_output: int | None = DEFAULT_MAX_OUTPUT,
     shell: str = DEFAULT_SHELL,
+    protected_paths: Sequence[str] | None = None,
 ) -> CommandResult:
     """Run ``command`` once, in the best sandbox available, and say where it ran.
 
@@ -189,11 +191,14 @@ def run_command_isolated(
     ``mode`` defaults to ``$GVISOR_MAGIC_MODE`` or ``"auto"``;
     ``require_isolation`` to ``$GVISOR_MAGIC_REQUIRE_ISOLATION``: when set, a
     command that cannot run under gVisor raises ``IsolationUnavailable``.
-    See the README for the sandbox policy (mounts, environment, limits).
+    ``protected_paths`` adds read-only paths or relaxes built-in ones (``"-.bashrc"``);
+    see ``gvisor_magic.protected``.
+    See the README for the sandbox policy (mounts, environment, limits, protected paths).
     """
     request = CommandRequest.build(
         command, working_dir=working_dir, repo_path=repo_path, timeout=timeout, env=env,
-        network=network, stdin=stdin, limits=limits, max_output=max_output, shell=shell)
+        network=network, stdin=stdin, limits=limits, max_output=max_output, shell=shell,
+        protected_paths=protected_paths)
     mode = resolve_mode(mode)
     require = resolve_require_isolation(require_isolation)
     if require and mode == "subprocess":
@@ -206,6 +211,9 @@ def run_command_isolated(
         scratch = tempfile.mkdtemp(prefix="gvisor-magic-work-")
         request = dataclasses.replace(request, working_dir=os.path.realpath(scratch))
     try:
+        if names != ["subprocess"]:
+            # Looked at once, before any backend runs: the post-run check compares with it.
+            request = dataclasses.replace(request, plan=plan_for(request))
         return _run_first_that_starts(request, names, why, mode, require, on_output)
     finally:
         if scratch is not None:
@@ -236,10 +244,10 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
                         name, exc.reason)
             continue
         except CommandInterrupted as exc:
-            _strip_setid(backend, request, wall, exc.result)
+            _after_run(backend, request, wall, exc.result)
             exc.result = _with_reason(exc.result, reasons, mode, time.monotonic() - started)
             raise
-        _strip_setid(backend, request, wall, result)
+        _after_run(backend, request, wall, result)
         return _with_reason(result, reasons, mode, time.monotonic() - started)
     if require or mode != "auto":
         raise IsolationUnavailable(
@@ -248,13 +256,11 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
     raise IsolationUnavailable("no backend could start the command", reasons)
 
 
-def _strip_setid(backend: Backend, request: CommandRequest, since: float,
-                 result: CommandResult) -> None:
-    """Set-ID files a sandboxed command left in the working dir lose those bits."""
+def _after_run(backend: Backend, request: CommandRequest, since: float,
+               result: CommandResult) -> None:
+    """Set-ID bits stripped, what would run later quarantined (``postrun``)."""
     if backend.isolated:
-        stripped = strip_new_setid(request.working_dir, since)
-        if stripped:
-            result.details["stripped_setid"] = ", ".join(stripped)
+        result.details.update(check_after_run(request.working_dir, since, request.plan))
 
 
 def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str,

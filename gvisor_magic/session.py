@@ -21,8 +21,10 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 from .agent_channel import Channel, SessionBroken
+from .backends.layout import plan_for, protection_details
 from .backends.transports import DockerTransport, RunscTransport
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
+from .postrun import check_after_run
 from .process import Capture, OutputCallback
 from .request import (
     DEFAULT_MAX_OUTPUT,
@@ -35,7 +37,6 @@ from .request import (
     sandbox_env,
 )
 from .result import TIMEOUT_RETURNCODE, CommandResult
-from .setid import strip_new_setid
 
 START_TIMEOUT = 60.0
 ACCEPT_TIMEOUT = 10.0
@@ -49,6 +50,8 @@ class _Warm:
     channel: Channel
     backend: str
     started: float
+    #: The protected paths this sandbox's mounts were made for (``ProtectionPlan.key``).
+    protection: frozenset
 
 
 class IsolatedSession:
@@ -65,10 +68,12 @@ class IsolatedSession:
                  repo_path: str | os.PathLike[str] | None = None, *, mode: str | None = None,
                  require_isolation: bool | None = None, network: bool = False,
                  limits: Limits | None = None, max_output: int | None = DEFAULT_MAX_OUTPUT,
-                 idle_timeout: float | None = None, shell: str = DEFAULT_SHELL) -> None:
+                 idle_timeout: float | None = None, shell: str = DEFAULT_SHELL,
+                 protected_paths: Sequence[str] | None = None) -> None:
         self._base = CommandRequest.build(["true"], working_dir=working_dir or os.getcwd(),
                                           repo_path=repo_path, network=network, limits=limits,
-                                          max_output=max_output, shell=shell)
+                                          max_output=max_output, shell=shell,
+                                          protected_paths=protected_paths)
         self.mode = resolve_mode(mode)
         self.require_isolation = resolve_require_isolation(require_isolation)
         if self.require_isolation and self.mode == "subprocess":
@@ -149,7 +154,8 @@ class IsolatedSession:
                                                            reasons.items())
 
     def _launch(self, name: str) -> _Warm:
-        transport = RunscTransport(self._base) if name == "runsc" else DockerTransport(self._base)
+        base = dataclasses.replace(self._base, plan=plan_for(self._base))
+        transport = RunscTransport(base) if name == "runsc" else DockerTransport(base)
         channel = Channel(transport)
         try:
             frame = channel.receive(time.monotonic() + START_TIMEOUT)
@@ -160,7 +166,7 @@ class IsolatedSession:
             transport.close()
             raise SandboxStartError(name, "the sandbox agent did not say hello within "
                                     f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
-        return _Warm(transport, channel, name, time.monotonic())
+        return _Warm(transport, channel, name, time.monotonic(), base.plan.key())
 
     def close(self) -> None:
         """Stop the sandbox; idempotent, and also done at interpreter exit."""
@@ -216,6 +222,9 @@ class IsolatedSession:
                 self._start_locked()
             if self._warm is None:
                 return self._run_cold(request, on_output)
+            plan = self._check_protection()
+            if self._warm is None:
+                return self._run_cold(request, on_output)
             since = time.time()
             try:
                 try:
@@ -229,11 +238,29 @@ class IsolatedSession:
                     result = self._run_warm(request, on_output)
             finally:
                 self._arm_idle_timer()
-                # Set-ID files written into the (host) working dir lose those bits.
-                stripped = strip_new_setid(self._base.working_dir, since)
-            if stripped:
-                result.details["stripped_setid"] = ", ".join(stripped)
+                # Set-ID bits stripped, what would run later on the host quarantined.
+                after = check_after_run(self._base.working_dir, since, plan)
+            result.details.update(protection_details(plan))
+            result.details.update(after)
             return result
+
+    def _check_protection(self):
+        """Look at the protected paths again; replace the sandbox if they changed.
+
+        Mounts are fixed when a sandbox starts, so a credential or a repository
+        that appeared since (made by the host, or by an earlier command) is only
+        covered by a new sandbox. Its ``/tmp`` and ``HOME`` start empty, and the
+        next result says so.
+        """
+        plan = plan_for(self._base)
+        warm = self._warm
+        if warm is not None and plan.key() != warm.protection:
+            changed = sorted(path for path, _ in plan.key() ^ warm.protection)
+            self._stop_locked()
+            self._note = ("the sandbox was replaced, with a fresh /tmp and HOME, because "
+                          "protected or secret paths changed: " + ", ".join(changed[:10]))
+            self._start_locked()
+        return plan
 
     def _run_cold(self, request: CommandRequest, on_output: OutputCallback | None
                   ) -> CommandResult:
@@ -244,7 +271,8 @@ class IsolatedSession:
             timeout=request.timeout, env=dict(request.env), mode=self.mode,
             require_isolation=self.require_isolation, network=request.network,
             on_output=on_output, stdin=request.stdin, limits=request.limits,
-            max_output=request.max_output)
+            max_output=request.max_output, protected_paths=list(self._base.protection.extra)
+            + ["-" + name for name in self._base.protection.relaxed])
         result.details["session"] = f"one-shot ({self.cold_reason})"
         return result
 
@@ -315,9 +343,7 @@ class IsolatedSession:
             isolated=True, timed_out=timed_out, duration=time.monotonic() - start,
             truncated=out.truncated or err.truncated, network=request.network, error=error,
             details={"session": warm.transport.sandbox_id,
-                     **({"session_note": note} if note else {}),
-                     **({"masked_secrets": ", ".join(warm.transport.masked)}
-                        if warm.transport.masked else {})})
+                     **({"session_note": note} if note else {})})
         if interrupted:
             raise CommandInterrupted(result)
         return result

@@ -23,48 +23,14 @@ log = logging.getLogger("gvisor_magic")
 SETID_BITS = stat.S_ISUID | stat.S_ISGID
 #: Directories larger than this are only partly checked (and a warning logged).
 MAX_ENTRIES = 500_000
-#: Filesystems with coarse timestamps: look a little before the start.
-_SLACK = 2.0
 
 
-def strip_new_setid(directory: str | None, since: float) -> list[str]:
-    """Clear set-ID bits on regular files under ``directory`` changed after ``since``.
+def clear_setid(path: str, expected: os.stat_result) -> bool:
+    """Clear the set-ID bits of ``path`` if it is still the file ``expected`` describes.
 
-    ``since`` is a ``time.time()`` taken before the command started. Symlinks
-    are never followed; each file is opened without following links and
-    checked to be the same inode before its mode is changed.
+    The file is opened without following links and checked to be the same inode
+    before its mode changes. The walk that finds such files is ``gvisor_magic.postrun``.
     """
-    if not directory:
-        return []
-    stripped: list[str] = []
-    pending, seen = [directory], 0
-    while pending:
-        try:
-            entries = list(os.scandir(pending.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            seen += 1
-            if seen > MAX_ENTRIES:
-                log.warning("gvisor: stopped checking %s for set-ID files after %d entries",
-                            directory, MAX_ENTRIES)
-                return stripped
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                pending.append(entry.path)
-            elif stat.S_ISREG(info.st_mode) and info.st_mode & SETID_BITS \
-                    and info.st_ctime >= since - _SLACK and _clear(entry.path, info):
-                stripped.append(entry.path)
-    if stripped:
-        log.warning("gvisor: removed set-ID bits a sandboxed command set on %s",
-                    ", ".join(stripped[:20]))
-    return stripped
-
-
-def _clear(path: str, expected: os.stat_result) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:

@@ -45,6 +45,9 @@ class IsolationState:
     pod_gvisor: bool = False
     #: ``Limits.describe()`` of the limits the last command ran with.
     limits: str | None = None
+    #: Protected-path entries the user relaxed, and what the last command left in quarantine.
+    relaxed: str | None = None
+    quarantined: str | None = None
 
     @property
     def colour(self) -> str:
@@ -76,6 +79,8 @@ class IsolationState:
         self.fallback_reason, self.network, self.blocked = result.fallback_reason, \
             result.network, None
         self.pod_gvisor = result.details.get("pod_sandbox") == "gVisor"
+        self.relaxed = result.details.get("relaxed_protection")
+        self.quarantined = result.details.get("quarantined")
         if outcome is None:
             outcome = "timed out" if result.timed_out else (
                 f"killed by {result.signal_name}" if result.returncode < 0
@@ -101,6 +106,12 @@ class IsolationState:
             rows.append(("session", self.session))
         if self.limits:
             rows.append(("limits", self.limits))
+        if self.isolated:
+            rows.append(("protected paths", "RELAXED for " + self.relaxed if self.relaxed
+                         else "git, shell, IPython/Jupyter and Python start-up files read-only;"
+                         " credentials hidden"))
+        if self.quarantined:
+            rows.append(("quarantined", self.quarantined))
         if self.blocked:
             rows.append(("blocked", self.blocked))
         elif self.fallback_reason:

@@ -60,9 +60,8 @@ def user_tree(runsc_works):
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
-    entry, base = user_tree
-    env = {
+def _user_env(entry: pwd.struct_passwd, base: Path) -> dict[str, str]:
+    return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": entry.pw_dir,
         "USER": USER,
@@ -72,6 +71,11 @@ def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
         "GVISOR_MAGIC_TEST_REQUIRE_RUNSC": "1",
         "LANG": "C.UTF-8",
     }
+
+
+def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
+    entry, base = user_tree
+    env = _user_env(entry, base)
     done = subprocess.run(
         [shutil.which("runuser"), "-u", USER, "--", SYSTEM_PYTHON, "-m", "pytest", "-q",
          "-p", "no:cacheprovider",
@@ -86,6 +90,28 @@ def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
     passed = re.search(r"(\d+) passed", output)
     assert passed and int(passed.group(1)) >= 40, output[-3000:]
     assert "skipped" not in output, output[-3000:]
+
+
+def test_protected_paths_hold_for_an_ordinary_user(user_tree):
+    """A jovyan-like user: planted hooks, rc files and start-up files never fire on the host,
+    secrets stay hidden, stand-ins leave no marks (tests/security/test_deferred.py, runsc).
+
+    The user's Python is the machine's, without IPython and Jupyter: those two host tools
+    cannot fire there, so the root run of the same tests is the one that proves them."""
+    entry, base = user_tree
+    done = subprocess.run(
+        [shutil.which("runuser"), "-u", USER, "--", SYSTEM_PYTHON, "-m", "pytest", "-q", "-rs",
+         "-p", "no:cacheprovider", "--rootdir", str(base / "src"), "-o", "addopts=",
+         "-k", "runsc and not host_tools_fire",
+         str(base / "src" / "tests" / "security" / "test_deferred.py")],
+        cwd=base / "src", env=_user_env(entry, base), capture_output=True, text=True,
+        timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    passed = re.search(r"(\d+) passed", output)
+    assert passed and int(passed.group(1)) >= 10, output[-3000:]
+    skips = re.findall(r"SKIPPED \[\d+\] [^\n]*", output)
+    assert all("a one-shot sandbox is laid out anew" in line for line in skips), skips
 
 
 def test_files_written_by_an_ordinary_user_belong_to_that_user(user_tree):

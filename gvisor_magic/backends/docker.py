@@ -179,6 +179,15 @@ class DockerBackend:
         os.mkdir(status_dir, 0o700)
         layout = build_layout(request, docker_identity(), scratch, host_system=host_system,
                               status_dir=status_dir if host_system else None)
+        try:
+            return self._run_container(request, on_output, runtime, image, layout, status_dir,
+                                       host_system)
+        finally:
+            layout.release()
+
+    def _run_container(self, request: CommandRequest, on_output: OutputCallback | None,
+                       runtime: str, image: str, layout: SandboxLayout, status_dir: str,
+                       host_system: bool) -> CommandResult:
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
         argv = init_argv(marker, request.argv) if marker else list(request.argv)
         api = self.client().api
@@ -225,7 +234,7 @@ class DockerBackend:
             truncated=outcome.stdout.truncated or outcome.stderr.truncated,
             network=request.network, error=error,
             details={"container_id": cid[:12], "runtime": runtime, "image": image,
-                     **({"masked_secrets": ", ".join(layout.masked)} if layout.masked else {})})
+                     **layout.details()})
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result

@@ -17,7 +17,16 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from ..protected import (
+    HIDDEN,
+    READ_ONLY,
+    SCRUBBED,
+    ProtectionPlan,
+    plan_protection,
+    scrub_config_text,
+)
 from ..request import CommandRequest, sandbox_env
+from ..stand_ins import StandIns
 
 # Top-level host directories shared read-only. Merged-/usr symlinks (/bin ->
 # usr/bin) are recreated as symlinks instead of being mounted.
@@ -29,20 +38,15 @@ ETC_ALLOWLIST = (
     "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone",
     "os-release", "debian_version", "lsb-release", "ssl", "ca-certificates",
     "ca-certificates.conf", "mime.types", "protocols", "services", "nsswitch.conf",
-    "inputrc", "bash.bashrc", "profile", "environment", "gitconfig", "python3",
+    "inputrc", "bash.bashrc", "profile", "gitconfig", "python3",
     "pip.conf", "xdg", "magic", "magic.mime", "locale.alias", "manpath.config", "npmrc",
 )
+# Copied with credentials stripped (proxy passwords, registry tokens): see ``scrub_config_text``.
+# /etc/environment is not copied at all: only PAM reads it, and it holds proxies with passwords.
+ETC_SCRUBBED = frozenset({"gitconfig", "pip.conf", "npmrc"})
 _ETC_COPY_MAX = 1 << 20
 
 STATUS_DIR = "/run/gvisor-magic"
-
-# Credentials that commonly sit at the top of a home directory. When a mounted
-# directory (often the notebook's cwd, often $HOME) holds them, they are hidden
-# behind empty read-only stand-ins: the sandbox gets the project, not the keys.
-SECRET_NAMES = (".ssh", ".aws", ".azure", ".gnupg", ".docker", ".kube", ".config/gcloud",
-                ".netrc", ".git-credentials", ".pypirc", ".npmrc",
-                ".jupyter/jupyter_server_config.json")
-
 
 @dataclass(frozen=True)
 class Identity:
@@ -147,9 +151,23 @@ class SandboxLayout:
     mounts: list[MountSpec] = field(default_factory=list)
     #: Merged-/usr links such as /bin -> usr/bin (a backend may bind the target instead).
     symlinks: dict[str, str] = field(default_factory=dict)
-    #: Secret paths hidden inside mounted directories (see ``SECRET_NAMES``).
-    masked: list[str] = field(default_factory=list)
+    #: What ``gvisor_magic.protected`` asked for, and the host-side stand-ins it took.
+    plan: ProtectionPlan = field(default_factory=ProtectionPlan)
+    stand_ins: StandIns = field(default_factory=StandIns)
     hostname: str = "gvisor-sandbox"
+
+    @property
+    def masked(self) -> list[str]:
+        """Paths hidden inside (credentials, Jupyter's runtime dir)."""
+        return self.plan.by_action(HIDDEN)
+
+    def details(self) -> dict[str, str]:
+        """What the result should say about the protection this sandbox had."""
+        return protection_details(self.plan)
+
+    def release(self) -> None:
+        """Remove the stand-ins no other sandbox holds; call when the sandbox has ended."""
+        self.stand_ins.release()
 
     def sorted_mounts(self) -> list[MountSpec]:
         """Parents before children (stable), so nested mounts land on top."""
@@ -194,8 +212,71 @@ def build_layout(request: CommandRequest, identity: Identity, scratch: str, *,
         wanted.append((request.repo_path, True))
     for path, read_only in sorted(wanted, key=lambda item: item[0].count("/")):
         mounts.append(MountSpec(path, "bind", path, read_only))
-        _mask_secrets(layout, path, scratch)
+    layout.plan = request.plan if request.plan is not None else plan_for(request)
+    try:
+        _protect(layout, scratch)
+    except BaseException:
+        layout.release()
+        raise
     return layout
+
+
+def plan_for(request: CommandRequest) -> ProtectionPlan:
+    """The protection plan for this request's mounts (see ``gvisor_magic.protected``)."""
+    return plan_protection([request.working_dir] if request.working_dir else [],
+                           [request.repo_path] if request.repo_path else [],
+                           request.protection)
+
+
+def protection_details(plan: ProtectionPlan) -> dict[str, str]:
+    details = {}
+    if plan.by_action(HIDDEN):
+        details["masked_secrets"] = ", ".join(plan.by_action(HIDDEN))
+    protected = plan.by_action(READ_ONLY) + plan.by_action(SCRUBBED)
+    if protected:
+        details["protected"] = ", ".join(sorted(protected))
+    if plan.by_action(SCRUBBED):
+        details["scrubbed"] = ", ".join(plan.by_action(SCRUBBED))
+    if plan.relaxed:
+        details["relaxed_protection"] = ", ".join(plan.relaxed)
+    if plan.note:
+        details["protection_note"] = plan.note
+    return details
+
+
+def _protect(layout: SandboxLayout, scratch: str) -> None:
+    """Mount the plan: read-only binds, hidden tmpfs/empty files, scrubbed copies.
+
+    Missing read-only paths get host stand-ins first (``stand_ins.py``); one that
+    cannot be made is watched after the command instead, never a failed start.
+    """
+    plan = layout.plan
+    missing = [(p.path, p.kind) for p in plan.protections if not p.exists]
+    failed = set(layout.stand_ins.acquire(missing)) if missing else set()
+    if failed:
+        plan.watched.extend((path, "protected path (no stand-in possible)")
+                            for path, _ in failed)
+    empty = os.path.join(scratch, "empty")
+    scrubbed = os.path.join(scratch, "scrubbed")
+    for index, item in enumerate(plan.protections):
+        if (item.path, item.kind) in failed:
+            continue
+        if item.action == HIDDEN and item.kind == "dir":
+            layout.mounts.append(MountSpec(item.path, "tmpfs", "tmpfs", True,
+                                           ("mode=000", "size=4k")))
+        elif item.action == HIDDEN:
+            if not os.path.exists(empty):
+                os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o400))
+            layout.mounts.append(MountSpec(item.path, "bind", empty))
+        elif item.action == SCRUBBED and item.text is not None:
+            os.makedirs(scrubbed, 0o700, exist_ok=True)
+            copy = os.path.join(scrubbed, str(index))
+            with open(copy, "w", encoding="utf-8") as handle:
+                handle.write(item.text)
+            os.chmod(copy, 0o444)
+            layout.mounts.append(MountSpec(item.path, "bind", copy))
+        else:
+            layout.mounts.append(MountSpec(item.path, "bind", item.path))
 
 
 def write_etc(etc: str, identity: Identity, network: bool, hostname: str) -> list[str]:
@@ -212,7 +293,13 @@ def write_etc(etc: str, identity: Identity, network: bool, hostname: str) -> lis
             directories.append(source)
         elif os.path.isfile(source) and os.path.getsize(source) <= _ETC_COPY_MAX:
             try:
-                shutil.copyfile(source, target)
+                if name in ETC_SCRUBBED:
+                    with open(source, encoding="utf-8", errors="replace") as handle:
+                        text = scrub_config_text(handle.read())
+                    with open(target, "w", encoding="utf-8") as handle:
+                        handle.write(text)
+                else:
+                    shutil.copyfile(source, target)
             except OSError:
                 continue
     users = {"root": (0, 0, "/root"), identity.user: (identity.uid, identity.gid, identity.home),
@@ -232,18 +319,3 @@ def write_etc(etc: str, identity: Identity, network: bool, hostname: str) -> lis
         with open(os.path.join(etc, name), "w") as handle:
             handle.write(text)
     return directories
-
-
-def _mask_secrets(layout: SandboxLayout, directory: str, scratch: str) -> None:
-    empty = os.path.join(scratch, "empty")
-    for name in SECRET_NAMES:
-        secret = os.path.join(directory, name)
-        if os.path.isdir(secret) and not os.path.islink(secret):
-            layout.mounts.append(MountSpec(secret, "tmpfs", "tmpfs", True, ("mode=000", "size=4k")))
-        elif os.path.isfile(secret) or os.path.islink(secret):
-            if not os.path.exists(empty):
-                os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o400))
-            layout.mounts.append(MountSpec(secret, "bind", empty))
-        else:
-            continue
-        layout.masked.append(secret)

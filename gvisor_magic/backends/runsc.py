@@ -270,7 +270,7 @@ class RunscBackend:
         outcome: Outcome | None = None
         proc: subprocess.Popen[bytes] | None = None
         status = ""
-        masked: list[str] = []
+        layout = None
         try:
             try:
                 os.mkdir(state, 0o700)
@@ -283,7 +283,6 @@ class RunscBackend:
                 raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
                                         f"({why}): {exc}", fix=f"free space there or point "
                                         f"{ENV_STATE_DIR} at another directory") from exc
-            masked = layout.masked
             log.debug("gvisor: starting sandbox %s for %r", sandbox_id, request.display)
             try:
                 proc = subprocess.Popen(
@@ -304,9 +303,14 @@ class RunscBackend:
                 outcome is None or outcome.timed_out or outcome.interrupted
                 or not outcome.gate_seen or outcome.returncode >= 128)
             status = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
-        result = self._result(request, outcome, status, sandbox_id)
-        if masked:
-            result.details["masked_secrets"] = ", ".join(masked)
+            if layout is not None:
+                layout.release()
+        try:
+            result = self._result(request, outcome, status, sandbox_id)
+        except CommandInterrupted as exc:
+            exc.result.details.update(layout.details())
+            raise
+        result.details.update(layout.details())
         return result
 
     def _result(self, request: CommandRequest, outcome: Outcome, status: str,

@@ -81,6 +81,7 @@ class RunscTransport:
         self.sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
         self._runsc = runsc
         self.proc: subprocess.Popen[bytes] | None = None
+        self.layout = None
         try:
             self.run_dir = make_run_dir(base)
         except OSError as exc:
@@ -91,8 +92,7 @@ class RunscTransport:
         self._flags = backend.flags(state, request.network)
         try:
             os.mkdir(state, 0o700)
-            layout = build_layout(request, identity, self.run_dir)
-            self.masked = layout.masked
+            self.layout = layout = build_layout(request, identity, self.run_dir)
             self.env = layout.env
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout, agent_argv(),
                             request.limits)
@@ -148,6 +148,7 @@ class RunscTransport:
                 self._runsc_quietly("delete", "--force", self.sandbox_id)
             kill_processes_mentioning(self.sandbox_id, "sandbox")
             self.proc = None
+        _release(self)
         if getattr(self, "run_dir", None):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -180,9 +181,10 @@ class DockerTransport:
         image = backend.image()
         self.run_dir = make_run_dir(tempfile.gettempdir())
         self.process = None
+        self.layout = None
         try:
-            layout = build_layout(request, docker_identity(), self.run_dir)
-            self.masked, self.env = layout.masked, layout.env
+            self.layout = layout = build_layout(request, docker_identity(), self.run_dir)
+            self.env = layout.env
             self.cid = backend.create(request, layout, agent_argv(), runtime, image,
                                       stdin_open=True)
             self.sandbox_id = self.cid[:12]
@@ -218,4 +220,13 @@ class DockerTransport:
                 from .docker import _remove
 
                 _remove(process.api, process.cid)
+        _release(self)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _release(transport: RunscTransport | DockerTransport) -> None:
+    """The sandbox has ended: its stand-ins may go (see ``stand_ins.py``)."""
+    layout = getattr(transport, "layout", None)
+    if layout is not None:
+        transport.layout = None
+        layout.release()
