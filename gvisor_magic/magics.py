@@ -240,11 +240,11 @@ class IsolatedMagics(Magics):
         return result
 
     def _status(self, result: CommandResult, quiet: bool | None, note: str = "") -> None:
-        if (self.settings.quiet if quiet is None else quiet):
-            return
-        line = result.describe() + (f" ({note})" if note else "")
-        marker = "" if result.isolated else "WARNING: "
-        print(f"[gvisor-magic] {marker}{line}", file=sys.stderr, flush=True)
+        if not (self.settings.quiet if quiet is None else quiet):
+            line = result.describe() + (f" ({note})" if note else "")
+            marker = "" if result.isolated else "WARNING: "
+            print(f"[gvisor-magic] {marker}{line}", file=sys.stderr, flush=True)
+        # What needs attention is said even with --quiet.
         for warning in result.warnings():
             print(f"[gvisor-magic] WARNING: {warning}", file=sys.stderr, flush=True)
 

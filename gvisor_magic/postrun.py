@@ -119,6 +119,7 @@ class _Walk:
                 entries = list(os.scandir(directory))
             except OSError:
                 continue
+            kind = _git_role(directory)
             for entry in entries:
                 seen += 1
                 if seen > MAX_ENTRIES:
@@ -142,11 +143,12 @@ class _Walk:
                 if stat.S_ISREG(info.st_mode) and info.st_mode & SETID_BITS \
                         and clear_setid(entry.path, info):
                     self.stripped.append(entry.path)
-                why = self.auto_run(directory, entry.name, entry.path, info)
+                why = self.auto_run(directory, kind, entry.name, entry.path, info)
                 if why:
                     self.found.append((entry.path, why))
 
-    def auto_run(self, directory: str, name: str, path: str, info: os.stat_result) -> str:
+    def auto_run(self, directory: str, role: str, name: str, path: str,
+                 info: os.stat_result) -> str:
         """Why a new or changed file would run on the host later ("" if it would not)."""
         if name in ("sitecustomize.py", "usercustomize.py"):
             return "Python runs it at every start"
@@ -154,14 +156,12 @@ class _Walk:
                                       or re.search(r"/\.local/lib/python[^/]*/site-packages$",
                                                    directory)):
             return "Python runs .pth files in its import path at every start"
-        parent = os.path.basename(directory)
-        gitdir = _looks_like_gitdir(directory)
-        if gitdir and name in ("config", "config.worktree") and stat.S_ISREG(info.st_mode):
+        if role == "gitdir" and name in ("config", "config.worktree") \
+                and stat.S_ISREG(info.st_mode):
             keys = _git_exec_keys(path)
             if keys:
                 return f"git configuration that runs programs ({', '.join(keys[:5])})"
-        if parent == "hooks" and _looks_like_gitdir(os.path.dirname(directory)) \
-                and not name.endswith(".sample"):
+        if role == "hooks" and not name.endswith(".sample"):
             return "a git hook: git runs it"
         if directory == self.cwd and self.cwd is not None:
             stem = name.split(".")[0]
@@ -170,6 +170,15 @@ class _Walk:
                 return (f"shadows 'import {stem}' in the kernel's directory (IPython puts its "
                         "directory first on sys.path)")
         return ""
+
+
+def _git_role(directory: str) -> str:
+    """``gitdir`` for a git dir, ``hooks`` for its hooks dir, else ""."""
+    if _looks_like_gitdir(directory):
+        return "gitdir"
+    if os.path.basename(directory) == "hooks" and _looks_like_gitdir(os.path.dirname(directory)):
+        return "hooks"
+    return ""
 
 
 def _looks_like_gitdir(directory: str) -> bool:

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from . import stand_ins
 from .errors import InvalidRequestError
 
 ENV_PROTECTED = "GVISOR_MAGIC_PROTECTED_PATHS"
@@ -339,6 +340,8 @@ class _Planner:
         self.max_entries = max_entries
         self.plan = ProtectionPlan(relaxed=policy.relaxed)
         self.seen: dict[str, Protection] = {}
+        #: Our own empty stand-ins: they count as the missing paths they stand for.
+        self.stand_ins = stand_ins.current()
         self.entries = 0
 
     # -- adding -------------------------------------------------------------------
@@ -352,7 +355,9 @@ class _Planner:
         """
         if self.policy.relaxes(name):
             return
-        info = _lstat(path)
+        info = None if path in self.stand_ins else _lstat(path)
+        if info is None and action == HIDDEN:
+            return  # nothing there to hide
         if info is not None and stat.S_ISLNK(info.st_mode):
             if _inside(path, self.writable) and (path, os.readlink(path)) not in self.plan.links:
                 # The link itself sits in a writable dir: the command could swap it.

@@ -130,6 +130,15 @@ class StandIns:
             return _forget_dead(registry)
 
 
+def current() -> frozenset[str]:
+    """The stand-ins that exist now (the scan treats them as the missing paths they stand for)."""
+    if not os.path.exists(registry_path()):
+        return frozenset()
+    with _locked() as registry:
+        return frozenset(path for path, entry in registry.items()
+                         if _identity(path) == entry.get("id"))
+
+
 def sweep() -> None:
     """Remove stand-ins that no sandbox holds any more and that are empty again.
 

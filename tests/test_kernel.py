@@ -176,3 +176,27 @@ def test_status_widget_in_the_kernel(kernel):
     execution = _ok(kernel.execute("print(repr(w))"))
     assert execution.stdout == ("gvisor-magic: isolated by gVisor (runsc) | network off"
                                 " | last: exit 0\n")
+
+
+def test_a_planted_module_never_reaches_the_kernel_and_the_cell_says_why(fresh_kernel, tmp_path):
+    """IPython puts the kernel's directory first on sys.path: a ``colorsys.py`` that a cell
+    writes there would be what the kernel's next ``import colorsys`` runs, on the host. It is
+    quarantined when the cell ends, the cell warns (even with --quiet), and ordinary files stay."""
+    quarantine = tmp_path.parent / f"{tmp_path.name}-quarantine"
+    _ok(fresh_kernel.execute(f"import os; os.environ['GVISOR_MAGIC_QUARANTINE_DIR'] = "
+                             f"{str(quarantine)!r}"))
+    cell = _ok(fresh_kernel.execute(
+        "%%isolated --quiet\n"
+        "echo 'print(\"PLANTED-IN-KERNEL\")' > colorsys.py\n"
+        "echo 'print(\"PLANTED-AT-START\")' > sitecustomize.py\n"
+        "echo kept > data.txt\n"))
+    assert "WARNING" in cell.stderr and "quarantine" in cell.stderr, cell.describe()
+    assert "colorsys.py" in cell.stderr and "shadows 'import colorsys'" in cell.stderr
+    assert "sitecustomize.py" in cell.stderr
+    assert (tmp_path / "data.txt").read_text() == "kept\n"
+    assert not (tmp_path / "colorsys.py").exists()
+    imported = _ok(fresh_kernel.execute("import colorsys; print(colorsys.__file__)"))
+    assert "PLANTED" not in imported.stdout + imported.stderr
+    assert imported.stdout.strip().startswith(sys.base_prefix) or "/usr/" in imported.stdout
+    kept = sorted(p.name for p in quarantine.rglob("*") if p.is_file())
+    assert kept == ["colorsys.py", "sitecustomize.py"], kept

@@ -651,6 +651,19 @@ def test_a_secret_created_while_the_session_is_warm_is_hidden(probe, jupyterhub_
             f"the result must say the sandbox was replaced: {second.details}")
 
 
+def test_a_warm_session_in_a_home_keeps_its_sandbox(probe, jupyterhub_home):
+    """Stand-ins and hidden paths do not make a session replace its sandbox at every
+    command: in a home whose .ssh, .ipython, .gitconfig are missing, /tmp carries over and
+    no session note appears (the replacement is only for paths that really changed)."""
+    if probe.flavour != "session" or not probe.isolated:
+        pytest.skip("a warm gVisor session is what keeps a sandbox between commands")
+    make_home(jupyterhub_home, ipython=False)
+    results = [probe.run("echo kept >> /tmp/carried; wc -l < /tmp/carried") for _ in range(3)]
+    assert [r.stdout.strip() for r in results] == ["1", "2", "3"], [r.describe() for r in results]
+    assert len({r.details["session"] for r in results}) == 1
+    assert not any("session_note" in r.details for r in results), results[-1].details
+
+
 def test_relaxing_a_protected_path_by_name(probe, jupyterhub_home):
     """``protected_paths=["-.bashrc"]`` lets a sandboxed command edit ~/.bashrc (and the
     result says so) while every other protection, e.g. ~/.profile, stays in force."""
