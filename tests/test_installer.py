@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from user_switch import world_readable_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "install_gvisor.py"
@@ -258,17 +259,22 @@ needs_setpriv = pytest.mark.skipif(
 
 
 def _run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the script as uid/gid 65534 with the system python (pyenv lives under /root)."""
+    """Run the script as uid/gid 65534 with the system python (pyenv lives under /root), from
+    a copy nobody can read (a clone in a private directory is not)."""
     cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    return subprocess.run(
-        [*cmd, SYSTEM_PYTHON, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
-    )
+    readable = world_readable_copy(*sorted(SCRIPT.parent.glob("*.py")))
+    try:
+        return subprocess.run(
+            [*cmd, SYSTEM_PYTHON, os.path.join(readable, SCRIPT.name), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+        )
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
 
 
 @needs_setpriv

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from user_switch import world_readable_copy
 
 USER = "gvm-sec-probe"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -62,18 +63,20 @@ def test_fork_bomb_on_the_host_is_held_by_rlimits(ordinary_user, request):
     uid = ordinary_user.pw_uid
     work = tempfile.mkdtemp(prefix="gvm-hostbomb-", dir="/var/tmp")
     os.chmod(work, 0o755)
+    # The package and psutil, copied where the ordinary user can read them (the clone and
+    # its venv may be private).
+    readable = world_readable_copy(ROOT / "gvisor_magic", Path(psutil.__file__).parent)
     try:
-        # The package and its dependencies, readable by the ordinary user.
-        site = Path(psutil.__file__).resolve().parent.parent
         done = subprocess.run(
             [shutil.which("runuser"), "-u", USER, "--", SYSTEM_PYTHON, "-c", BOMB],
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{site}", "HOME": work,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": readable, "HOME": work,
                  "TMPDIR": work}, cwd=work, capture_output=True, text=True, timeout=120)
         left = _user_processes(uid)
         for process in left:
             process.kill()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(readable, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["timed_out"] and not found["isolated"], found
