@@ -34,6 +34,7 @@ import os
 import re
 import stat
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -139,8 +140,11 @@ SKIP_DIRS = frozenset({"node_modules", "__pycache__", "site-packages", "dist-pac
                        ".nox", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".cache"})
 #: The scan's bound: past it the plan says it is incomplete (never silent).
 MAX_SCAN_ENTRIES = 200_000
-#: More mounts than this and the command is refused rather than half-protected.
-MAX_PROTECTED = 512
+#: Bind mounts a sandbox can take: runsc 20240729 failed to start here with about 250 of
+#: them in one bundle (tmpfs mounts, which hide directories, were fine by the hundreds). Past
+#: these budgets the command is refused, never run half-protected (or moved to the host).
+MAX_PROTECTED_BINDS = 192
+MAX_PROTECTED = 1024
 
 _UNSAFE_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:]*(?::[^/@\s]*)?@")
 _SECRET_KEY = re.compile(
@@ -214,6 +218,8 @@ class Protection:
     why: str
     #: For ``scrubbed``: the text the sandbox sees instead of the file's.
     text: str | None = None
+    #: Comes and goes without the user (other sandboxes' state): not part of ``key``.
+    volatile: bool = False
 
 
 @dataclass
@@ -231,8 +237,8 @@ class ProtectionPlan:
 
     def key(self) -> frozenset[tuple[str, str]]:
         """What a warm sandbox was built with: a change means it must be replaced."""
-        return frozenset((p.path, p.action) for p in self.protections if p.exists
-                         or p.action == READ_ONLY)
+        return frozenset((p.path, p.action) for p in self.protections
+                         if (p.exists or p.action == READ_ONLY) and not p.volatile)
 
     def by_action(self, action: str) -> list[str]:
         return [p.path for p in self.protections if p.action == action]
@@ -342,6 +348,8 @@ class _Planner:
         self.seen: dict[str, Protection] = {}
         #: Our own empty stand-ins: they count as the missing paths they stand for.
         self.stand_ins = stand_ins.current()
+        #: Where sandboxes keep their state (mounted only when the working dir holds it).
+        self.state_dir = os.path.realpath(tempfile.gettempdir())
         self.entries = 0
 
     # -- adding -------------------------------------------------------------------
@@ -442,6 +450,18 @@ class _Planner:
             if os.path.lexists(candidate):
                 self.add(candidate, HIDDEN, "dir", "credentials", name=rel)
 
+    def sandbox_state(self, entries: list[os.DirEntry]) -> list[os.DirEntry]:
+        """In the temporary dir: other sandboxes' state (bundles hold their ``env=`` values)
+        is hidden and not scanned; it comes and goes, so it does not count as a change."""
+        kept = []
+        for entry in entries:
+            if entry.name.startswith(("gvisor-magic-", "gvm-stand-ins-")):
+                self.seen[entry.path] = Protection(entry.path, HIDDEN, True, "dir" if entry.is_dir(
+                    follow_symlinks=False) else "file", "another sandbox's state", volatile=True)
+            else:
+                kept.append(entry)
+        return kept
+
     # -- the scan -------------------------------------------------------------------------
 
     def scan(self, root: str) -> None:
@@ -455,6 +475,8 @@ class _Planner:
             except OSError:
                 continue
             firsts = set()
+            if directory == self.state_dir:
+                entries = self.sandbox_state(entries)
             for entry in entries:
                 self.entries += 1
                 if self.entries > self.max_entries:
@@ -582,9 +604,12 @@ def plan_protection(writable: Sequence[str], readable: Sequence[str] = (),
     covered = {p.path for p in planner.plan.protections}
     planner.plan.watched = [(path, why) for path, why in dict(planner.plan.watched).items()
                             if path not in covered]
-    if len(planner.plan.protections) > MAX_PROTECTED:
+    binds = [p for p in planner.plan.protections if not (p.action == HIDDEN and p.kind == "dir")]
+    if len(binds) > MAX_PROTECTED_BINDS or len(planner.plan.protections) > MAX_PROTECTED:
         raise ProtectionError(
             f"{len(planner.plan.protections)} paths in {', '.join(writable + readable)} would "
-            f"need protecting (more than {MAX_PROTECTED}): the command was not run. Run it in "
-            "a smaller directory, or relax entries with protected_paths=['-NAME']")
+            f"need protecting ({len(binds)} of them files or read-only paths; a sandbox takes "
+            f"at most {MAX_PROTECTED_BINDS}): the command was not run. Run it in a smaller "
+            "directory (for example the project's own), or relax entries with "
+            "protected_paths=['-NAME']")
     return planner.plan

@@ -686,3 +686,18 @@ def test_relaxing_a_protected_path_by_name(probe, jupyterhub_home):
                   (home / ".profile").read_text()[-60:])
     if probe.isolated:
         assert ".bashrc" in result.details.get("relaxed_protection", ""), result.details
+
+
+def test_too_much_to_protect_is_refused_never_run_elsewhere(tmp_path, runsc_works):
+    """More credentials than a sandbox can hide (each a bind mount): the command is refused
+    with a clear error, and it never runs, on gVisor or on the host (auto mode)."""
+    from gvisor_magic import run_command_isolated
+    from gvisor_magic.protected import MAX_PROTECTED_BINDS, ProtectionError
+
+    work = tmp_path / "crowded"
+    for index in range(MAX_PROTECTED_BINDS + 10):
+        (work / f"p{index}").mkdir(parents=True)
+        (work / f"p{index}" / ".env").write_text("TOKEN=x\n")
+    with pytest.raises(ProtectionError, match="would need protecting"):
+        run_command_isolated("touch ran", working_dir=work, timeout=60)
+    assert not (work / "ran").exists()
