@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
-from .request import ENFORCEMENT, MODES, Limits
+from .request import MODES, Limits, enforcement
 from .runner import detect_environment, run_command_isolated
 
 
@@ -20,13 +20,13 @@ def _doctor(args: argparse.Namespace) -> int:
     limits = Limits()
     if args.json:
         data = info.to_dict()
-        data["limits"] = {**dataclasses.asdict(limits), "enforcement": ENFORCEMENT}
+        data["limits"] = {**dataclasses.asdict(limits), "enforcement": enforcement()}
         print(json.dumps(data, indent=2, default=str))
     else:
         print(f"gvisor-magic {__version__}")
         print(info.explain())
-        print(f"\ndefault limits: {limits.describe()}")
-        for name, how in ENFORCEMENT.items():
+        print(f"\ndefault limits: {limits.describe(info.auto_backend or None)}")
+        for name, how in enforcement().items():
             print(f"  {name}: {how}")
     if args.require_isolation and not info.isolated:
         return 1

@@ -63,6 +63,7 @@ class CommandInterrupted(KeyboardInterrupt):
     script as an interrupt normally does; ``result`` keeps the partial output.
     """
 
-    def __init__(self, result: CommandResult) -> None:
+    def __init__(self, result: CommandResult,
+                 message: str = "command interrupted; its sandbox was killed") -> None:
         self.result = result
-        super().__init__("command interrupted; its sandbox was killed")
+        super().__init__(message)

@@ -28,6 +28,18 @@ class SessionKey:
     protected_paths: tuple[str, ...] = ()
 
 
+_NAMES = {"workdir": "working dir", "repo": "repo", "network": "network", "mode": "mode",
+          "require_isolation": "require-isolation", "shell": "shell", "limits": "limits",
+          "max_output": "max_output", "protected_paths": "protected paths"}
+
+
+def _differences(old: SessionKey | None, new: SessionKey) -> list[str]:
+    if old is None:
+        return []
+    return [f"other {label}" for name, label in _NAMES.items()
+            if getattr(old, name) != getattr(new, name)]
+
+
 class KernelSessions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -36,7 +48,12 @@ class KernelSessions:
 
     def get(self, key: SessionKey) -> IsolatedSession:
         with self._lock:
+            note = None
             if self._session is not None and (self._key != key or self._session.closed):
+                if self._key != key and self._session.state == "warm":
+                    note = ("this cell needs another sandbox than the previous cell ("
+                            + ", ".join(_differences(self._key, key)) + "): files the "
+                            "previous one kept in /tmp and HOME are not in this one")
                 self._session.close()
                 self._session = None
             if self._session is None:
@@ -45,6 +62,8 @@ class KernelSessions:
                     network=key.network, shell=key.shell, limits=key.limits,
                     max_output=key.max_output, protected_paths=list(key.protected_paths))
                 self._key = key
+                if note:
+                    self._session.note_for_next_result(note)
             return self._session
 
     def prewarm(self, key: SessionKey) -> threading.Thread:

@@ -208,7 +208,6 @@ class IsolatedMagics(Magics):
         require = settings.require_isolation if require_isolation is None else require_isolation
         seconds = settings.timeout if timeout == "trait" else timeout
         effective = settings.effective_limits(limits)
-        self.state.limits = effective.describe()
         try:
             if settings.warm_session and not fresh:
                 session = self.sessions.get(
@@ -233,6 +232,7 @@ class IsolatedMagics(Magics):
             self._status(exc.result, quiet, "interrupted")
             raise
         self.state.record(result)
+        self.state.limits = effective.describe(result.backend)
         self.state.session = self.sessions.describe() if settings.warm_session else \
             "off (a fresh sandbox per command)"
         VIEWS.refresh(self.state)
@@ -380,7 +380,7 @@ class IsolatedMagics(Magics):
         self.state.require_isolation = info.require_isolation
         self.state.network = self.settings.network
         self.state.pod_gvisor = info.pod_runs_gvisor
-        self.state.limits = self.settings.effective_limits().describe()
+        self.state.limits = self.settings.effective_limits().describe(info.auto_backend or None)
         if info.auto_backend:
             self.state.backend = info.auto_backend
             self.state.isolated = info.isolated

@@ -96,8 +96,12 @@ class Limits:
             changes[name] = _parse_limit(name, raw)
         return dataclasses.replace(base or cls(), **changes)
 
-    def describe(self) -> str:
-        """One line, e.g. ``processes 512, open files 4096, ..., memory 4 GiB (cgroup)``."""
+    def describe(self, backend: str | None = None) -> str:
+        """One line, e.g. ``processes 512, ..., memory 4 GiB (host cgroup), cpus unlimited``.
+
+        With ``backend``, memory and cpus say what enforces them there, or "NOT
+        enforced" (see ``enforcement``); without, where each backend differs.
+        """
         def size(value: int | None) -> str:
             if value is None:
                 return "unlimited"
@@ -106,13 +110,15 @@ class Limits:
                     return f"{value // factor} {unit}"
             return f"{value} B"
 
+        how = enforcement_of_memory_and_cpus(backend)
         count = {None: "unlimited"}
+        memory = size(self.memory) + (f" ({how['memory']})" if self.memory is not None else "")
+        cpus = "unlimited" if self.cpus is None else f"{self.cpus:g} ({how['cpus']})"
         return (f"processes {count.get(self.max_processes, self.max_processes)}, "
                 f"open files {count.get(self.max_open_files, self.max_open_files)}, "
                 f"file size {size(self.max_file_size)}, "
                 f"address space {size(self.max_address_space)}, /tmp and HOME "
-                f"{size(self.tmp_size)} each, memory {size(self.memory)} (cgroup), "
-                f"cpus {self.cpus if self.cpus is not None else 'unlimited'} (cgroup)")
+                f"{size(self.tmp_size)} each, memory {memory}, cpus {cpus}")
 
     def rlimits(self) -> dict[str, int]:
         """The limits as ``RLIMIT_*`` names, the vocabulary OCI and ``resource`` share."""
@@ -125,20 +131,43 @@ class Limits:
         return {name: value for name, value in table.items() if value is not None}
 
 
-#: Which limit each backend enforces, and how (shown by ``gvisor-magic doctor``).
-ENFORCEMENT = {
-    "runsc": "processes, open files, file size and address space are rlimits enforced by "
-             "gVisor's own kernel (no host cgroups needed, so they hold in an unprivileged "
-             "pod); /tmp and HOME are size-capped in-memory tmpfs; memory and cpus are NOT "
-             "enforced (runsc runs with --ignore-cgroups): a sandbox's total memory is "
-             "bounded only by processes x address space",
-    "docker": "the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, plus "
-              "cgroups: memory (+swap) and cpus for the whole container, pids on the "
-              "container's host processes",
-    "subprocess": "rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
-                  "processes and does not apply to root); no /tmp cap, no memory or cpu "
-                  "cgroup: this fallback isolates nothing",
-}
+def enforcement_of_memory_and_cpus(backend: str | None) -> dict[str, str]:
+    """What bounds ``memory`` and ``cpus`` on ``backend`` here (None: every backend)."""
+    from .memory import mechanism
+
+    table = {"runsc": {"memory": mechanism(), "cpus": "NOT enforced on runsc"},
+             "docker": {"memory": "container cgroup", "cpus": "container cgroup"},
+             "subprocess": {"memory": "NOT enforced on the host",
+                            "cpus": "NOT enforced on the host"}}
+    if backend in table:
+        return table[backend]
+    return {name: "; ".join(f"{b}: {how[name]}" for b, how in table.items())
+            for name in ("memory", "cpus")}
+
+
+def enforcement() -> dict[str, str]:
+    """Which limit each backend enforces, and how (shown by ``gvisor-magic doctor``)."""
+    from .memory import mechanism
+
+    guard = mechanism()
+    runsc_memory = (
+        "a memory cgroup made for each sandbox below this process's own (the host kernel "
+        "OOM-kills the sandbox or the process that crosses it)" if guard == "host cgroup" else
+        "a watchdog that sums the resident memory of the sandbox's host processes every "
+        "0.1 s and kills the sandbox past the limit (no writable cgroup here; it reacts "
+        "after the fact, see SECURITY.md for the overshoot)")
+    return {
+        "runsc": "processes, open files, file size and address space are rlimits enforced by "
+                 "gVisor's own kernel (no host cgroups needed, so they hold in an unprivileged "
+                 f"pod); /tmp and HOME are size-capped in-memory tmpfs; memory: {runsc_memory}; "
+                 "cpus: NOT enforced (the timeout bounds CPU time)",
+        "docker": "the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, "
+                  "plus cgroups: memory (+swap) and cpus for the whole container, pids on the "
+                  "container's host processes",
+        "subprocess": "rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
+                      "processes and does not apply to root); no /tmp cap, memory and cpus NOT "
+                      "enforced: this fallback isolates nothing",
+    }
 
 
 def _parse_limit(name: str, raw: object) -> object:

@@ -24,6 +24,7 @@ from .agent_channel import Channel, SessionBroken
 from .backends.layout import plan_for, protection_details
 from .backends.transports import DockerTransport, RunscTransport
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
+from .memory import OOM_RETURNCODE
 from .postrun import check_after_run
 from .process import Capture, OutputCallback
 from .request import (
@@ -200,9 +201,17 @@ class IsolatedSession:
     def _idle_stop(self) -> None:
         if self._lock.acquire(blocking=False):
             try:
-                self._stop_locked()
+                if self._warm is not None:
+                    self._stop_locked()
+                    self._note = (f"the sandbox was stopped after {self.idle_timeout:g}s idle; "
+                                  "this command runs in a new one (/tmp and HOME start empty)")
             finally:
                 self._lock.release()
+
+    def note_for_next_result(self, text: str) -> None:
+        """Say ``text`` in the next command's ``details["session_note"]`` (and warnings)."""
+        with self._lock:
+            self._note = f"{self._note}; {text}" if self._note else text
 
     # -- running ----------------------------------------------------------------------
 
@@ -289,8 +298,9 @@ class IsolatedSession:
         start = time.monotonic()
         status: dict | None = None
         accepted = timed_out = interrupted = False
-        error = None
+        error = memory_note = None
         deadline = None if request.timeout is None else start + request.timeout
+        kills_before = warm.transport.oom_kills()
         try:
             warm.channel.send(b"R", payload.encode())
             # An idle agent answers at once; one that does not is broken (or busy
@@ -331,21 +341,41 @@ class IsolatedSession:
                 else:
                     raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
         except SessionBroken as exc:
-            error = f"{exc}; the session will start a fresh sandbox"
+            breach = warm.transport.memory_breach()
+            error = f"{breach or exc}; the session will start a fresh sandbox"
             self._stop_locked()
-            self._note = "the previous sandbox of this session failed and was replaced"
+            self._note = ("the previous sandbox of this session was killed for crossing its "
+                          "memory limit and was replaced (fresh /tmp and HOME)" if breach else
+                          "the previous sandbox of this session failed and was replaced")
+            if breach:
+                memory_note = breach
             if not accepted:
                 # The request never reached a working agent: safe to say it did not run.
                 raise SandboxStartError(warm.backend, str(exc)) from exc
-        returncode = self._returncode(status, timed_out, error)
+        if memory_note is None and warm.transport.oom_kills() > kills_before:
+            # The host's OOM killer ended the command's process; the sandbox lives on.
+            memory_note = warm.transport.guard.describe_breach()
+            error = memory_note
+        returncode = OOM_RETURNCODE if memory_note else self._returncode(status, timed_out, error)
         result = CommandResult(
             returncode=returncode, stdout=out.text(), stderr=err.text(), backend=warm.backend,
             isolated=True, timed_out=timed_out, duration=time.monotonic() - start,
             truncated=out.truncated or err.truncated, network=request.network, error=error,
             details={"session": warm.transport.sandbox_id,
-                     **({"session_note": note} if note else {})})
+                     **({"session_note": note} if note else {}),
+                     **({"memory_limit": memory_note} if memory_note else {})})
+        if status is not None and status.get("tainted"):
+            # The agent could not undo what this command changed: the next command gets a
+            # fresh sandbox, and its result says why.
+            self._stop_locked()
+            self._note = (f"the sandbox was replaced (fresh /tmp and HOME): "
+                          f"{str(status['tainted'])[:200]}")
         if interrupted:
-            raise CommandInterrupted(result)
+            raise CommandInterrupted(result, (
+                "command interrupted; its processes were killed and the warm sandbox was kept"
+                if self._warm is not None else
+                "command interrupted; its sandbox was killed (the next command starts a "
+                "fresh one)"))
         return result
 
     def _kill(self, warm: _Warm) -> dict | None:
@@ -382,6 +412,8 @@ class IsolatedSession:
             return 125 if error else -9
         if "signal" in status:
             return -int(status["signal"])
+        if status.get("killed") and int(status["exit"]) == 0:
+            return -9  # interrupted: it did not finish on its own, whatever its last status
         return int(status["exit"])
 
 

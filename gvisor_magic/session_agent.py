@@ -36,7 +36,9 @@ cannot hold send a command the slow way (a direct spawn).
 import fcntl
 import json
 import os
+import resource
 import select
+import shutil
 import signal
 import struct
 import sys
@@ -86,14 +88,50 @@ def kill_everything_else():
         reap()
 
 
+def clean_between():
+    """What a command may leave outside /tmp and HOME: new files in /dev and /dev/shm are
+    removed, and lowered limits of this process (``prlimit`` on PID 1, which every later
+    command would inherit) are restored. Returns why the sandbox can no longer be trusted
+    ("" when it can): a lowered hard limit cannot be raised again without privileges."""
+    for directory, base in (("/dev/shm", BASE_SHM), ("/dev", BASE_DEV)):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name in base:
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+            except OSError:
+                pass
+    tainted = ""
+    for limit, value in BASE_LIMITS.items():
+        try:
+            if resource.getrlimit(limit) != value:
+                resource.setrlimit(limit, value)
+        except (OSError, ValueError):
+            tainted = "a command lowered the sandbox's own limits (prlimit on PID 1)"
+    return tainted
+
+
 def reap():
+    """Collect every ended child, keeping their statuses (the command's is read later)."""
     while True:
         try:
-            done, _ = os.waitpid(-1, os.WNOHANG)
+            done, raw = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if done == 0:
             return
+        REAPED[done] = raw
+
+
+REAPED = {}
 
 
 def spawn(argv, env, extra=()):
@@ -249,10 +287,13 @@ def run(request):
                 os.close(fd)
                 del streams[fd]
         if status is None:
-            try:
-                done, raw = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, raw = pid, 0
+            if pid in REAPED:  # a kill already collected it: its status is kept there
+                done, raw = pid, REAPED.pop(pid)
+            else:
+                try:
+                    done, raw = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, raw = pid, REAPED.pop(pid, signal.SIGKILL if killed else 0)
             if done == pid:
                 status = raw
                 kill_everything_else()  # what it left behind holds no pipe open now
@@ -262,17 +303,22 @@ def run(request):
         if fd is not None:
             os.close(fd)
     reap()
+    REAPED.clear()
     if os.WIFSIGNALED(status):
         report = {"signal": os.WTERMSIG(status)}
     else:
         report = {"exit": os.WEXITSTATUS(status)}
     if killed:
         report["killed"] = True
+    tainted = clean_between()
+    if tainted:
+        report["tainted"] = tainted
     send(b"X", json.dumps(report).encode())
 
 
 WAKE = (-1, -1)
 ENV = {}
+BASE_DEV, BASE_SHM, BASE_LIMITS = set(), set(), {}
 
 
 def main():
@@ -290,6 +336,17 @@ def main():
         except OSError:
             pass
     ENV = dict(os.environ)
+    for directory, base in (("/dev/shm", BASE_SHM), ("/dev", BASE_DEV)):
+        try:
+            base.update(os.listdir(directory))
+        except OSError:
+            pass
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            try:
+                BASE_LIMITS[getattr(resource, name)] = resource.getrlimit(getattr(resource, name))
+            except (OSError, ValueError):
+                pass
     send(b"H", ("{\"pid\": %d}" % os.getpid()).encode())
     prestart()
     while True:

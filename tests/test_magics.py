@@ -510,3 +510,17 @@ def test_max_output_applies_to_the_warm_sandbox(ip, capfd, runsc_works):
     run(ip, "%%isolated --out log --result noisy --quiet\nseq 100000")
     assert len(ip.user_ns["log"]) == 1000 and ip.user_ns["noisy"].truncated
     assert "session" in ip.user_ns["noisy"].details  # the warm sandbox, not a one-shot run
+
+
+def test_a_cell_that_needs_another_sandbox_says_its_tmp_is_gone(ip, capfd, runsc_works):
+    """The kernel keeps one warm sandbox: a cell with other options replaces it, and says
+    that what the previous one kept in /tmp and HOME is not there (never silently)."""
+    run(ip, "%%isolated --quiet\necho kept > /tmp/state\n")
+    run(ip, "%%isolated --quiet\ncat /tmp/state\n")
+    assert "kept" in capfd.readouterr().out
+    run(ip, "%%isolated --quiet --no-raise-error --limit max_open_files=1000\ncat /tmp/state\n")
+    err = capfd.readouterr().err
+    assert "needs another sandbox" in err and "other limits" in err, err
+    assert "/tmp and HOME" in err
+    run(ip, "%%isolated --quiet --limit max_open_files=1000\ntrue\n")
+    assert "another sandbox" not in capfd.readouterr().err

@@ -112,6 +112,29 @@ def test_leftover_background_processes_do_not_outlive_their_command(session):
     assert "sleep" not in session.run("ps -e -o comm=").stdout
 
 
+def test_nothing_of_a_command_but_tmp_and_home_reaches_the_next(session):
+    """Commands that try hard to leave something for the next one: processes that left
+    their session or re-parented, one that ignores SIGTERM, files in /dev and /dev/shm, a
+    lowered limit of PID 1 (every later command would inherit it)."""
+    first = session.run(
+        "echo kept > /tmp/kept; touch /dev/shm/left /dev/left; mkdir /dev/shm/dir; "
+        "setsid sleep 1000 & (sleep 1000 &) & sh -c 'trap \"\" TERM HUP; exec sleep 1000' & "
+        "prlimit --pid 1 --nofile=300: && echo lowered-soft")
+    assert "lowered-soft" in first.stdout, first.describe() + first.stderr
+    second = session.run("ps -e -o comm=; ls -a /dev/shm; ls /dev/left; ulimit -n; "
+                         "cat /tmp/kept")
+    assert "sleep" not in second.stdout, second.stdout
+    assert "left" not in second.stdout and "dir" not in second.stdout, second.stdout
+    assert "300" not in second.stdout.split(), second.stdout
+    assert second.stdout.rstrip().endswith("kept"), "what the docs promise does carry over"
+    assert second.details["session"] == first.details["session"]
+    # A hard limit cannot be raised again without privileges: the sandbox is replaced.
+    session.run("prlimit --pid 1 --nofile=64:64")
+    third = session.run("ulimit -n; cat /tmp/kept 2>/dev/null || echo fresh")
+    assert third.stdout.split() == ["4096", "fresh"], third.stdout
+    assert "prlimit on PID 1" in third.details.get("session_note", ""), third.details
+
+
 def test_interrupt_kills_the_command_and_keeps_the_session(session):
     main = threading.main_thread()
     seen = threading.Event()
@@ -127,6 +150,29 @@ def test_interrupt_kills_the_command_and_keeps_the_session(session):
                     on_output=lambda s, t: seen.set())
     assert caught.value.result.stdout == "partial\n"
     assert session.run("echo fine").stdout == "fine\n"
+
+
+@pytest.mark.parametrize("command", [["sleep", "1000"], "sleep 1000",
+                                     "trap '' INT TERM; sleep 1000"])
+def test_an_interrupted_command_reports_what_happened(session, command):
+    """The result of an interrupted warm command says it was killed (never exit 0 or
+    success), and the message says the warm sandbox was kept, as it was."""
+    main = threading.main_thread()
+    first = session.run("true")
+
+    def interrupt() -> None:
+        time.sleep(1.0)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(CommandInterrupted) as caught:
+        session.run(command, timeout=60)
+    result = caught.value.result
+    assert result.returncode == -9 and not result.success, result.describe()
+    assert "killed by SIGKILL" in result.describe()
+    assert "warm sandbox was kept" in str(caught.value)
+    after = session.run("echo fine")
+    assert after.stdout == "fine\n" and after.details["session"] == first.details["session"]
 
 
 def test_a_dead_sandbox_is_reported_and_replaced_without_a_rerun(session, tmp_path):
@@ -176,16 +222,21 @@ def test_idle_timeout_and_idempotent_close(runsc_works, tmp_path):
     while warm.state == "warm" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert warm.state == "stopped"
-    assert warm.run("echo b").stdout == "b\n"
+    after = warm.run("echo b")
+    assert after.stdout == "b\n"
+    # The lost /tmp and HOME are said, never silent.
+    assert "idle" in after.details["session_note"] and "start empty" in after.details[
+        "session_note"], after.details
+    assert "session_note" not in warm.run("true").details
     warm.close()
     warm.close()
     with pytest.raises(RuntimeError, match="closed"):
         warm.run("true")
 
 
-def test_sessions_close_at_interpreter_exit(runsc_works):
+def test_sessions_close_at_interpreter_exit(runsc_works, tmp_path):
     code = ("from gvisor_magic import IsolatedSession\n"
-            "s = IsolatedSession('/tmp'); print(s.run('uname -r').stdout.strip())\n")
+            f"s = IsolatedSession({str(tmp_path)!r}); print(s.run('uname -r').stdout.strip())\n")
     env = {**os.environ, "TMPDIR": tempfile.gettempdir()}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)

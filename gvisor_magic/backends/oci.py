@@ -32,6 +32,7 @@ class Bundle:
     layout: SandboxLayout
     process_args: list[str]
     limits: Limits
+    network: bool = False
 
     @property
     def rootfs(self) -> str:
@@ -71,7 +72,10 @@ class Bundle:
 
     def spec(self, mounts: list[dict[str, object]]) -> dict[str, object]:
         layout, ident = self.layout, self.layout.identity
-        namespaces = [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")]
+        # network=True: no network namespace of its own, so runsc's --network=host
+        # really is the host's network (with one, it would see an empty namespace).
+        kinds = ("pid", "mount", "uts", "ipc") + (() if self.network else ("network",))
+        namespaces = [{"type": t} for t in kinds]
         linux: dict[str, object] = {"namespaces": namespaces, "seccomp": no_setid_seccomp()}
         if ident.rootless:
             namespaces.append({"type": "user"})

@@ -24,6 +24,7 @@ import psutil
 
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..errors import CommandInterrupted, SandboxStartError
+from ..memory import OOM_RETURNCODE, MemoryGuard
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
 from ..result import TIMEOUT_RETURNCODE, CommandResult
@@ -271,28 +272,32 @@ class RunscBackend:
         proc: subprocess.Popen[bytes] | None = None
         status = ""
         layout = None
+        guard: MemoryGuard | None = None
         try:
             try:
                 os.mkdir(state, 0o700)
                 os.mkdir(status_dir, 0o700)
                 layout = build_layout(request, identity, run_dir, status_dir=status_dir)
                 bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
-                                init_argv(marker, request.argv), request.limits)
+                                init_argv(marker, request.argv), request.limits, request.network)
                 bundle.write()
             except OSError as exc:  # e.g. a full disk: the command has not started
                 raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
                                         f"({why}): {exc}", fix=f"free space there or point "
                                         f"{ENV_STATE_DIR} at another directory") from exc
             log.debug("gvisor: starting sandbox %s for %r", sandbox_id, request.display)
+            guard = MemoryGuard(request.limits.memory,
+                                kill=lambda: self._kill(runsc, flags, sandbox_id, proc))
             try:
                 proc = subprocess.Popen(
-                    [runsc, *flags, "run", "--bundle", bundle.path, sandbox_id],
+                    guard.wrap([runsc, *flags, "run", "--bundle", bundle.path, sandbox_id]),
                     stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True, env=_runsc_env())
             except OSError as exc:
                 raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
+            guard.watch(proc.pid)
             outcome = supervise(
                 proc, kill=lambda: self._kill(runsc, flags, sandbox_id, proc),
                 stdin=request.stdin, timeout=request.timeout, on_output=on_output,
@@ -305,12 +310,32 @@ class RunscBackend:
             status = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
             if layout is not None:
                 layout.release()
+            if guard is not None:
+                guard.close()
+        if guard is not None and guard.breached():
+            return self._memory_killed(request, outcome, guard, sandbox_id, layout)
         try:
             result = self._result(request, outcome, status, sandbox_id)
         except CommandInterrupted as exc:
             exc.result.details.update(layout.details())
             raise
         result.details.update(layout.details())
+        return result
+
+    def _memory_killed(self, request: CommandRequest, outcome: Outcome, guard: MemoryGuard,
+                       sandbox_id: str, layout) -> CommandResult:
+        """The sandbox crossed ``Limits.memory`` and was killed (even before the command
+        started: that is this command's error, never a reason to try another backend)."""
+        details = {"sandbox_id": sandbox_id, "memory_limit": guard.describe_breach(),
+                   "memory_peak": f"{guard.peak_bytes() >> 20} MiB", **layout.details()}
+        result = CommandResult(
+            returncode=OOM_RETURNCODE, stdout=outcome.stdout.text(),
+            stderr=outcome.stderr.text(), backend=self.name, isolated=True,
+            duration=outcome.duration, truncated=outcome.stdout.truncated
+            or outcome.stderr.truncated, network=request.network, details=details,
+            error=guard.describe_breach())
+        if outcome.interrupted:
+            raise CommandInterrupted(result)
         return result
 
     def _result(self, request: CommandRequest, outcome: Outcome, status: str,
@@ -351,10 +376,13 @@ class RunscBackend:
               proc: subprocess.Popen[bytes]) -> None:
         """Kill every process in the sandbox; the sandbox then ends ``runsc run``."""
         log.info("gvisor: killing sandbox %s", sandbox_id)
-        done = subprocess.run([runsc, *flags, "kill", "--all", sandbox_id, "KILL"],
-                              capture_output=True, timeout=15, env=_runsc_env(),
-                              stdin=subprocess.DEVNULL)
-        if done.returncode != 0:
+        try:
+            killed = subprocess.run([runsc, *flags, "kill", "--all", sandbox_id, "KILL"],
+                                    capture_output=True, timeout=15, env=_runsc_env(),
+                                    stdin=subprocess.DEVNULL).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            killed = False  # runsc itself hangs (its gofer was killed, say): go around it
+        if not killed:
             # Not created yet, or already gone: take down runsc and its children.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, 9)

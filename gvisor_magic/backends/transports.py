@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from ..errors import SandboxStartError
+from ..memory import MemoryGuard
 from ..process import kill_processes_mentioning
 from ..request import CommandRequest
 from .layout import build_layout, caller_identity, init_python
@@ -82,6 +83,7 @@ class RunscTransport:
         self._runsc = runsc
         self.proc: subprocess.Popen[bytes] | None = None
         self.layout = None
+        self.guard: MemoryGuard | None = None
         try:
             self.run_dir = make_run_dir(base)
         except OSError as exc:
@@ -95,16 +97,19 @@ class RunscTransport:
             self.layout = layout = build_layout(request, identity, self.run_dir)
             self.env = layout.env
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout, agent_argv(),
-                            request.limits)
+                            request.limits, request.network)
             bundle.write()
+            self.guard = MemoryGuard(request.limits.memory, kill=self._kill_sandbox)
             try:
                 self.proc = subprocess.Popen(
-                    [runsc, *self._flags, "run", "--bundle", bundle.path, self.sandbox_id],
+                    self.guard.wrap([runsc, *self._flags, "run", "--bundle", bundle.path,
+                                     self.sandbox_id]),
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True, env=_runsc_env())
             except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
                 raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
+            self.guard.watch(self.proc.pid, whole_sandbox=False)
         except OSError as exc:
             self.close()
             raise SandboxStartError("runsc", f"cannot start the sandbox: {exc}",
@@ -127,6 +132,18 @@ class RunscTransport:
     def stderr_text(self) -> str:
         return self._stderr.text() if self.proc is not None else ""
 
+    def _kill_sandbox(self) -> None:
+        """The memory watchdog's kill: the whole sandbox (the session replaces it)."""
+        self._runsc_quietly("kill", "--all", self.sandbox_id, "KILL")
+
+    def memory_breach(self) -> str | None:
+        """Why the sandbox died, if it crossed ``Limits.memory``."""
+        guard = self.guard
+        return guard.describe_breach() if guard is not None and guard.breached() else None
+
+    def oom_kills(self) -> int:
+        return self.guard.oom_kills() if self.guard is not None else 0
+
     def close(self) -> None:
         """Kill the sandbox and remove its files; idempotent."""
         if self.proc is not None and self.proc.poll() is None:
@@ -148,6 +165,8 @@ class RunscTransport:
                 self._runsc_quietly("delete", "--force", self.sandbox_id)
             kill_processes_mentioning(self.sandbox_id, "sandbox")
             self.proc = None
+        if self.guard is not None:
+            self.guard.close()
         _release(self)
         if getattr(self, "run_dir", None):
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -201,6 +220,13 @@ class DockerTransport:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def memory_breach(self) -> str | None:
+        """Docker's memory cgroup kills the container itself; its error says so."""
+        return None
+
+    def oom_kills(self) -> int:
+        return 0
 
     def stderr_text(self) -> str:
         return self._stderr.text() if self.process is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,48 @@ def test_limits_parse_sizes_none_and_refuse_nonsense():
                 {"cpus": "many"}):
         with pytest.raises(InvalidRequestError):
             Limits.parse(bad)
-    assert "memory 4 GiB (cgroup)" in Limits().describe()
+    # What enforces memory is said per backend, and never claimed where nothing does.
+    assert "memory 4 GiB (container cgroup)" in Limits().describe("docker")
+    assert "memory 4 GiB (NOT enforced on the host)" in Limits().describe("subprocess")
+    assert re.search(r"memory 4 GiB \((host cgroup|watchdog)\)", Limits().describe("runsc"))
+    assert "cpus 1 (NOT enforced on runsc)" in Limits(cpus=1).describe("runsc")
+
+
+MEMORY_BOMB = ("import os, sys\n"
+               "if os.uname().release != '4.4.0': print('NOT-GVISOR'); sys.exit(99)\n"
+               "print('inside', flush=True)\n"
+               "held = [bytearray(1 << 20) for _ in range(3000)]\n"
+               "print('allocated 3000 MiB', flush=True)\n")
+
+
+@pytest.mark.parametrize("guard", ["host cgroup", "watchdog"])
+@pytest.mark.parametrize("flavour", ["one-shot", "session"])
+def test_runsc_memory_limit_holds_for_the_whole_sandbox(guard, flavour, monkeypatch, runsc_works):
+    """A command that allocates 3000 MiB under a 256 MiB limit never gets it: the host cgroup
+    (or, without one, the watchdog) ends it with 137 and says "memory limit"; a warm session
+    goes on (or is replaced, and says so)."""
+    from gvisor_magic import IsolatedSession
+    from gvisor_magic.memory import mechanism
+
+    monkeypatch.setenv("GVISOR_MAGIC_MEMORY_GUARD", "watchdog" if guard == "watchdog" else "auto")
+    if mechanism() != guard:
+        pytest.skip(f"no writable memory cgroup for this process: {mechanism()} is used instead")
+    limits = Limits(memory=256 * MiB)
+    argv = [sys.executable, "-I", "-c", MEMORY_BOMB]
+    if flavour == "session":
+        with IsolatedSession(mode="runsc", limits=limits) as session:
+            result = session.run(argv, timeout=120)
+            after = session.run("echo still-works")
+        assert after.stdout == "still-works\n", after.describe()
+        if after.details.get("session") != result.details.get("session"):
+            assert "memory limit" in after.details.get("session_note", ""), after.details
+    else:
+        result = run_command_isolated(argv, mode="runsc", limits=limits, timeout=120)
+    assert "NOT-GVISOR" not in result.stdout
+    assert "inside" in result.stdout, result.describe()
+    assert "allocated" not in result.stdout, result.describe()
+    assert result.returncode == 137 and not result.success, result.describe()
+    assert "memory limit" in (result.error or "") and guard in result.error, result.describe()
 
 
 @pytest.mark.parametrize("mode", ["runsc", "docker"])

@@ -1,0 +1,271 @@
+"""``Limits.memory`` for runsc: a host memory cgroup where possible, else a watchdog.
+
+runsc runs with ``--ignore-cgroups`` (its own cgroup set-up failed here, see
+SECURITY.md), and the rlimits gVisor enforces are per process: without more,
+one command allocated 12 GB of the host's memory. gVisor keeps all of a
+sandbox's memory (its processes' pages, its tmpfs) in its own host processes,
+so bounding those bounds the sandbox:
+
+- **cgroup**: a memory cgroup of our own, made below the caller's (v1
+  ``memory`` controller, or a delegated cgroup v2 subtree); ``runsc run`` is
+  started inside it, so the sandbox and its gofer are too. The host kernel
+  enforces the limit and OOM-kills the sandbox when it is crossed. Needs a
+  writable cgroup: root on a host, or a pod with a delegated cgroup.
+- **watchdog**: elsewhere (an ordinary user, an unprivileged pod), a thread
+  sums the resident memory of the sandbox's host processes every
+  ``WATCH_INTERVAL`` seconds and kills the sandbox when it crosses the limit.
+  It reacts after the fact: the overshoot measured here is in SECURITY.md.
+
+Either way the result says ``memory limit`` in ``details`` and ``error``, with
+exit status 137, as an OOM kill reads in a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+
+import psutil
+
+log = logging.getLogger("gvisor_magic")
+
+ENV_MEMORY_GUARD = "GVISOR_MAGIC_MEMORY_GUARD"  # "auto" (default), "cgroup" or "watchdog"
+WATCH_INTERVAL = 0.1
+OOM_RETURNCODE = 137
+_V1 = "/sys/fs/cgroup/memory"
+_V2 = "/sys/fs/cgroup"
+
+
+def _own_cgroup_dir() -> tuple[str, str] | None:
+    """(version, directory) of the cgroup this process is in, where children can be made."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "memory" in parts[1].split(","):
+            path = os.path.join(_V1, parts[2].lstrip("/"))
+            if os.path.isdir(path) and os.access(path, os.W_OK):
+                return "v1", path
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] == "0" and os.path.exists(
+                os.path.join(_V2, "cgroup.controllers")):
+            path = os.path.join(_V2, parts[2].lstrip("/"))
+            try:
+                with open(os.path.join(path, "cgroup.subtree_control")) as handle:
+                    enabled = handle.read().split()
+            except OSError:
+                continue
+            if "memory" in enabled and os.access(path, os.W_OK):
+                return "v2", path
+    return None
+
+
+def mechanism() -> str:
+    """What enforces ``Limits.memory`` for a runsc sandbox started by this process."""
+    wanted = os.environ.get(ENV_MEMORY_GUARD, "auto").strip().lower() or "auto"
+    if wanted != "watchdog" and _own_cgroup_dir() is not None:
+        return "host cgroup"
+    return "watchdog"
+
+
+class MemoryGuard:
+    """The memory bound of one sandbox; ``wrap`` its ``runsc run``, ``watch`` it, ``close``."""
+
+    def __init__(self, limit: int | None, kill: Callable[[], None]) -> None:
+        self.limit = limit
+        self._kill = kill
+        self.cgroup: str | None = None
+        self.version: str | None = None
+        self.how = "none"
+        self.tripped = False
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if limit is None:
+            return
+        if mechanism() == "host cgroup":
+            self._make_cgroup(limit)
+        if self.cgroup is None:
+            self.how = "watchdog"
+
+    def _make_cgroup(self, limit: int) -> None:
+        found = _own_cgroup_dir()
+        if found is None:
+            return
+        version, parent = found
+        path = os.path.join(parent, f"gvisor-magic-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path)
+            if version == "v1":
+                _write(path, "memory.limit_in_bytes", str(limit))
+                # Keep swap from hiding the overshoot where swap accounting exists.
+                with contextlib.suppress(OSError):
+                    _write(path, "memory.memsw.limit_in_bytes", str(limit))
+            else:
+                _write(path, "memory.max", str(limit))
+                with contextlib.suppress(OSError):
+                    _write(path, "memory.swap.max", "0")
+        except OSError as exc:
+            log.info("gvisor: cannot make a memory cgroup in %s (%s): using the watchdog",
+                     parent, exc)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+            return
+        self.cgroup, self.version, self.how = path, version, "host cgroup"
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` started inside the cgroup (a shell that joins it, then execs)."""
+        if self.cgroup is None:
+            return argv
+        procs = os.path.join(self.cgroup, "cgroup.procs")
+        return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$0" "$@"', *argv]
+
+    def watch(self, root_pid: int, *, whole_sandbox: bool = True) -> None:
+        """Start watching ``root_pid`` and its descendants.
+
+        The watchdog kills the sandbox past the limit. With a cgroup the host kernel
+        does the killing, but it picks one process; ``whole_sandbox`` then takes the
+        rest down too (a one-shot sandbox whose gofer was chosen would otherwise hang
+        until its timeout).
+        """
+        if self.limit is None:
+            return
+        if self.how == "watchdog":
+            target = self._watch
+        elif whole_sandbox:
+            target = self._watch_cgroup
+        else:
+            return
+        self._thread = threading.Thread(target=target, args=(root_pid,), daemon=True,
+                                        name="gvisor-magic-memory")
+        self._thread.start()
+
+    def _watch_cgroup(self, root_pid: int) -> None:
+        del root_pid
+        while not self._stop.wait(WATCH_INTERVAL):
+            if self.oom_kills() > 0:
+                self.tripped = True
+                with contextlib.suppress(Exception):
+                    self._kill()
+                return
+
+    def _watch(self, root_pid: int) -> None:
+        try:
+            root = psutil.Process(root_pid)
+        except psutil.Error:
+            return
+        while not self._stop.wait(WATCH_INTERVAL):
+            try:
+                processes = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            used = 0
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    used += process.memory_info().rss
+            self.peak = max(self.peak, used)
+            if used > self.limit:
+                self.tripped = True
+                log.warning("gvisor: sandbox memory %d MiB crossed the limit of %d MiB: "
+                            "killing it", used >> 20, self.limit >> 20)
+                with contextlib.suppress(Exception):
+                    self._kill()
+                return
+
+    def breached(self) -> bool:
+        """Whether the sandbox (or a process in it) was killed for crossing the limit."""
+        return self.tripped or self.oom_kills() > 0
+
+    def oom_kills(self) -> int:
+        """How many host processes of the sandbox the kernel's OOM killer ended so far.
+
+        With systrap, each address space in the sandbox has a host stub process: the
+        OOM killer may end a command's stub (the command dies, the sandbox lives on)
+        or the sandbox itself.
+        """
+        if self.cgroup is None:
+            return 0
+        name, keys = ("memory.oom_control", ("oom_kill",)) if self.version == "v1" else (
+            "memory.events", ("oom_kill", "oom_group_kill"))
+        try:
+            return sum(int(line.split()[1]) for line in _read(self.cgroup, name).splitlines()
+                       if line.split()[:1] and line.split()[0] in keys)
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def peak_bytes(self) -> int:
+        """The most memory the sandbox held (the cgroup's figure, or the watchdog's samples)."""
+        if self.cgroup is not None:
+            name = "memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"
+            with contextlib.suppress(OSError, ValueError):
+                return int(_read(self.cgroup, name).strip())
+        return self.peak
+
+    def describe_breach(self) -> str:
+        size = f"{self.limit / 2**30:g} GiB" if self.limit and self.limit >= 2**30 \
+            else f"{(self.limit or 0) >> 20} MiB"
+        return (f"memory limit: the sandbox reached its limit of {size} ({self.how}) and the "
+                "process that crossed it was killed")
+
+    def close(self) -> None:
+        """Stop watching; remove the cgroup once its processes have gone (its verdict stays)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.cgroup is not None:
+            self.tripped = self.breached()
+            self.peak = self.peak_bytes()
+            for _ in range(50):
+                try:
+                    os.rmdir(self.cgroup)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    _kill_members(self.cgroup)
+                    threading.Event().wait(0.1)
+            else:
+                log.warning("gvisor: could not remove the memory cgroup %s", self.cgroup)
+            self.cgroup = None
+
+
+def _kill_members(cgroup: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        for pid in _read(cgroup, "cgroup.procs").split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), 9)
+
+
+def _write(directory: str, name: str, value: str) -> None:
+    with open(os.path.join(directory, name), "w") as handle:
+        handle.write(value)
+
+
+def _read(directory: str, name: str) -> str:
+    with open(os.path.join(directory, name)) as handle:
+        return handle.read(65536)
+
+
+def remove_orphan_cgroups() -> None:
+    """Remove empty cgroups of processes that died without cleaning up (SIGKILL)."""
+    found = _own_cgroup_dir()
+    if found is None:
+        return
+    _, parent = found
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            parts = name.split("-")
+            if len(parts) == 4 and parts[:2] == ["gvisor", "magic"] and parts[2].isdigit() \
+                    and not psutil.pid_exists(int(parts[2])):
+                path = os.path.join(parent, name)
+                _kill_members(path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
