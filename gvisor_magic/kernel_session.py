@@ -11,7 +11,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
-from .request import DEFAULT_MAX_OUTPUT, Limits
+from .request import Limits
 from .session import IsolatedSession
 
 
@@ -24,13 +24,12 @@ class SessionKey:
     require_isolation: bool | None
     shell: str
     limits: Limits | None = None
-    max_output: int = DEFAULT_MAX_OUTPUT
     protected_paths: tuple[str, ...] = ()
 
 
 _NAMES = {"workdir": "working dir", "repo": "repo", "network": "network", "mode": "mode",
           "require_isolation": "require-isolation", "shell": "shell", "limits": "limits",
-          "max_output": "max_output", "protected_paths": "protected paths"}
+          "protected_paths": "protected paths"}
 
 
 def _differences(old: SessionKey | None, new: SessionKey) -> list[str]:
@@ -60,7 +59,7 @@ class KernelSessions:
                 self._session = IsolatedSession(
                     key.workdir, key.repo, mode=key.mode, require_isolation=key.require_isolation,
                     network=key.network, shell=key.shell, limits=key.limits,
-                    max_output=key.max_output, protected_paths=list(key.protected_paths))
+                    protected_paths=list(key.protected_paths))
                 self._key = key
                 if note:
                     self._session.note_for_next_result(note)

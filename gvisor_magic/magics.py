@@ -177,7 +177,7 @@ class IsolatedMagics(Magics):
                           mode or settings.mode,
                           settings.require_isolation if require is None else require,
                           settings.shell, limits or settings.effective_limits(),
-                          settings.max_output, tuple(settings.protected_paths))
+                          tuple(settings.protected_paths))
 
     def _route_changed(self, change) -> None:
         if change["new"]:
@@ -213,7 +213,8 @@ class IsolatedMagics(Magics):
                 session = self.sessions.get(
                     self._key(workdir or os.getcwd(), repo, network, mode, require, effective))
                 self.state.session = "starting" if session.state == "stopped" else None
-                result = session.run(command, timeout=seconds, env=env, on_output=stream)
+                result = session.run(command, timeout=seconds, env=env, on_output=stream,
+                                     max_output=settings.max_output)
             else:
                 result = run_command_isolated(
                     command, working_dir=workdir or os.getcwd(), repo_path=repo,

@@ -122,9 +122,16 @@ class MemoryGuard:
         self.cgroup, self.version, self.how = path, version, "host cgroup"
 
     def wrap(self, argv: list[str]) -> list[str]:
-        """``argv`` started inside the cgroup (a shell that joins it, then execs)."""
+        """``argv`` started inside the cgroup (a shell that joins it, then execs).
+
+        Raises ``OSError`` as ``Popen`` would when ``argv[0]`` cannot be executed, so the
+        caller's message stays the same with or without the cgroup.
+        """
         if self.cgroup is None:
             return argv
+        if not os.access(argv[0], os.X_OK):
+            raise FileNotFoundError(2, "No such file or directory (or not executable)",
+                                    argv[0])
         procs = os.path.join(self.cgroup, "cgroup.procs")
         return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$0" "$@"', *argv]
 

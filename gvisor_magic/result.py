@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 #: Exit status reported when a command hit its timeout (as GNU ``timeout`` does).
 TIMEOUT_RETURNCODE = 124
+#: Exit status when the sandbox itself failed (as ``docker run`` reports its own errors).
+RUNTIME_FAILURE = 125
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ only when the command provably did not start; so a command never runs twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,7 +40,7 @@ from .request import (
     resolve_mode,
     resolve_require_isolation,
 )
-from .result import CommandResult
+from .result import RUNTIME_FAILURE, CommandResult
 
 log = logging.getLogger("gvisor_magic")
 
@@ -208,7 +209,8 @@ def run_command_isolated(
     names, why = _plan(mode, require)
     scratch = None
     if request.working_dir is None:
-        scratch = tempfile.mkdtemp(prefix="gvisor-magic-work-")
+        _remove_orphan_scratch()
+        scratch = tempfile.mkdtemp(prefix=f"gvisor-magic-work-{os.getpid()}-")
         request = dataclasses.replace(request, working_dir=os.path.realpath(scratch))
     try:
         if names != ["subprocess"]:
@@ -218,6 +220,25 @@ def run_command_isolated(
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_orphan_scratch() -> None:
+    """Working dirs of callers that died before removing them (a SIGKILLed kernel)."""
+    import psutil
+
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) == 5 and parts[:3] == ["gvisor", "magic", "work"] and parts[3].isdigit() \
+                and int(parts[3]) != os.getpid() and not psutil.pid_exists(int(parts[3])):
+            path = os.path.join(base, name)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_uid == os.getuid():
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, mode: str,
@@ -236,12 +257,15 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
         try:
             result = backend.run(request, on_output)
         except SandboxStartError as exc:
-            reasons[name] = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
-            REGISTRY.remember(BackendStatus(name, False, backend.isolated,
-                                            f"sandbox failed to start: {exc.reason}",
-                                            fix=exc.fix))
+            reason = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
             log.warning("gvisor: %s could not start the sandbox (the command did not run): %s",
                         name, exc.reason)
+            if backend.isolated and REGISTRY.status(name, refresh=True).available:
+                # gVisor works here (a probe sandbox just ran): this command's sandbox
+                # failed, which is this command's error, never a reason to run it elsewhere.
+                result = _not_started(name, reason, request)
+                return _with_reason(result, reasons, mode, time.monotonic() - started)
+            reasons[name] = reason
             continue
         except CommandInterrupted as exc:
             _after_run(backend, request, wall, exc.result)
@@ -254,6 +278,15 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             f"cannot run the command with {' or '.join(names) or 'any backend'}"
             + (" and isolation is required" if require else ""), reasons)
     raise IsolationUnavailable("no backend could start the command", reasons)
+
+
+def _not_started(name: str, reason: str, request: CommandRequest) -> CommandResult:
+    return CommandResult(
+        returncode=RUNTIME_FAILURE, stdout="", stderr="", backend=name, isolated=True,
+        network=request.network, details={"not_started": reason},
+        error=(f"the sandbox could not start for this command, which did not run: {reason}. "
+               f"{name} itself works here (a probe sandbox just ran), so it was not tried on "
+               "another backend"))
 
 
 def _after_run(backend: Backend, request: CommandRequest, since: float,

@@ -5,11 +5,19 @@ never imported inside the sandbox), so it uses only built-in modules.
 
 Why an init at all: ``runsc run`` reports a signal as ``128 + N``, which cannot
 be told apart from ``exit(128 + N)``; the init writes the real wait status to a
-status file. And it writes a start marker on stderr before the command exists,
-which is the runner's proof of whether the command may have run: without the
-marker, the sandbox failed before the command started and falling back is safe.
+status file. Before the command exists it creates ``started`` next to that file
+(in a directory only the host and this sandbox see): the runner's proof of
+whether the command may have run. Without it, the sandbox failed before the
+command started and trying elsewhere is safe; with it, never. Nothing on a
+shared stream can fake that (runsc's own debug output goes to stderr too). The
+start marker it then writes on stderr only tells the host where the sandbox's
+messages end and the command's output begins.
 
-argv: MARKER STATUS_FILE PROGRAM [ARGS...]
+A backstop for a caller that died (SIGKILL, say): at ``DEADLINE`` seconds (0:
+none) the init kills every process of the sandbox and ends it, so a sandbox
+never outlives its timeout by more than the host's grace.
+
+argv: MARKER STATUS_FILE DEADLINE PROGRAM [ARGS...]
 """
 
 import os
@@ -18,13 +26,22 @@ import sys
 
 
 def main() -> None:
-    marker, status_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    marker, status_path, deadline, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     home = os.environ.get("HOME")
     if home:
         try:
             os.makedirs(home, 0o700, exist_ok=True)
         except OSError:
             pass
+    try:
+        os.close(os.open(os.path.join(os.path.dirname(status_path), "started"),
+                         os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:  # without the proof, the command must not start at all
+        os.write(2, f"gvisor-magic init: cannot record the start: {exc}\n".encode())
+        os._exit(125)
+    if float(deadline) > 0:
+        signal.signal(signal.SIGALRM, _deadline)
+        signal.setitimer(signal.ITIMER_REAL, float(deadline))
     os.write(2, marker.encode())
     try:
         # posix_spawn (vfork underneath) instead of fork: copying this Python
@@ -62,6 +79,15 @@ def main() -> None:
     except OSError:
         pass
     os._exit(code)
+
+
+def _deadline(*_: object) -> None:
+    """The caller is gone or stuck: end everything in the sandbox, as a timeout would."""
+    try:
+        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of the sandbox
+    except OSError:
+        pass
+    os._exit(124)
 
 
 if __name__ == "__main__":

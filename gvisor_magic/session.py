@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from types import EllipsisType
 
 from .agent_channel import Channel, SessionBroken
 from .backends.layout import plan_for, protection_details
@@ -217,13 +218,18 @@ class IsolatedSession:
 
     def run(self, command: str | Sequence[str], *, timeout: float | None = DEFAULT_TIMEOUT,
             env: Mapping[str, str] | None = None, on_output: OutputCallback | None = None,
-            stdin: str | bytes | None = None, cwd: str | os.PathLike[str] | None = None
-            ) -> CommandResult:
-        """Run one command in the warm sandbox; the same ``CommandResult`` as one-shot runs."""
+            stdin: str | bytes | None = None, cwd: str | os.PathLike[str] | None = None,
+            max_output: int | EllipsisType | None = ...) -> CommandResult:
+        """Run one command in the warm sandbox; the same ``CommandResult`` as one-shot runs.
+
+        ``max_output`` (bytes kept per stream) defaults to the session's; it is the host's
+        business, so another value needs no other sandbox.
+        """
         request = CommandRequest.build(
             command, working_dir=cwd or self._base.working_dir, timeout=timeout, env=env,
             stdin=stdin, network=self._base.network, limits=self._base.limits,
-            max_output=self._base.max_output, shell=self.shell)
+            max_output=self._base.max_output if max_output is ... else max_output,
+            shell=self.shell)
         with self._lock:
             if self.closed:
                 raise RuntimeError("this IsolatedSession is closed")
@@ -316,6 +322,9 @@ class IsolatedSession:
                 what = "no answer" if frame is None else f"a {frame[0]!r} frame"
                 raise SessionBroken(f"the sandbox agent sent {what} instead of accepting "
                                     "the command")
+            # Only now may it run: an agent we gave up on never gets this, so a command
+            # retried on a fresh sandbox cannot also run in the stalled one.
+            warm.channel.send(b"G")
             accepted = True
             while status is None:
                 try:

@@ -7,9 +7,10 @@ Protocol, over the agent's stdin (host -> agent) and stdout (agent -> host):
 every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes, big-endian) + payload.
 
   host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null}   run a command
+                  G  (empty)                  go: run the command just accepted
                   K  (empty)                                               kill the command
   agent -> host   H  JSON {"pid"}             ready (sent once, at start)
-                  A  (empty)                  request accepted; the command may now run
+                  A  (empty)                  request accepted; runs only after the host's G
                   O / E  bytes                stdout / stderr of the command
                   X  JSON {"exit": N} or {"signal": N} or {"error": text}
 
@@ -221,6 +222,14 @@ def take_ready(spec):
 def run(request):
     spec = json.loads(request)
     send(b"A")
+    # The fence: start only when the host says go. A host that gave up on this agent
+    # (it stalled past the accept deadline) never does, and runs the command elsewhere.
+    try:
+        kind, _ = read_frame()
+    except EOFError:
+        return
+    if kind != b"G":
+        return
     script = b""
     ctl_w = None
     try:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
 SANITIZE_FALLBACK = Path(__file__).resolve().parent / "nbval_sanitize_fallback.cfg"
+SANITIZE_DOCKER = Path(__file__).resolve().parent / "nbval_sanitize_docker.cfg"
 EXPECTED = ("01-quickstart.ipynb", "02-untrusted-code.ipynb", "03-limits-and-timeouts.ipynb",
             "04-python-api.ipynb")
 
@@ -107,6 +108,12 @@ def test_saved_outputs_show_gvisor_at_work():
 
 def test_notebooks_pass_nbval_with_gvisor(runsc_works, untouched_notebooks):
     check(*run_nbval("runsc", [SANITIZE]))
+
+
+def test_notebooks_pass_nbval_with_docker(docker_works, untouched_notebooks):
+    """The same notebooks under Docker's runsc runtime (notebook 03's small process limits
+    included): only the backend's name may differ from the saved runsc outputs."""
+    check(*run_nbval("docker", [SANITIZE, SANITIZE_DOCKER]))
 
 
 def test_notebooks_pass_nbval_in_fallback_mode(untouched_notebooks):

@@ -20,11 +20,11 @@ import time
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
-from ..result import TIMEOUT_RETURNCODE, CommandResult
+from ..result import RUNTIME_FAILURE, TIMEOUT_RETURNCODE, CommandResult
 from .base import BackendStatus
 from .docker_process import DockerProcess
 from .layout import Identity, SandboxLayout, build_layout, caller_identity
-from .runsc import init_argv, refine_returncode
+from .runsc import init_argv, make_run_dir, refine_returncode, started_in
 
 log = logging.getLogger("gvisor_magic")
 
@@ -34,7 +34,6 @@ LABEL = "io.github.gvisor-magic"
 RUNTIME_CACHE_SECONDS = 30.0
 REGISTER_HINT = "register runsc with Docker: sudo python3 scripts/install_gvisor.py --docker"
 #: Exit status when the container runtime itself failed (as ``docker run`` uses it).
-RUNTIME_FAILURE = 125
 
 
 class DockerBackend:
@@ -163,7 +162,7 @@ class DockerBackend:
             image = self.image()
         except Exception as exc:
             raise SandboxStartError(self.name, f"cannot prepare the image: {exc}") from exc
-        scratch = tempfile.mkdtemp(prefix="gvisor-magic-")
+        scratch = make_run_dir(tempfile.gettempdir())  # named after us: reaped if we die
         try:
             return self._run(request, on_output, runtime, image, scratch)
         except SandboxStartError:
@@ -189,7 +188,7 @@ class DockerBackend:
                        runtime: str, image: str, layout: SandboxLayout, status_dir: str,
                        host_system: bool) -> CommandResult:
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
-        argv = init_argv(marker, request.argv) if marker else list(request.argv)
+        argv = init_argv(marker, request.argv, request.timeout) if marker else list(request.argv)
         api = self.client().api
         cid = self.create(request, layout, argv, runtime, image,
                           stdin_open=request.stdin is not None)
@@ -210,7 +209,10 @@ class DockerBackend:
                 # sandbox processes running, unknown to Docker's own list.
                 kill_processes_mentioning(cid, "container")
         status = _read_status(status_dir)
-        if marker and not outcome.gate_seen:
+        if marker and not outcome.gate_seen and started_in(status_dir):
+            # It may have run (see sandbox_init): report it, never try elsewhere.
+            outcome.stderr.add(outcome.pre_gate.replace(marker.encode(), b"", 1))
+        elif marker and not outcome.gate_seen:
             if outcome.interrupted:
                 raise KeyboardInterrupt
             text = outcome.pre_gate.decode("utf-8", "replace").strip()
@@ -277,12 +279,21 @@ class DockerBackend:
         return api.create_host_config(
             runtime=runtime, network_mode="none", read_only=True, auto_remove=True,
             mounts=mounts, tmpfs=tmpfs, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            pids_limit=limits.max_processes, mem_limit=limits.memory,
+            pids_limit=docker_pids_limit(limits.max_processes), mem_limit=limits.memory,
             memswap_limit=limits.memory, nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
             ulimits=ulimits, shm_size="64m",
             # The output is streamed to the caller; Docker's default json-file log
             # would also write all of it (GBs from a flood) to the host's disk.
             log_config=LogConfig(type="none"))
+
+
+def docker_pids_limit(max_processes: int | None) -> int | None:
+    """The container's pids cgroup counts gVisor's own host tasks too: the Sentry's and the
+    gofer's threads (a sandbox with max_processes=64 never started with a pids limit of 64)
+    and a host stub per process of the command (300 sleeps used 308 tasks). gVisor holds
+    the command to ``max_processes`` itself (RLIMIT_NPROC); the cgroup only stops gVisor
+    from taking the host's pids, so it gets room for both."""
+    return None if max_processes is None else 2 * max_processes + 256
 
 
 def docker_identity() -> Identity:

@@ -24,7 +24,7 @@ import psutil
 
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..errors import CommandInterrupted, SandboxStartError
-from ..memory import OOM_RETURNCODE, MemoryGuard
+from ..memory import OOM_RETURNCODE, MemoryGuard, remove_orphan_cgroups
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
 from ..result import TIMEOUT_RETURNCODE, CommandResult
@@ -43,10 +43,20 @@ MIN_RELEASE = 20230601
 _INIT_SOURCE = (Path(__file__).resolve().parent.parent / "sandbox_init.py").read_text()
 
 
-def init_argv(marker: str, argv: tuple[str, ...]) -> list[str]:
+#: How long after its timeout a sandbox ends itself if its caller did not (a dead caller).
+DEADLINE_GRACE = 5.0
+
+
+def init_argv(marker: str, argv: tuple[str, ...], timeout: float | None = None) -> list[str]:
     """The sandbox's PID 1: our init (see sandbox_init.py) wrapping the command."""
+    deadline = 0.0 if timeout is None else timeout + DEADLINE_GRACE
     return [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker, f"{STATUS_DIR}/status",
-            *argv]
+            f"{deadline:.3f}", *argv]
+
+
+def started_in(status_dir: str) -> bool:
+    """Whether the init recorded that it was about to start the command (see sandbox_init)."""
+    return os.path.exists(os.path.join(status_dir, "started"))
 _RELEASE = re.compile(r"(?:~|release-)(\d{8})")
 
 
@@ -143,6 +153,7 @@ def make_run_dir(base: str) -> str:
     """
     os.makedirs(base, mode=0o700, exist_ok=True)
     _remove_orphans(base)
+    remove_orphan_cgroups()
     return tempfile.mkdtemp(prefix=f"gvisor-magic-{os.getpid()}-", dir=base)
 
 
@@ -270,7 +281,7 @@ class RunscBackend:
         flags = self.flags(state, request.network)
         outcome: Outcome | None = None
         proc: subprocess.Popen[bytes] | None = None
-        status = ""
+        status, started = "", False
         layout = None
         guard: MemoryGuard | None = None
         try:
@@ -279,7 +290,8 @@ class RunscBackend:
                 os.mkdir(status_dir, 0o700)
                 layout = build_layout(request, identity, run_dir, status_dir=status_dir)
                 bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
-                                init_argv(marker, request.argv), request.limits, request.network)
+                                init_argv(marker, request.argv, request.timeout), request.limits,
+                                request.network)
                 bundle.write()
             except OSError as exc:  # e.g. a full disk: the command has not started
                 raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
@@ -307,7 +319,7 @@ class RunscBackend:
             abnormal = proc is not None and (
                 outcome is None or outcome.timed_out or outcome.interrupted
                 or not outcome.gate_seen or outcome.returncode >= 128)
-            status = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
+            status, started = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
             if layout is not None:
                 layout.release()
             if guard is not None:
@@ -315,7 +327,8 @@ class RunscBackend:
         if guard is not None and guard.breached():
             return self._memory_killed(request, outcome, guard, sandbox_id, layout)
         try:
-            result = self._result(request, outcome, status, sandbox_id)
+            result = self._result(request, outcome, status, sandbox_id, started,
+                                  marker.encode())
         except CommandInterrupted as exc:
             exc.result.details.update(layout.details())
             raise
@@ -339,8 +352,12 @@ class RunscBackend:
         return result
 
     def _result(self, request: CommandRequest, outcome: Outcome, status: str,
-                sandbox_id: str) -> CommandResult:
-        if not outcome.gate_seen:
+                sandbox_id: str, started: bool = False, marker: bytes = b"") -> CommandResult:
+        if not outcome.gate_seen and started:
+            # The command may have run, whatever came first on stderr (a wrapper's line,
+            # runsc's --debug-log=/dev/stderr): report it, never try elsewhere.
+            outcome.stderr.add(outcome.pre_gate.replace(marker, b"", 1))
+        elif not outcome.gate_seen:
             message = outcome.pre_gate.decode("utf-8", "replace").strip()
             if outcome.interrupted:
                 raise KeyboardInterrupt
@@ -389,13 +406,15 @@ class RunscBackend:
             kill_processes_mentioning(sandbox_id, "sandbox")
 
     def _cleanup(self, runsc: str, flags: list[str], sandbox_id: str, state: str,
-                 run_dir: str, abnormal: bool) -> str:
-        """Remove the sandbox, its processes and files; return the init's status report.
+                 run_dir: str, abnormal: bool) -> tuple[str, bool]:
+        """Remove the sandbox, its processes and files; return the init's status report
+        and whether the init recorded the command's start.
 
         The status file is written by code inside the sandbox, so it is read
         with a size bound and only trusted to refine ``128 + N`` into a signal.
         """
         status = read_status(os.path.join(run_dir, "status", "status"))
+        started = started_in(os.path.join(run_dir, "status"))
         # `runsc run` removes a sandbox whose init exited and leaves its state dir
         # empty; anything else (a kill, a crash, a start-up failure) gets the
         # full treatment: delete, then hunt for stray runsc processes.
@@ -411,7 +430,7 @@ class RunscBackend:
         shutil.rmtree(run_dir, ignore_errors=True)
         if os.path.exists(run_dir):
             log.warning("gvisor: could not remove the sandbox directory %s", run_dir)
-        return status
+        return status, started
 
 
 def read_status(path: str) -> str:

@@ -5,7 +5,9 @@ away from the user's files or network, and every result says so
 (``isolated=False``). What it can do, it does: a scrubbed environment, empty
 stdin, its own process group killed as a whole, rlimits on processes, memory
 and file size (a fork bomb that escaped a timeout once took every pid on a
-test machine), and nothing left running afterwards.
+test machine), and nothing left running afterwards: on Linux the command runs
+under a subreaper of ours (``reaper.py``), which also catches what left the
+process group or was re-parented, and ends with its caller.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import psutil
 
@@ -26,6 +29,8 @@ from ..result import TIMEOUT_RETURNCODE, CommandResult
 from .base import BackendStatus
 
 _POSIX = os.name == "posix"
+_LINUX = sys.platform.startswith("linux")
+_REAPER_SOURCE = (Path(__file__).resolve().parent / "reaper.py").read_text() if _LINUX else ""
 
 
 class SubprocessBackend:
@@ -50,9 +55,14 @@ class SubprocessBackend:
         if not _POSIX:
             env.update({k: v for k, v in os.environ.items()
                         if k.upper() in ("SYSTEMROOT", "COMSPEC", "PATHEXT", "WINDIR")})
+        argv = list(request.argv)
+        if _LINUX:
+            # Under a subreaper of ours, so that no descendant escapes (see reaper.py).
+            argv = [sys.executable, "-I", "-S", "-c", _REAPER_SOURCE,
+                    f"{0.0 if request.timeout is None else request.timeout + 5.0:.3f}", *argv]
         try:
             proc = subprocess.Popen(
-                list(request.argv), cwd=request.working_dir, env=env,
+                argv, cwd=request.working_dir, env=env,
                 stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=_POSIX,
@@ -106,6 +116,12 @@ class _Tree:
 
     def kill(self) -> None:
         self._remember()
+        if _LINUX:
+            # The reaper kills everything below it (orphans included) on SIGTERM.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(self.pid).wait(timeout=5)
         if _POSIX:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
