@@ -132,6 +132,12 @@ class _Walk:
                     continue
                 if stat.S_ISDIR(info.st_mode):
                     pending.append(entry.path)
+                    if info.st_mode & stat.S_ISGID and self.new(info):
+                        # Docker's runtime takes chmod g+s (runsc's seccomp filter refuses
+                        # it): new files below would join the directory's group on the host.
+                        with contextlib.suppress(OSError):
+                            os.chmod(entry.path, stat.S_IMODE(info.st_mode) & ~stat.S_ISGID)
+                            self.stripped.append(entry.path)
                     if directory == self.cwd and self.new(info) and _shadows_importable(
                             entry.name, self.cwd) and os.path.exists(
                             os.path.join(entry.path, "__init__.py")):

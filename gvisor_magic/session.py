@@ -298,6 +298,8 @@ class IsolatedSession:
         note, self._note = self._note, None
         env = sandbox_env(request, home=warm.transport.env["HOME"],
                           path=warm.transport.env["PATH"], user=warm.transport.env["USER"])
+        if "HOSTNAME" in warm.transport.env:
+            env.setdefault("HOSTNAME", warm.transport.env["HOSTNAME"])
         payload = json.dumps({"argv": list(request.argv), "cwd": request.working_dir,
                               "env": env, "stdin": request.stdin.hex() if request.stdin else None})
         out, err = Capture("stdout", request.max_output), Capture("stderr", request.max_output)

@@ -43,6 +43,8 @@ def _wrapper(tmp_path: Path, body: str) -> str:
 @pytest.mark.parametrize("noise", ["wrapper", "debug-log"])
 def test_noise_before_the_start_marker_never_runs_a_command_twice(noise, tmp_path,
                                                                   monkeypatch, runsc_works):
+    # Docker out of the way, so that auto's next choice after runsc is the host itself.
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
     if noise == "wrapper":
         monkeypatch.setenv("GVISOR_MAGIC_RUNSC", _wrapper(tmp_path, """\
             echo "wrapper: about to run runsc $1" >&2
@@ -63,8 +65,9 @@ def test_noise_before_the_start_marker_never_runs_a_command_twice(noise, tmp_pat
 def test_a_sandbox_that_fails_for_one_command_is_that_commands_error(tmp_path, monkeypatch,
                                                                      runsc_works):
     """runsc works here (its probe passes); one command's sandbox cannot start. The command
-    does not run anywhere (auto mode would once have tried Docker, then the host), the
-    result says why, and the next command runs under gVisor as usual."""
+    does not run anywhere (auto mode would once have tried the host), the result says why,
+    and the next command runs under gVisor as usual."""
+    monkeypatch.setenv("GVISOR_MAGIC_DOCKER_RUNTIME", "no-such-runtime")
     monkeypatch.setenv("GVISOR_MAGIC_RUNSC", _wrapper(tmp_path, """\
         prev=""
         for arg in "$@"; do

@@ -82,9 +82,13 @@ class DockerBackend:
             client.ping()
             runtimes = client.info().get("Runtimes") or {}
         except Exception as exc:  # the SDK raises several unrelated types here
+            denied = "permission denied" in str(exc).lower() or any(
+                isinstance(e, PermissionError) for e in (exc, exc.__cause__, exc.__context__))
+            fix = ("this user may not use the Docker socket: add it to the 'docker' group (which "
+                   "is root-equivalent), or use the runsc backend" if denied else
+                   "start the Docker daemon, or use the runsc backend")
             raise SandboxStartError(self.name, f"Docker daemon not reachable: {exc}",
-                                    fix="start the Docker daemon, or use the runsc backend"
-                                    ) from exc
+                                    fix=fix) from exc
         if self._runtime:
             if self._runtime not in runtimes:
                 raise SandboxStartError(self.name, f"Docker has no runtime named "
@@ -229,6 +233,14 @@ class DockerBackend:
             returncode = -9  # we killed the container (SIGKILL)
         else:
             returncode = refine_returncode(returncode, status)
+            if marker and returncode >= 128 and not status:
+                # The init reports every status >= 128: without a report, the sandbox
+                # itself ended under the command (the container's cgroups kill it whole).
+                error = (f"the sandbox ended (exit {returncode}) before the command reported "
+                         "its status" + (f"; the container's memory cgroup "
+                                         f"(Limits.memory, {request.limits.memory >> 20} MiB) "
+                                         "kills it with 137" if returncode == 137
+                                         and request.limits.memory else ""))
         result = CommandResult(
             returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
             backend=self.name, isolated=True, timed_out=outcome.timed_out,
@@ -264,6 +276,13 @@ class DockerBackend:
         for link in layout.symlinks:
             real = os.path.realpath(link)
             mounts.append(Mount(link, real, type="bind", read_only=True))
+        etc = next((m.source for m in layout.mounts if m.destination == "/etc"), None)
+        if etc is not None:
+            # Docker mounts its own resolv.conf (the host's resolver), hosts and hostname
+            # unless the container has mounts there: give it the layout's.
+            for name in ("resolv.conf", "hosts", "hostname"):
+                mounts.append(Mount(f"/etc/{name}", os.path.join(etc, name), type="bind",
+                                    read_only=True))
         for spec in layout.sorted_mounts():
             if spec.kind == "bind":
                 mounts.append(Mount(spec.destination, spec.source, type="bind",

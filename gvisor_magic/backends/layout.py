@@ -186,6 +186,7 @@ def build_layout(request: CommandRequest, identity: Identity, scratch: str, *,
     env = sandbox_env(request, home=identity.home, path=":".join(dict.fromkeys(path_dirs)),
                       user=identity.user)
     layout = SandboxLayout(identity, env, request.working_dir or "/")
+    env.setdefault("HOSTNAME", layout.hostname)  # Docker sets it: the same on every backend
     mounts = layout.mounts
     if host_system:
         for path in SYSTEM_DIRS:

@@ -10,6 +10,7 @@ records exactly how it ended.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -93,11 +94,31 @@ def release_date(version: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def explain_failure(text: str) -> tuple[str, str | None]:
+def state_fix(base: str, exc: OSError) -> str:
+    """What to do when the sandbox's state dir ``base`` failed us with ``exc``."""
+    if exc.errno == errno.ENOSPC:
+        return f"{base} is full: free space there, or point {ENV_STATE_DIR} at another directory"
+    if _noexec(base):
+        return (f"{base} is mounted noexec: point {ENV_STATE_DIR} at a directory on a "
+                "filesystem mounted without noexec")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{base} is not writable here: point {ENV_STATE_DIR} at a writable directory"
+    return f"point {ENV_STATE_DIR} at a writable directory on a local filesystem"
+
+
+def explain_failure(text: str, state_dir: str | None = None) -> tuple[str, str | None]:
     """Turn runsc's start-up error into (reason, fix)."""
     text = text.strip()
     last = text.splitlines()[-1] if text else "runsc exited without a message"
     lower = text.lower()
+    if state_dir and _noexec(state_dir) and ("permission denied" in lower
+                                             or "operation not permitted" in lower):
+        return last, (f"the sandbox state dir {state_dir} is mounted noexec, which runsc "
+                      f"cannot use: point {ENV_STATE_DIR} at a directory on a filesystem "
+                      "mounted without noexec")
+    if "no space left" in lower:
+        return last, (f"the disk holding {state_dir or 'the sandbox state'} is full: free space "
+                      f"there, or point {ENV_STATE_DIR} at another directory")
     if inside_gvisor():
         return last, (f"none needed: {POD_GVISOR_NOTE}. For a sandbox per command, run "
                       "ordinary pods with runsc in the image (see docs/deploy.md)")
@@ -295,8 +316,7 @@ class RunscBackend:
                 bundle.write()
             except OSError as exc:  # e.g. a full disk: the command has not started
                 raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
-                                        f"({why}): {exc}", fix=f"free space there or point "
-                                        f"{ENV_STATE_DIR} at another directory") from exc
+                                        f"({why}): {exc}", fix=state_fix(base, exc)) from exc
             log.debug("gvisor: starting sandbox %s for %r", sandbox_id, request.display)
             guard = MemoryGuard(request.limits.memory,
                                 kill=lambda: self._kill(runsc, flags, sandbox_id, proc))
@@ -328,7 +348,7 @@ class RunscBackend:
             return self._memory_killed(request, outcome, guard, sandbox_id, layout)
         try:
             result = self._result(request, outcome, status, sandbox_id, started,
-                                  marker.encode())
+                                  marker.encode(), base)
         except CommandInterrupted as exc:
             exc.result.details.update(layout.details())
             raise
@@ -352,7 +372,8 @@ class RunscBackend:
         return result
 
     def _result(self, request: CommandRequest, outcome: Outcome, status: str,
-                sandbox_id: str, started: bool = False, marker: bytes = b"") -> CommandResult:
+                sandbox_id: str, started: bool = False, marker: bytes = b"",
+                state_dir: str | None = None) -> CommandResult:
         if not outcome.gate_seen and started:
             # The command may have run, whatever came first on stderr (a wrapper's line,
             # runsc's --debug-log=/dev/stderr): report it, never try elsewhere.
@@ -364,7 +385,7 @@ class RunscBackend:
             if outcome.timed_out:
                 message = f"sandbox did not start within {request.timeout}s. {message}"
             message = message or f"runsc exited {outcome.returncode} before the command started"
-            reason, fix = explain_failure(message)
+            reason, fix = explain_failure(message, state_dir)
             raise SandboxStartError(self.name, reason, fix=fix)
         returncode = outcome.returncode
         if outcome.timed_out:

@@ -30,6 +30,7 @@ from .runsc import (
     _runsc_env,
     make_run_dir,
     state_base,
+    state_fix,
 )
 
 AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "session_agent.py").read_text()
@@ -113,7 +114,7 @@ class RunscTransport:
         except OSError as exc:
             self.close()
             raise SandboxStartError("runsc", f"cannot start the sandbox: {exc}",
-                                    fix=INSTALL_HINT) from exc
+                                    fix=state_fix(base, exc)) from exc
         except BaseException:
             self.close()
             raise
