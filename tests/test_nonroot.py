@@ -132,3 +132,45 @@ def test_files_written_by_an_ordinary_user_belong_to_that_user(user_tree):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(entry.pw_uid), "runsc", "True"]
     assert (work / "out.txt").stat().st_uid == entry.pw_uid
+
+
+def test_an_arbitrary_uid_without_a_passwd_entry_gets_runsc(runsc_works, tmp_path):
+    """OpenShift and many Kubernetes set-ups run pods as a uid with no passwd entry and no
+    subordinate range: newuidmap refuses it, so runsc once failed there and auto ran the
+    command on the host. It now runs under gVisor, one-shot and warm, and writes as itself."""
+    import psutil
+    from user_switch import world_readable_copy
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to become an arbitrary uid")
+    uid = 4242
+    with pytest.raises(KeyError):
+        pwd.getpwuid(uid)
+    readable = world_readable_copy(ROOT / "gvisor_magic", Path(psutil.__file__).parent)
+    base = Path(tempfile.mkdtemp(prefix="gvm-anyuid-"))
+    try:
+        os.chmod(base, 0o755)
+        for name in ("work", "tmp"):
+            (base / name).mkdir()
+            os.chown(base / name, uid, uid)
+        script = ("from gvisor_magic import run_command_isolated as r, IsolatedSession\n"
+                  f"w = {str(base / 'work')!r}\n"
+                  "x = r('uname -r; echo one > one.txt', working_dir=w)\n"
+                  "print(x.backend, x.isolated, x.stdout.split()[0])\n"
+                  "with IsolatedSession(w) as s:\n"
+                  "    y = s.run('uname -r; echo two > two.txt')\n"
+                  "print(y.backend, y.isolated, y.stdout.split()[0])\n")
+        done = subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON,
+             "-c", script],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(base / "tmp"), "TMPDIR": str(base / "tmp"),
+                 "PYTHONPATH": readable}, cwd=base / "work", capture_output=True, text=True,
+            timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split() == ["runsc", "True", "4.4.0"] * 2, done.stdout
+        for name in ("one.txt", "two.txt"):
+            assert (base / "work" / name).stat().st_uid == uid
+        assert not os.listdir(base / "tmp"), "the sandboxes left state behind"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(readable, ignore_errors=True)

@@ -30,7 +30,7 @@ from ..process import Outcome, OutputCallback, kill_processes_mentioning, superv
 from ..request import CommandRequest
 from ..result import TIMEOUT_RETURNCODE, CommandResult
 from .base import BackendStatus
-from .layout import STATUS_DIR, build_layout, caller_identity, init_python
+from .layout import STATUS_DIR, Identity, build_layout, caller_identity, init_python
 from .oci import Bundle
 
 log = logging.getLogger("gvisor_magic")
@@ -123,7 +123,9 @@ def explain_failure(text: str, state_dir: str | None = None) -> tuple[str, str |
         return last, (f"none needed: {POD_GVISOR_NOTE}. For a sandbox per command, run "
                       "ordinary pods with runsc in the image (see docs/deploy.md)")
     if "newuidmap" in lower or "newgidmap" in lower:
-        return last, "install the 'uidmap' package (newuidmap/newgidmap) for ordinary users"
+        return last, ("newuidmap/newgidmap map this user's subordinate range (/etc/subuid): "
+                      "install the 'uidmap' package, and check that the user has a passwd "
+                      "entry and a range (without a range, nothing needs installing)")
     if "cgroup" in lower and ("read-only" in lower or "permission" in lower):
         return last, ("runsc cannot set up cgroups here; add '--ignore-cgroups' via "
                       f"{ENV_RUNSC_FLAGS} or run with more privilege")
@@ -208,9 +210,36 @@ def _noexec(path: str) -> bool:
         return False
 
 
-def _runsc_env() -> dict[str, str]:
+def _runsc_env(shims: str | None = None) -> dict[str, str]:
     # runsc needs none of the caller's variables; keep tokens away from it too.
-    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+    path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return {"PATH": f"{shims}:{path}" if shims else path}
+
+
+# runsc runs newuidmap/newgidmap for every user namespace it makes as an ordinary user,
+# even to map the caller onto itself, and newuidmap refuses a uid with no passwd entry
+# (OpenShift, many Kubernetes pods run as arbitrary uids): seen here with 20240729. Mapping
+# only oneself needs no helper, so for that case these stand-ins write the map directly.
+_IDMAP_SHIMS = {
+    "newuidmap": '#!/bin/sh\n# newuidmap PID INSIDE OUTSIDE COUNT (one line: the caller itself)\n'
+                 'echo "$2 $3 $4" > "/proc/$1/uid_map"\n',
+    "newgidmap": '#!/bin/sh\necho deny > "/proc/$1/setgroups" 2>/dev/null\n'
+                 'echo "$2 $3 $4" > "/proc/$1/gid_map"\n',
+}
+
+
+def idmap_shims(run_dir: str, identity: Identity) -> str | None:
+    """A directory of newuidmap/newgidmap stand-ins when the caller maps only itself."""
+    if not identity.rootless or len(identity.uid_mappings) != 1:
+        return None  # root, or a subordinate range: the real helpers are needed
+    directory = os.path.join(run_dir, "idmap")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for name, text in _IDMAP_SHIMS.items():
+        path = os.path.join(directory, name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        os.chmod(path, 0o700)
+    return directory
 
 
 class RunscBackend:
@@ -325,7 +354,7 @@ class RunscBackend:
                     guard.wrap([runsc, *flags, "run", "--bundle", bundle.path, sandbox_id]),
                     stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True, env=_runsc_env())
+                    start_new_session=True, env=_runsc_env(idmap_shims(run_dir, identity)))
             except OSError as exc:
                 raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc

@@ -28,6 +28,7 @@ from .runsc import (
     INSTALL_HINT,
     RunscBackend,
     _runsc_env,
+    idmap_shims,
     make_run_dir,
     state_base,
     state_fix,
@@ -106,7 +107,8 @@ class RunscTransport:
                     self.guard.wrap([runsc, *self._flags, "run", "--bundle", bundle.path,
                                      self.sandbox_id]),
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True, env=_runsc_env())
+                    start_new_session=True,
+                    env=_runsc_env(idmap_shims(self.run_dir, identity)))
             except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
                 raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
