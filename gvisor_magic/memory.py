@@ -276,3 +276,43 @@ def remove_orphan_cgroups() -> None:
                 _kill_members(path)
                 with contextlib.suppress(OSError):
                     os.rmdir(path)
+
+
+class ContainerOOMWatch:
+    """Counts OOM kills in a Docker container's memory cgroup while it runs.
+
+    Docker's memory cgroup may end only a command's host stub process (the sandbox
+    lives on and reports exit 1), and the container and its cgroup are gone by the
+    time the client could ask: so the count is sampled while the command runs.
+    """
+
+    def __init__(self, container_id: str) -> None:
+        self.paths = [os.path.join(_V1, "docker", container_id, "memory.oom_control"),
+                      os.path.join(_V2, "system.slice", f"docker-{container_id}.scope",
+                                   "memory.events"),
+                      os.path.join(_V2, "docker", container_id, "memory.events")]
+        self.kills = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name="gvisor-magic-oom")
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for path in self.paths:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(path) as handle:
+                    lines = handle.read().splitlines()
+                count = sum(int(line.split()[1]) for line in lines
+                            if line.split()[:1] in (["oom_kill"], ["oom_group_kill"]))
+                self.kills = max(self.kills, count)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL):
+            self._sample()
+
+    def close(self) -> int:
+        """Stop sampling; the number of OOM kills seen."""
+        self._sample()
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.kills

@@ -365,7 +365,7 @@ class IsolatedSession:
                 raise SandboxStartError(warm.backend, str(exc)) from exc
         if memory_note is None and warm.transport.oom_kills() > kills_before:
             # The host's OOM killer ended the command's process; the sandbox lives on.
-            memory_note = warm.transport.guard.describe_breach()
+            memory_note = warm.transport.memory_note()
             error = memory_note
         returncode = OOM_RETURNCODE if memory_note else self._returncode(status, timed_out, error)
         result = CommandResult(

@@ -18,6 +18,7 @@ import threading
 import time
 
 from ..errors import CommandInterrupted, SandboxStartError
+from ..memory import ContainerOOMWatch
 from ..process import OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
 from ..result import RUNTIME_FAILURE, TIMEOUT_RETURNCODE, CommandResult
@@ -198,6 +199,7 @@ class DockerBackend:
                           stdin_open=request.stdin is not None)
         process = DockerProcess(api, cid, request.stdin)
         started = False
+        oom = ContainerOOMWatch(cid)
         try:
             process.start()  # raises SandboxStartError while the command cannot have run
             started = True
@@ -205,6 +207,7 @@ class DockerBackend:
                                 on_output=on_output, max_output=request.max_output,
                                 stderr_gate=marker.encode() if marker else None)
         finally:
+            oom_kills = oom.close()
             process.close()
             if not started or process.error:
                 _remove(api, cid)
@@ -241,6 +244,11 @@ class DockerBackend:
                                          f"(Limits.memory, {request.limits.memory >> 20} MiB) "
                                          "kills it with 137" if returncode == 137
                                          and request.limits.memory else ""))
+        if oom_kills and not error:
+            error = (f"memory limit: the container reached its limit of "
+                     f"{(request.limits.memory or 0) >> 20} MiB (container cgroup) and the "
+                     "process that crossed it was killed")
+            returncode = 137
         result = CommandResult(
             returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
             backend=self.name, isolated=True, timed_out=outcome.timed_out,

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from ..errors import SandboxStartError
-from ..memory import MemoryGuard
+from ..memory import ContainerOOMWatch, MemoryGuard
 from ..process import kill_processes_mentioning
 from ..request import CommandRequest
 from .layout import build_layout, caller_identity, init_python
@@ -147,6 +147,9 @@ class RunscTransport:
     def oom_kills(self) -> int:
         return self.guard.oom_kills() if self.guard is not None else 0
 
+    def memory_note(self) -> str:
+        return self.guard.describe_breach() if self.guard is not None else "memory limit"
+
     def close(self) -> None:
         """Kill the sandbox and remove its files; idempotent."""
         if self.proc is not None and self.proc.poll() is None:
@@ -204,12 +207,15 @@ class DockerTransport:
         self.run_dir = make_run_dir(tempfile.gettempdir())
         self.process = None
         self.layout = None
+        self.oom: ContainerOOMWatch | None = None
         try:
             self.layout = layout = build_layout(request, docker_identity(), self.run_dir)
             self.env = layout.env
             self.cid = backend.create(request, layout, agent_argv(), runtime, image,
                                       stdin_open=True)
             self.sandbox_id = self.cid[:12]
+            self.oom = ContainerOOMWatch(self.cid)
+            self.memory = request.limits.memory or 0
             self.process = DockerProcess(backend.client().api, self.cid, None, interactive=True)
             self.process.start()
         except BaseException:
@@ -229,7 +235,14 @@ class DockerTransport:
         return None
 
     def oom_kills(self) -> int:
-        return 0
+        if self.oom is None:
+            return 0
+        self.oom._sample()
+        return self.oom.kills
+
+    def memory_note(self) -> str:
+        return (f"memory limit: the container reached its limit of {self.memory >> 20} MiB "
+                "(container cgroup) and the process that crossed it was killed")
 
     def stderr_text(self) -> str:
         return self._stderr.text() if self.process is not None else ""
@@ -249,6 +262,8 @@ class DockerTransport:
                 from .docker import _remove
 
                 _remove(process.api, process.cid)
+        if self.oom is not None:
+            self.oom.close()
         _release(self)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
