@@ -12,7 +12,7 @@ this process receives every orphan of the tree instead of init, so:
 - if the caller dies (``PR_SET_PDEATHSIG``) or the deadline passes (the timeout
   plus a grace, for a caller that cannot act), it does the same.
 
-argv: DEADLINE PROGRAM [ARGS...]   (DEADLINE in seconds, 0 for none)
+argv: DEADLINE CALLER_PID PROGRAM [ARGS...]   (DEADLINE in seconds, 0 for none)
 """
 
 import ctypes
@@ -69,9 +69,9 @@ def main():
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGALRM, stop)
-    if os.getppid() == 1:  # the caller is already gone
+    deadline, caller, argv = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    if os.getppid() != caller:  # the caller died before PR_SET_PDEATHSIG was in place
         os._exit(125)
-    deadline, argv = float(sys.argv[1]), sys.argv[2:]
     if deadline > 0:
         signal.setitimer(signal.ITIMER_REAL, deadline)
     try:

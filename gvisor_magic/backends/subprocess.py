@@ -59,7 +59,8 @@ class SubprocessBackend:
         if _LINUX:
             # Under a subreaper of ours, so that no descendant escapes (see reaper.py).
             argv = [sys.executable, "-I", "-S", "-c", _REAPER_SOURCE,
-                    f"{0.0 if request.timeout is None else request.timeout + 5.0:.3f}", *argv]
+                    f"{0.0 if request.timeout is None else request.timeout + 5.0:.3f}",
+                    str(os.getpid()), *argv]
         try:
             proc = subprocess.Popen(
                 argv, cwd=request.working_dir, env=env,
