@@ -7,7 +7,6 @@ only when the command provably did not start; so a command never runs twice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from .backends.base import Backend, BackendStatus
 from .backends.layout import plan_for
-from .backends.runsc import RunscBackend
+from .backends.runsc import RunscBackend, make_run_dir
 from .backends.subprocess import SubprocessBackend
 from .detect import (
     POD_GVISOR_NOTE,
@@ -209,8 +208,8 @@ def run_command_isolated(
     names, why = _plan(mode, require)
     scratch = None
     if request.working_dir is None:
-        _remove_orphan_scratch()
-        scratch = tempfile.mkdtemp(prefix=f"gvisor-magic-work-{os.getpid()}-")
+        # Named after this process, so the next run removes it if we are killed.
+        scratch = make_run_dir(tempfile.gettempdir())
         request = dataclasses.replace(request, working_dir=os.path.realpath(scratch))
     try:
         if names != ["subprocess"]:
@@ -220,25 +219,6 @@ def run_command_isolated(
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _remove_orphan_scratch() -> None:
-    """Working dirs of callers that died before removing them (a SIGKILLed kernel)."""
-    import psutil
-
-    base = tempfile.gettempdir()
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        parts = name.split("-")
-        if len(parts) == 5 and parts[:3] == ["gvisor", "magic", "work"] and parts[3].isdigit() \
-                and int(parts[3]) != os.getpid() and not psutil.pid_exists(int(parts[3])):
-            path = os.path.join(base, name)
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_uid == os.getuid():
-                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, mode: str,
