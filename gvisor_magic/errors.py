@@ -47,11 +47,15 @@ class SandboxStartError(GvisorMagicError):
     script) can be worse than not running it at all.
     """
 
-    def __init__(self, backend: str, reason: str, fix: str | None = None) -> None:
+    def __init__(self, backend: str, reason: str, fix: str | None = None, *,
+                 unsupported: bool = False) -> None:
         self.backend = backend
         self.reason = reason
         #: What the user can do about it, when the backend knows.
         self.fix = fix
+        #: The backend cannot do what was asked (``network=True`` on Docker's runtime):
+        #: nothing was tried, so another backend may be, whatever gVisor's state here.
+        self.unsupported = unsupported
         super().__init__(f"{backend}: {reason}")
 
 

@@ -240,7 +240,8 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             reason = exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")
             log.warning("gvisor: %s could not start the sandbox (the command did not run): %s",
                         name, exc.reason)
-            if backend.isolated and REGISTRY.status(name, refresh=True).available:
+            if backend.isolated and not exc.unsupported \
+                    and REGISTRY.status(name, refresh=True).available:
                 # gVisor works here (a probe sandbox just ran): this command's sandbox
                 # failed, which is this command's error, never a reason to run it elsewhere.
                 result = _not_started(name, reason, request)

@@ -162,7 +162,9 @@ class DockerBackend:
         runtime, config = self.find_runtime()
         if request.network and "--network=none" in (config.get("runtimeArgs") or []):
             raise SandboxStartError(self.name, f"the Docker runtime {runtime!r} is registered "
-                                    "with --network=none, so network=True cannot work with it")
+                                    "with --network=none, so network=True cannot work with it",
+                                    fix="use the runsc backend for network=True",
+                                    unsupported=True)
         try:
             image = self.image()
         except Exception as exc:

@@ -113,12 +113,14 @@ def explain_failure(text: str, state_dir: str | None = None) -> tuple[str, str |
     lower = text.lower()
     if state_dir and _noexec(state_dir) and ("permission denied" in lower
                                              or "operation not permitted" in lower):
+        # (``state_dir`` is given only for an ordinary user: root is not held by noexec.)
         return last, (f"the sandbox state dir {state_dir} is mounted noexec, which runsc "
                       f"cannot use: point {ENV_STATE_DIR} at a directory on a filesystem "
                       "mounted without noexec")
     if "no space left" in lower:
-        return last, (f"the disk holding {state_dir or 'the sandbox state'} is full: free space "
-                      f"there, or point {ENV_STATE_DIR} at another directory")
+        return last, (f"the disk holding the sandbox state ({state_dir or 'the temporary dir'}) "
+                      f"is full: free space there, or point {ENV_STATE_DIR} at another "
+                      "directory")
     if inside_gvisor():
         return last, (f"none needed: {POD_GVISOR_NOTE}. For a sandbox per command, run "
                       "ordinary pods with runsc in the image (see docs/deploy.md)")
@@ -376,8 +378,9 @@ class RunscBackend:
         if guard is not None and guard.breached():
             return self._memory_killed(request, outcome, guard, sandbox_id, layout)
         try:
+            # noexec matters only inside a user namespace (see state_base).
             result = self._result(request, outcome, status, sandbox_id, started,
-                                  marker.encode(), base)
+                                  marker.encode(), base if identity.rootless else None)
         except CommandInterrupted as exc:
             exc.result.details.update(layout.details())
             raise

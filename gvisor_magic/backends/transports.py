@@ -202,7 +202,8 @@ class DockerTransport:
                                     "(GVISOR_MAGIC_IMAGE is set)")
         runtime, config = backend.find_runtime()
         if request.network and "--network=none" in (config.get("runtimeArgs") or []):
-            raise SandboxStartError("docker", f"the Docker runtime {runtime!r} has no network")
+            raise SandboxStartError("docker", f"the Docker runtime {runtime!r} has no network",
+                                    unsupported=True)
         image = backend.image()
         self.run_dir = make_run_dir(tempfile.gettempdir())
         self.process = None
