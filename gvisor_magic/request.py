@@ -162,8 +162,9 @@ def enforcement() -> dict[str, str]:
                  f"pod); /tmp and HOME are size-capped in-memory tmpfs; memory: {runsc_memory}; "
                  "cpus: NOT enforced (the timeout bounds CPU time)",
         "docker": "the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, "
-                  "plus cgroups: memory (+swap) and cpus for the whole container, pids on the "
-                  "container's host processes",
+                  "plus cgroups: memory (+swap) and cpus for the whole container, and pids "
+                  "(2 x processes + 256, since gVisor's own threads and per-process stubs "
+                  "count there too)",
         "subprocess": "rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
                       "processes and does not apply to root); no /tmp cap, memory and cpus NOT "
                       "enforced: this fallback isolates nothing",
