@@ -200,13 +200,12 @@ class MemoryGuard:
         """
         if self.cgroup is None:
             return 0
-        name, keys = ("memory.oom_control", ("oom_kill",)) if self.version == "v1" else (
-            "memory.events", ("oom_kill", "oom_group_kill"))
-        try:
-            return sum(int(line.split()[1]) for line in _read(self.cgroup, name).splitlines()
-                       if line.split()[:1] and line.split()[0] in keys)
-        except (OSError, ValueError, IndexError):
-            return 0
+        return oom_kill_count(os.path.join(
+            self.cgroup, "memory.oom_control" if self.version == "v1" else "memory.events"))
+
+    def memory_events(self) -> int:
+        """OOM kills plus the watchdog's own kill: what a session compares before and after."""
+        return self.oom_kills() + (1 if self.tripped else 0)
 
     def peak_bytes(self) -> int:
         """The most memory the sandbox held (the cgroup's figure, or the watchdog's samples)."""
@@ -242,6 +241,18 @@ class MemoryGuard:
             else:
                 log.warning("gvisor: could not remove the memory cgroup %s", self.cgroup)
             self.cgroup = None
+
+
+def oom_kill_count(path: str) -> int:
+    """``oom_kill`` (v1 ``memory.oom_control``) or ``oom_kill``/``oom_group_kill`` (v2
+    ``memory.events``) of one cgroup; 0 when it cannot be read (gone, another version)."""
+    try:
+        with open(path) as handle:
+            lines = handle.read(65536).splitlines()
+        return sum(int(line.split()[1]) for line in lines
+                   if line.split()[:1] in (["oom_kill"], ["oom_group_kill"]))
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _kill_members(cgroup: str) -> None:
@@ -297,22 +308,19 @@ class ContainerOOMWatch:
                                         name="gvisor-magic-oom")
         self._thread.start()
 
-    def _sample(self) -> None:
+    def sample(self) -> int:
+        """Read the count now (it only grows); return the most seen."""
         for path in self.paths:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(path) as handle:
-                    lines = handle.read().splitlines()
-                count = sum(int(line.split()[1]) for line in lines
-                            if line.split()[:1] in (["oom_kill"], ["oom_group_kill"]))
-                self.kills = max(self.kills, count)
+            self.kills = max(self.kills, oom_kill_count(path))
+        return self.kills
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL):
-            self._sample()
+            self.sample()
 
     def close(self) -> int:
         """Stop sampling; the number of OOM kills seen."""
-        self._sample()
+        self.sample()
         self._stop.set()
         self._thread.join(timeout=5)
         return self.kills

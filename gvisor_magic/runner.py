@@ -30,6 +30,7 @@ from .detect import (
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .postrun import check_after_run
 from .process import OutputCallback
+from .protected import PathPolicy
 from .request import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_SHELL,
@@ -183,7 +184,7 @@ def run_command_isolated(
     limits: Limits | None = None,
     max_output: int | None = DEFAULT_MAX_OUTPUT,
     shell: str = DEFAULT_SHELL,
-    protected_paths: Sequence[str] | None = None,
+    protected_paths: Sequence[str] | PathPolicy | None = None,
 ) -> CommandResult:
     """Run ``command`` once, in the best sandbox available, and say where it ran.
 

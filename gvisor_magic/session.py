@@ -286,8 +286,7 @@ class IsolatedSession:
             timeout=request.timeout, env=dict(request.env), mode=self.mode,
             require_isolation=self.require_isolation, network=request.network,
             on_output=on_output, stdin=request.stdin, limits=request.limits,
-            max_output=request.max_output, protected_paths=list(self._base.protection.extra)
-            + ["-" + name for name in self._base.protection.relaxed])
+            max_output=request.max_output, protected_paths=self._base.protection)
         result.details["session"] = f"one-shot ({self.cold_reason})"
         return result
 
@@ -308,7 +307,7 @@ class IsolatedSession:
         accepted = timed_out = interrupted = False
         error = memory_note = None
         deadline = None if request.timeout is None else start + request.timeout
-        kills_before = warm.transport.oom_kills()
+        memory_before = warm.transport.memory_events()
         try:
             warm.channel.send(b"R", payload.encode())
             # An idle agent answers at once; one that does not is broken (or busy
@@ -352,21 +351,20 @@ class IsolatedSession:
                 else:
                     raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
         except SessionBroken as exc:
-            breach = warm.transport.memory_breach()
-            error = f"{breach or exc}; the session will start a fresh sandbox"
+            # Read before the sandbox (and its cgroup) goes: was this its memory limit?
+            if warm.transport.memory_events() > memory_before:
+                memory_note = warm.transport.memory_note()
+            error = f"{memory_note or exc}; the session will start a fresh sandbox"
             self._stop_locked()
             self._note = ("the previous sandbox of this session was killed for crossing its "
-                          "memory limit and was replaced (fresh /tmp and HOME)" if breach else
-                          "the previous sandbox of this session failed and was replaced")
-            if breach:
-                memory_note = breach
+                          "memory limit and was replaced (fresh /tmp and HOME)" if memory_note
+                          else "the previous sandbox of this session failed and was replaced")
             if not accepted:
                 # The request never reached a working agent: safe to say it did not run.
                 raise SandboxStartError(warm.backend, str(exc)) from exc
-        if memory_note is None and warm.transport.oom_kills() > kills_before:
-            # The host's OOM killer ended the command's process; the sandbox lives on.
-            memory_note = warm.transport.memory_note()
-            error = memory_note
+        if memory_note is None and warm.transport.memory_events() > memory_before:
+            # The OOM killer ended the command's process; the sandbox lives on.
+            memory_note = error = warm.transport.memory_note()
         returncode = OOM_RETURNCODE if memory_note else self._returncode(status, timed_out, error)
         result = CommandResult(
             returncode=returncode, stdout=out.text(), stderr=err.text(), backend=warm.backend,

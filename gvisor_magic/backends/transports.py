@@ -139,13 +139,9 @@ class RunscTransport:
         """The memory watchdog's kill: the whole sandbox (the session replaces it)."""
         self._runsc_quietly("kill", "--all", self.sandbox_id, "KILL")
 
-    def memory_breach(self) -> str | None:
-        """Why the sandbox died, if it crossed ``Limits.memory``."""
-        guard = self.guard
-        return guard.describe_breach() if guard is not None and guard.breached() else None
-
-    def oom_kills(self) -> int:
-        return self.guard.oom_kills() if self.guard is not None else 0
+    def memory_events(self) -> int:
+        """How often ``Limits.memory`` ended something in this sandbox so far."""
+        return self.guard.memory_events() if self.guard is not None else 0
 
     def memory_note(self) -> str:
         return self.guard.describe_breach() if self.guard is not None else "memory limit"
@@ -231,15 +227,9 @@ class DockerTransport:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def memory_breach(self) -> str | None:
-        """Docker's memory cgroup kills the container itself; its error says so."""
-        return None
-
-    def oom_kills(self) -> int:
-        if self.oom is None:
-            return 0
-        self.oom._sample()
-        return self.oom.kills
+    def memory_events(self) -> int:
+        """How often the container's memory cgroup ended something in it so far."""
+        return self.oom.sample() if self.oom is not None else 0
 
     def memory_note(self) -> str:
         return (f"memory limit: the container reached its limit of {self.memory >> 20} MiB "
