@@ -156,11 +156,6 @@ class SandboxLayout:
     stand_ins: StandIns = field(default_factory=StandIns)
     hostname: str = "gvisor-sandbox"
 
-    @property
-    def masked(self) -> list[str]:
-        """Paths hidden inside (credentials, Jupyter's runtime dir)."""
-        return self.plan.by_action(HIDDEN)
-
     def details(self) -> dict[str, str]:
         """What the result should say about the protection this sandbox had."""
         return protection_details(self.plan)
