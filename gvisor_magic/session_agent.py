@@ -3,8 +3,8 @@
 Its source is passed to the sandbox's Python with ``-I -S -c`` (never imported
 inside the sandbox), so it uses only built-in modules.
 
-Protocol, over the agent's stdin (host -> agent) and stdout (agent -> host):
-every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes, big-endian) + payload.
+Protocol, over the agent's stdin (host -> agent) and stdout (agent -> host),
+both one Unix socket: every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes, big-endian) + payload.
 
   host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null}   run a command
                   G  (empty)                  go: run the command just accepted
@@ -15,7 +15,19 @@ every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes, big-endian) + payload.
                   X  JSON {"exit": N} or {"signal": N} or {"error": text}
 
 The command gets its own pipes, never the agent's, so nothing it prints can be
-taken for a frame. When a command ends (or is killed), every other process in
+taken for a frame. The agent seals itself off from the commands (``seal``):
+
+- its real and saved uid are one of its own (``AGENT_UID``), while its effective
+  uid stays the caller's, so files it touches are the caller's as before; a
+  command (all three uids the caller's) may not signal it (EPERM, SIGKILL and
+  SIGSTOP included), ptrace it or read its memory, and the agent is not dumpable;
+- every fd it holds besides a command's own pipes is a socket, which cannot be
+  opened again through ``/proc/1/fd`` (ENXIO), where a pipe could be;
+- commands start with no capabilities in any set, the bounding set included.
+
+Where the sandbox's stdio are pipes (Docker's), ``hide`` starts the agent in a
+PID and mount namespace of its own, below a relay that holds the pipes and that
+no command can see in ``/proc``. When a command ends (or is killed), every other process in
 the sandbox is killed too: like a one-shot sandbox, nothing keeps running.
 
 Creating a process is what a command costs inside gVisor (~10-20 ms for the exec
@@ -41,11 +53,208 @@ import resource
 import select
 import shutil
 import signal
+import socket
+import stat
 import struct
 import sys
 
 MAX_REQUEST = 16 * 1024 * 1024
 PIPE_SIZE = 1 << 20
+
+
+# Linux ABI numbers (the same on x86_64 and arm64).
+PR_SET_DUMPABLE, PR_CAPBSET_DROP = 4, 24
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# Signals the agent ignores (faults stay fatal). A command may not signal it anyway (its
+# uids differ); this covers its own children and the relay's.
+FATAL = {"SIGKILL", "SIGSTOP", "SIGCHLD", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT",
+         "SIGTRAP", "SIGSYS"}
+IGNORED = [s for s in signal.valid_signals()
+           if isinstance(s, signal.Signals) and s.name not in FATAL]
+# Every signal a command starts with at its default (an ignored one would stay ignored).
+RESET = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def fail(why):
+    os.write(2, ("gvisor-magic agent: %s\n" % why).encode(errors="replace"))
+    os._exit(70)
+
+
+def libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def drop_bounding_set():
+    _, c = libc()
+    for cap in range(64):
+        c.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one; EPERM if gone
+
+
+def drop_capabilities():
+    """No capability in any set, bounding included: an exec'd root shell gains none back."""
+    drop_bounding_set()
+    ctypes, c = libc()
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    if c.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)()) != 0:
+        fail("cannot drop capabilities (errno %d)" % ctypes.get_errno())
+    with open("/proc/self/status") as status:
+        left = [line.split()[0] for line in status
+                if line.startswith(("CapPrm", "CapEff", "CapBnd", "CapAmb"))
+                and int(line.split()[1], 16)]
+    if left:
+        fail("capabilities left after dropping them: " + ", ".join(left))
+
+
+def agent_uid(caller):
+    return 65534 if caller != 65534 else 65533
+
+
+def take_own_uid(caller):
+    """Real and saved uid the agent's own, effective uid the caller's (see the top)."""
+    own = agent_uid(caller)
+    if os.getresuid() != (own, caller, own):
+        try:
+            os.setresuid(own, caller, own)
+        except OSError as exc:
+            fail("cannot take a uid of the agent's own (%s)" % exc)
+
+
+class AsCaller:
+    """Real uid the caller's while a command is spawned, so that it starts with all three
+    uids the caller's (exec makes the saved uid the effective one). Nothing else runs in
+    the sandbox meanwhile: the previous command's processes are all gone."""
+
+    def __enter__(self):
+        os.setresuid(CALLER, -1, -1)
+
+    def __exit__(self, *exc):
+        os.setresuid(agent_uid(CALLER), -1, -1)
+
+
+#: The uid commands run as (``--caller``); the agent starts as root of the sandbox.
+CALLER = os.geteuid()
+
+
+def seal():
+    """Keep commands out of the agent (see the top of this file)."""
+    for fd in (0, 1, 2):
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            fail("fd %d is not a socket: a command could open it again through /proc/1/fd" % fd)
+    drop_bounding_set()  # first: it takes CAP_SETPCAP, effective only while euid is 0
+    take_own_uid(CALLER)
+    drop_capabilities()
+    ctypes, c = libc()
+    if c.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:  # after the uid change, which resets it
+        fail("cannot make the agent non-dumpable (errno %d)" % ctypes.get_errno())
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def hide(gid):
+    """PID 1 of a sandbox whose stdio are pipes (Docker's): start the agent in a PID and mount
+    namespace of its own, with a fresh ``/proc`` in which nothing outside it exists, talking
+    to this process over sockets; this process relays between them and the pipes. Needs
+    CAP_SYS_ADMIN (namespaces, mounts), CAP_SETUID/CAP_SETGID (the caller's identity) and
+    CAP_SETPCAP (to empty the bounding set), all dropped before any command runs."""
+    ctypes, c = libc()
+    channel, inner = socket.socketpair()
+    errors, inner_errors = socket.socketpair()
+    if c.unshare(CLONE_NEWPID) != 0:
+        fail("cannot create a PID namespace (errno %d)" % ctypes.get_errno())
+    child = os.fork()
+    if child == 0:
+        channel.close()
+        errors.close()
+        os.dup2(inner.fileno(), 0)
+        os.dup2(inner.fileno(), 1)
+        os.dup2(inner_errors.fileno(), 2)
+        inner.close()
+        inner_errors.close()
+        if (c.unshare(CLONE_NEWNS) != 0
+                or c.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0
+                or c.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           None) != 0):
+            fail("cannot give the agent its own /proc (errno %d)" % ctypes.get_errno())
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+        except OSError as exc:
+            fail("cannot take the caller's group %d (%s)" % (gid, exc))
+        return  # the agent, sealed by main()
+    inner.close()
+    inner_errors.close()
+    drop_capabilities()
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    relay(channel, errors, child)
+
+
+def relay(channel, errors, child):
+    """Copy host -> agent and agent -> host (and the agent's stderr) until the agent ends."""
+    down, up = bytearray(), bytearray()  # bytes waiting for the agent / for the host
+    host_open, agent_open, errors_open, shut = True, True, True, False
+    for end in (channel, errors):
+        end.setblocking(False)
+    os.set_blocking(1, False)
+    while agent_open or up:
+        readers = [fd for fd, wanted in ((0, host_open and len(down) < PIPE_SIZE),
+                                         (channel, agent_open and len(up) < PIPE_SIZE),
+                                         (errors, errors_open)) if wanted]
+        writers = ([channel] if down else []) + ([1] if up else [])
+        ready_r, ready_w, _ = select.select(readers, writers, [])
+        if 0 in ready_r:
+            data = os.read(0, PIPE_SIZE)
+            down += data
+            host_open = bool(data)
+        if channel in ready_r:
+            try:
+                data = channel.recv(PIPE_SIZE)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                agent_open = False
+            elif data:
+                up += data
+        if errors in ready_r:
+            try:
+                data = errors.recv(65536)
+                errors_open = bool(data)
+                os.write(2, data)
+            except (BlockingIOError, OSError):
+                pass
+        if channel in ready_w:
+            try:
+                del down[:channel.send(down)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                down.clear()
+        if 1 in ready_w:
+            try:
+                del up[:os.write(1, up)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                break  # the host is gone
+        if not host_open and not down and not shut:
+            shut = True  # the host closed its end: so does the agent's
+            try:
+                channel.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+    _, status = os.waitpid(child, 0)
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 
 
 def send(kind, payload=b""):
@@ -58,7 +267,11 @@ def send(kind, payload=b""):
 def read_exactly(fd, size):
     chunks = []
     while size:
-        chunk = os.read(fd, size)
+        try:
+            chunk = os.read(fd, size)
+        except BlockingIOError:  # gVisor may hand over a non-blocking host socket
+            select.select([fd], [], [])
+            continue
         if not chunk:
             raise EOFError
         chunks.append(chunk)
@@ -89,11 +302,60 @@ def kill_everything_else():
         reap()
 
 
+IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
+#: More SysV IPC ids used by one command than this, and the sandbox is replaced instead.
+IPC_SCAN_MAX = 4096
+
+
+class SysvIpc:
+    """Removes the SysV IPC objects a command made (message queues, semaphore sets, shared
+    memory), which would otherwise outlive it. gVisor offers no way to list them (no
+    ``/proc/sysvipc``; ``MSG_INFO`` answers 0), but it hands out each kind's ids in order
+    (runsc 20240729: 1, 2, 3...): an object the agent makes and removes at once marks
+    where a kind's ids stand, and every id between two marks was made by the command."""
+
+    def __init__(self):
+        self.ctypes, self.c = libc()
+        self.marks = self.mark()
+
+    def mark(self):
+        c, size = self.c, self.ctypes.c_size_t
+        made = [c.msgget(IPC_PRIVATE, IPC_CREAT | 0o600),
+                c.semget(IPC_PRIVATE, 1, IPC_CREAT | 0o600),
+                c.shmget(IPC_PRIVATE, size(4096), IPC_CREAT | 0o600)]
+        for remove, ident in zip(self.removers(), made, strict=True):
+            if ident >= 0:
+                remove(ident)
+        return made
+
+    def removers(self):
+        c = self.c
+        return (lambda i: c.msgctl(i, IPC_RMID, None), lambda i: c.semctl(i, 0, IPC_RMID),
+                lambda i: c.shmctl(i, IPC_RMID, None))
+
+    def clean(self):
+        """Remove what the last command made; why the sandbox cannot be trusted, or ""."""
+        before, self.marks = self.marks, self.mark()
+        for remove, start, end in zip(self.removers(), before, self.marks, strict=True):
+            if start < 0 or end < 0:
+                return "SysV IPC ids could not be marked"
+            if end - start > IPC_SCAN_MAX or end < start:
+                return "a command made more SysV IPC objects than can be removed"
+            for ident in range(start + 1, end):
+                if remove(ident) != 0 and self.ctypes.get_errno() not in (22, 43):
+                    return "a command left a SysV IPC object that cannot be removed"
+        return ""
+
+
+IPC = None
+
+
 def clean_between():
-    """What a command may leave outside /tmp and HOME: new files in /dev and /dev/shm are
-    removed, and lowered limits of this process (``prlimit`` on PID 1, which every later
-    command would inherit) are restored. Returns why the sandbox can no longer be trusted
-    ("" when it can): a lowered hard limit cannot be raised again without privileges."""
+    """What a command may leave outside /tmp and HOME: new files in /dev and /dev/shm and
+    SysV IPC objects are removed, and lowered limits of this process (``prlimit`` on PID 1,
+    which every later command would inherit) are restored. Returns why the sandbox can no
+    longer be trusted ("" when it can): a lowered hard limit cannot be raised again without
+    privileges."""
     for directory, base in (("/dev/shm", BASE_SHM), ("/dev", BASE_DEV)):
         try:
             names = os.listdir(directory)
@@ -110,7 +372,7 @@ def clean_between():
                     os.unlink(path)
             except OSError:
                 pass
-    tainted = ""
+    tainted = IPC.clean()
     for limit, value in BASE_LIMITS.items():
         try:
             if resource.getrlimit(limit) != value:
@@ -146,12 +408,13 @@ def spawn(argv, env, extra=()):
         except OSError:
             pass
     try:
-        pid = os.posix_spawnp(
-            argv[0], argv, env, setsid=True,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them; exec keeps that
-            file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                          (os.POSIX_SPAWN_DUP2, err_w, 2)]
-            + [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in extra])
+        with AsCaller():
+            pid = os.posix_spawnp(
+                argv[0], argv, env, setsid=True,
+                setsigdef=RESET,  # the agent ignores them, and exec would keep that
+                file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                              (os.POSIX_SPAWN_DUP2, err_w, 2)]
+                + [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in extra])
     except OSError:
         for fd in (out_r, err_r, in_w):
             os.close(fd)
@@ -332,10 +595,18 @@ BASE_DEV, BASE_SHM, BASE_LIMITS = set(), set(), {}
 
 def main():
     global WAKE, ENV
+    global CALLER
+    args = sys.argv[1:]
+    if args[:1] == ["--caller"]:
+        CALLER, args = int(args[1]), args[2:]
+    if args[:1] == ["--hide"]:
+        hide(int(args[1]))
+    seal()
     # SIGCHLD wakes the select loop at once when a command exits (no polling delay).
-    WAKE = os.pipe()
-    os.set_blocking(WAKE[0], False)
-    os.set_blocking(WAKE[1], False)
+    wake = socket.socketpair()  # not a pipe: see the top
+    for end in wake:
+        end.setblocking(False)
+    WAKE = tuple(end.detach() for end in wake)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(WAKE[1])
     home = os.environ.get("HOME")
@@ -356,6 +627,8 @@ def main():
                 BASE_LIMITS[getattr(resource, name)] = resource.getrlimit(getattr(resource, name))
             except (OSError, ValueError):
                 pass
+    global IPC
+    IPC = SysvIpc()
     send(b"H", ("{\"pid\": %d}" % os.getpid()).encode())
     prestart()
     while True:

@@ -84,7 +84,9 @@ def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
          "-k", "not docker",
          str(base / "src" / "tests" / "test_backends.py"),
          str(base / "src" / "tests" / "test_fallback.py"),
-         str(base / "src" / "tests" / "test_network_on.py")],
+         str(base / "src" / "tests" / "test_network_on.py"),
+         # The agent sealed off from commands, with this user's subordinate range.
+         str(base / "src" / "tests" / "security" / "test_agent_sealed.py")],
         cwd=base / "src", env=env, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
@@ -159,7 +161,9 @@ def test_an_arbitrary_uid_without_a_passwd_entry_gets_runsc(runsc_works, tmp_pat
                   "print(x.backend, x.isolated, x.stdout.split()[0])\n"
                   "with IsolatedSession(w) as s:\n"
                   "    y = s.run('uname -r; echo two > two.txt')\n"
-                  "print(y.backend, y.isolated, y.stdout.split()[0])\n")
+                  "    z = s.run('kill -KILL 1 || echo agent-unreachable')\n"
+                  "print(y.backend, y.isolated, y.stdout.split()[0])\n"
+                  "print(z.stdout.strip(), 'session_note' in z.details)\n")
         done = subprocess.run(
             ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON,
              "-c", script],
@@ -167,7 +171,8 @@ def test_an_arbitrary_uid_without_a_passwd_entry_gets_runsc(runsc_works, tmp_pat
                  "PYTHONPATH": readable}, cwd=base / "work", capture_output=True, text=True,
             timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.split() == ["runsc", "True", "4.4.0"] * 2, done.stdout
+        assert done.stdout.split() == ["runsc", "True", "4.4.0"] * 2 + [
+            "agent-unreachable", "False"], done.stdout
         for name in ("one.txt", "two.txt"):
             assert (base / "work" / name).stat().st_uid == uid
         assert not os.listdir(base / "tmp"), "the sandboxes left state behind"

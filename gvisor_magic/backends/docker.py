@@ -264,22 +264,31 @@ class DockerBackend:
         return result
 
     def create(self, request: CommandRequest, layout: SandboxLayout, argv: list[str],
-               runtime: str, image: str, *, stdin_open: bool) -> str:
-        """Create (not start) the container; its id. Nothing has run yet."""
+               runtime: str, image: str, *, stdin_open: bool,
+               init_capabilities: tuple[str, ...] = ()) -> str:
+        """Create (not start) the container; its id. Nothing has run yet.
+
+        ``init_capabilities``: the container's init starts as root with these (gVisor's
+        own, never the host's) and takes the caller's identity itself (a warm session's
+        relay, see ``session_agent.hide``); otherwise it starts as the caller."""
         api = self.client().api
+        user = ("0:0" if init_capabilities
+                else f"{layout.identity.uid}:{layout.identity.gid}")
         try:
             container = api.create_container(
-                image, command=argv, user=f"{layout.identity.uid}:{layout.identity.gid}",
+                image, command=argv, user=user,
                 environment=[f"{k}={v}" for k, v in layout.env.items()],
                 working_dir=layout.cwd, hostname=layout.hostname, detach=False,
                 stdin_open=stdin_open,
                 labels={LABEL: "1", f"{LABEL}.owner-pid": str(os.getpid())},
-                host_config=self._host_config(api, request, layout, runtime))
+                host_config=self._host_config(api, request, layout, runtime,
+                                              list(init_capabilities)))
         except Exception as exc:
             raise SandboxStartError(self.name, f"cannot create the container: {exc}") from exc
         return container["Id"]
 
-    def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str):
+    def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str,
+                     cap_add: list[str]):
         from docker.types import LogConfig, Mount, Ulimit
 
         mounts, tmpfs = [], {}
@@ -307,7 +316,8 @@ class DockerBackend:
                    for key, value in limits.rlimits().items() if key in names]
         return api.create_host_config(
             runtime=runtime, network_mode="none", read_only=True, auto_remove=True,
-            mounts=mounts, tmpfs=tmpfs, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            mounts=mounts, tmpfs=tmpfs, cap_drop=["ALL"], cap_add=cap_add or None,
+            security_opt=["no-new-privileges"],
             pids_limit=docker_pids_limit(limits.max_processes), mem_limit=limits.memory,
             memswap_limit=limits.memory, nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
             ulimits=ulimits, shm_size="64m",

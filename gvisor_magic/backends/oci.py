@@ -33,6 +33,11 @@ class Bundle:
     process_args: list[str]
     limits: Limits
     network: bool = False
+    #: Capabilities (in gVisor's kernel) the init process starts with; a warm session's
+    #: agent needs a few to seal itself off and drops them all before any command runs.
+    init_capabilities: tuple[str, ...] = ()
+    #: The init's uid when not the caller's (the agent starts as root of the sandbox).
+    init_uid: int | None = None
 
     @property
     def rootfs(self) -> str:
@@ -83,19 +88,21 @@ class Bundle:
             linux["gidMappings"] = list(ident.gid_mappings)
         rlimits = [{"type": name, "hard": value, "soft": value}
                    for name, value in self.limits.rlimits().items()]
-        no_caps: list[str] = []
+        caps = [f"CAP_{name}" for name in self.init_capabilities]
         return {
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs", "readonly": True},
             "hostname": layout.hostname,
             "process": {
                 "terminal": False,
-                "user": {"uid": ident.uid, "gid": ident.gid},
+                "user": {"uid": ident.uid if self.init_uid is None else self.init_uid,
+                         "gid": ident.gid},
                 "args": self.process_args,
                 "env": [f"{k}={v}" for k, v in layout.env.items()],
                 "cwd": layout.cwd,
-                "capabilities": {k: no_caps for k in
-                                 ("bounding", "effective", "inheritable", "permitted", "ambient")},
+                "capabilities": {k: caps if k in ("bounding", "effective", "permitted") else []
+                                 for k in ("bounding", "effective", "inheritable", "permitted",
+                                           "ambient")},
                 "noNewPrivileges": True,
                 "rlimits": rlimits,
             },

@@ -3,15 +3,19 @@
 A transport starts one sandbox, gives the host a byte channel to the agent
 (its stdin and stdout), and tears everything down on ``close``. The protocol
 on top of it lives in ``gvisor_magic.session``.
+
+Inside the sandbox that channel is a Unix socket, never a pipe: gVisor lets a
+command open PID 1's pipes again through ``/proc/1/fd``, but not a socket. ``runsc run`` is given socket pairs as its stdio; Docker's are
+pipes, so there the agent starts hidden below a relay (``session_agent.hide``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -38,14 +42,24 @@ AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "session_agent.py").rea
 _STDERR_KEEP = 64 * 1024
 
 
-def widen_pipe(fd: int) -> None:
-    """Let the agent's output frames (up to 1 MiB) cross in one piece, not in 64 KiB ones."""
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """(host end, sandbox end), with buffers as large as the agent's output frames."""
+    host, sandbox = socket.socketpair()
+    for end in (host, sandbox):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                end.setsockopt(socket.SOL_SOCKET, option, 1 << 20)
+    return host, sandbox
 
 
-def agent_argv() -> list[str]:
-    return [init_python(), "-I", "-S", "-c", AGENT_SOURCE]
+def agent_argv(*extra: str) -> list[str]:
+    return [init_python(), "-I", "-S", "-c", AGENT_SOURCE, *extra]
+
+
+#: What the agent needs inside gVisor to take a uid of its own (``session_agent.seal``),
+#: and the relay of a Docker session to hide it; all dropped before any command runs.
+SEAL_CAPABILITIES = ("SETUID", "SETPCAP")
+HIDE_CAPABILITIES = ("SYS_ADMIN", "SETPCAP", "SETUID", "SETGID")
 
 
 class _StderrTail:
@@ -86,6 +100,7 @@ class RunscTransport:
         self.proc: subprocess.Popen[bytes] | None = None
         self.layout = None
         self.guard: MemoryGuard | None = None
+        self._channel, self._errors = socket_pair(), socket_pair()
         try:
             self.run_dir = make_run_dir(base)
         except OSError as exc:
@@ -98,21 +113,26 @@ class RunscTransport:
             os.mkdir(state, 0o700)
             self.layout = layout = build_layout(request, identity, self.run_dir)
             self.env = layout.env
-            bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout, agent_argv(),
-                            request.limits, request.network)
+            # The agent starts as root of the sandbox and takes a uid of its own,
+            # running commands as the caller (session_agent.seal).
+            bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout,
+                            agent_argv("--caller", str(identity.uid)), request.limits,
+                            request.network, SEAL_CAPABILITIES, init_uid=0)
             bundle.write()
             self.guard = MemoryGuard(request.limits.memory, kill=self._kill_sandbox)
             try:
                 self.proc = subprocess.Popen(
                     self.guard.wrap([runsc, *self._flags, "run", "--bundle", bundle.path,
                                      self.sandbox_id]),
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True,
+                    stdin=self._channel[1], stdout=self._channel[1],
+                    stderr=self._errors[1], start_new_session=True,
                     env=_runsc_env(idmap_shims(self.run_dir, identity)))
             except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
                 raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
             self.guard.watch(self.proc.pid, whole_sandbox=False)
+            for pair in (self._channel, self._errors):
+                pair[1].close()  # runsc has them now
         except OSError as exc:
             self.close()
             raise SandboxStartError("runsc", f"cannot start the sandbox: {exc}",
@@ -120,14 +140,11 @@ class RunscTransport:
         except BaseException:
             self.close()
             raise
-        self.stdout_fd = self.proc.stdout.fileno()
-        widen_pipe(self.stdout_fd)
-        self._stderr = _StderrTail(self.proc.stderr.fileno())
+        self.stdout_fd = self._channel[0].fileno()
+        self._stderr = _StderrTail(self._errors[0].fileno())
 
     def send(self, data: bytes) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        self._channel[0].sendall(data)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -158,10 +175,9 @@ class RunscTransport:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, 9)
                 self.proc.wait(timeout=10)
+        for end in (*self._channel, *self._errors):
+            end.close()
         if self.proc is not None:
-            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-                with contextlib.suppress(OSError, ValueError):
-                    stream.close()
             state = os.path.join(self.run_dir, "state")
             if os.path.isdir(state) and os.listdir(state):
                 self._runsc_quietly("delete", "--force", self.sandbox_id)
@@ -208,8 +224,14 @@ class DockerTransport:
         try:
             self.layout = layout = build_layout(request, docker_identity(), self.run_dir)
             self.env = layout.env
-            self.cid = backend.create(request, layout, agent_argv(), runtime, image,
-                                      stdin_open=True)
+            # Docker gives the container pipes for stdio: the agent starts hidden
+            # below a relay, as the caller, with no capabilities left.
+            ident = layout.identity
+            self.cid = backend.create(request, layout,
+                                      agent_argv("--caller", str(ident.uid), "--hide",
+                                                 str(ident.gid)),
+                                      runtime, image, stdin_open=True,
+                                      init_capabilities=HIDE_CAPABILITIES)
             self.sandbox_id = self.cid[:12]
             self.oom = ContainerOOMWatch(self.cid)
             self.memory = request.limits.memory or 0

@@ -1,0 +1,84 @@
+"""The host's side of the agent channel, with a fake transport: what arrives from inside a
+sandbox is untrusted, so garbage, oversized frames and silence end in ``SessionBroken`` or
+a bounded wait, never a hang. (Commands cannot write into the real channel: see
+tests/security/test_agent_sealed.py.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from gvisor_magic.agent_channel import MAX_FRAME, Channel, SessionBroken
+
+
+class FakeTransport:
+    """One end of a socket pair stands for the sandbox; the test writes the agent's side."""
+
+    def __init__(self) -> None:
+        self.host, self.agent = socket.socketpair()
+        self.stdout_fd = self.host.fileno()
+        self.sent = bytearray()
+
+    def send(self, data: bytes) -> None:
+        self.sent += data
+
+    def stderr_text(self) -> str:
+        return "runsc: boom"
+
+    def close(self) -> None:
+        self.host.close()
+        self.agent.close()
+
+
+@pytest.fixture
+def fake():
+    transport = FakeTransport()
+    yield transport
+    transport.close()
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return kind + struct.pack(">I", len(payload)) + payload
+
+
+def test_frames_split_anywhere_are_put_together(fake):
+    channel = Channel(fake)
+    data = frame(b"O", b"hello") + frame(b"X", b'{"exit": 3}')
+    for byte in data[:7]:
+        fake.agent.send(bytes([byte]))
+    fake.agent.send(data[7:])
+    assert channel.receive(time.monotonic() + 5) == (b"O", b"hello")
+    assert channel.receive(time.monotonic() + 5) == (b"X", b'{"exit": 3}')
+
+
+def test_garbage_and_oversized_frames_break_the_session(fake):
+    fake.agent.send(b"Z\xff\xff\xff\xffjunk")
+    with pytest.raises(SessionBroken, match="malformed frame"):
+        Channel(fake).receive(time.monotonic() + 5)
+    other = FakeTransport()
+    try:
+        other.agent.send(b"O" + struct.pack(">I", MAX_FRAME + 1))
+        with pytest.raises(SessionBroken, match="malformed frame"):
+            Channel(other).receive(time.monotonic() + 5)
+    finally:
+        other.close()
+
+
+def test_silence_is_a_bounded_wait_and_a_closed_channel_says_why(fake):
+    channel = Channel(fake)
+    start = time.monotonic()
+    assert channel.receive(start + 0.3) is None
+    assert time.monotonic() - start < 5
+    fake.agent.shutdown(socket.SHUT_WR)
+    with pytest.raises(SessionBroken, match=r"closed its channel.*runsc: boom"):
+        channel.receive(time.monotonic() + 5)
+
+
+def test_sends_are_framed(fake):
+    Channel(fake).send(b"R", b"{}")
+    assert bytes(fake.sent) == b"R\x00\x00\x00\x02{}"
+    assert os.get_blocking(fake.stdout_fd)
