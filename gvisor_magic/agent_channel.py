@@ -12,8 +12,9 @@ import select
 import struct
 import time
 
-#: Largest frame the host accepts from the agent; a bigger one means a broken sandbox.
-MAX_FRAME = 1024 * 1024
+from .session_agent import FROM_AGENT, MAX_FRAME
+
+__all__ = ["MAX_FRAME", "Channel", "SessionBroken"]
 
 
 class SessionBroken(Exception):
@@ -42,7 +43,7 @@ class Channel:
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
             ready, _, _ = select.select([self.transport.stdout_fd], [], [], wait)
             if ready:
-                chunk = os.read(self.transport.stdout_fd, 1 << 20)
+                chunk = os.read(self.transport.stdout_fd, MAX_FRAME)
                 if not chunk:
                     raise SessionBroken("the sandbox agent closed its channel "
                                         f"({self.transport.stderr_text()[-300:] or 'no message'})")
@@ -55,7 +56,7 @@ class Channel:
             return None
         kind = bytes(self._buffer[:1])
         size = struct.unpack(">I", self._buffer[1:5])[0]
-        if kind not in b"HAOEX" or size > MAX_FRAME:
+        if kind not in FROM_AGENT or size > MAX_FRAME:
             raise SessionBroken(f"malformed frame from the sandbox agent (type {kind!r}, "
                                 f"{size} bytes)")
         if len(self._buffer) < 5 + size:

@@ -13,8 +13,6 @@ import platform
 import sys
 from dataclasses import dataclass
 
-from .backends.base import BackendStatus
-
 GVISOR_KERNEL_RELEASE = "4.4.0"
 #: What a pod with ``runtimeClassName: gvisor`` gets instead of a sandbox per command.
 POD_GVISOR_NOTE = (
@@ -22,6 +20,24 @@ POD_GVISOR_NOTE = (
     "commands run in the pod's own gVisor sandbox, shared with the kernel (its files, "
     "environment and network); the node's kernel stays protected")
 _CGROUP_HINTS = ("docker", "kubepods", "containerd", "libpod", "crio", "lxc", "garden")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """The outcome of probing one backend on this machine."""
+
+    name: str
+    available: bool
+    isolated: bool
+    #: Why it is (not) usable, in words a user can act on.
+    reason: str
+    #: What to do about it, when it is not usable.
+    fix: str | None = None
+    version: str | None = None
+    details: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

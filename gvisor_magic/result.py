@@ -10,6 +10,32 @@ from dataclasses import dataclass
 TIMEOUT_RETURNCODE = 124
 #: Exit status when the sandbox itself failed (as ``docker run`` reports its own errors).
 RUNTIME_FAILURE = 125
+#: What an interrupted or vanished command reports: it was killed (SIGKILL).
+KILLED = -9
+
+
+def returncode_of(raw: int | None, *, init_status: str = "", timed_out: bool = False,
+                  interrupted: bool = False, failed: bool = False) -> int:
+    """The one exit-status rule, for every backend and for warm sessions.
+
+    ``raw``: the status the runtime reported (``Popen`` style: ``-N`` for a signal), or
+    None if there is none. ``init_status``: what the sandbox's init (or a session's
+    agent) saw, ``"exit N"`` or ``"signal N"``, "" when it reported nothing; it comes
+    from inside the sandbox, so it only ever turns an ambiguous ``128 + N`` into ``-N``.
+
+    In order: the sandbox failed -> 125; the timeout fired -> 124; interrupted and the
+    command did not end on its own with a signal or a nonzero status -> -9; ``128 + N``
+    while the init saw signal N -> ``-N``; no status at all -> -9; else ``raw``.
+    """
+    if failed:
+        return RUNTIME_FAILURE
+    if timed_out:
+        return TIMEOUT_RETURNCODE
+    if interrupted and (not init_status or raw == 0):
+        return KILLED
+    if init_status.startswith("signal ") and raw == 128 + int(init_status.split()[1]):
+        return -int(init_status.split()[1])
+    return KILLED if raw is None else raw
 
 
 @dataclass(frozen=True)

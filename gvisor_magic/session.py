@@ -39,6 +39,7 @@ from .request import (
     sandbox_env,
 )
 from .result import TIMEOUT_RETURNCODE, CommandResult
+from .session_agent import ACCEPTED, EXIT, GO, HELLO, KILL, RUN, STDERR, STDOUT
 
 START_TIMEOUT = 60.0
 ACCEPT_TIMEOUT = 10.0
@@ -164,7 +165,7 @@ class IsolatedSession:
         except SessionBroken as exc:
             transport.close()
             raise SandboxStartError(name, str(exc)) from exc
-        if frame is None or frame[0] != b"H":
+        if frame is None or frame[0] != HELLO:
             transport.close()
             raise SandboxStartError(name, "the sandbox agent did not say hello within "
                                     f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
@@ -309,7 +310,7 @@ class IsolatedSession:
         deadline = None if request.timeout is None else start + request.timeout
         memory_before = warm.transport.memory_events()
         try:
-            warm.channel.send(b"R", payload.encode())
+            warm.channel.send(RUN, payload.encode())
             # An idle agent answers at once; one that does not is broken (or busy
             # with something a command left behind).
             try:
@@ -319,13 +320,13 @@ class IsolatedSession:
                 raise CommandInterrupted(CommandResult(
                     -9, "", "", warm.backend, True, duration=time.monotonic() - start,
                     network=request.network)) from None
-            if frame is None or frame[0] != b"A":
+            if frame is None or frame[0] != ACCEPTED:
                 what = "no answer" if frame is None else f"a {frame[0]!r} frame"
                 raise SessionBroken(f"the sandbox agent sent {what} instead of accepting "
                                     "the command")
             # Only now may it run: an agent we gave up on never gets this, so a command
             # retried on a fresh sandbox cannot also run in the stalled one.
-            warm.channel.send(b"G")
+            warm.channel.send(GO)
             accepted = True
             while status is None:
                 try:
@@ -339,14 +340,14 @@ class IsolatedSession:
                     status = self._kill(warm)
                     break
                 kind, data = frame
-                if kind in (b"O", b"E"):
-                    capture = out if kind == b"O" else err
+                if kind in (STDOUT, STDERR):
+                    capture = out if kind == STDOUT else err
                     capture.add(data)
                     if on_output is not None:
                         text = capture.decoder.decode(data)
                         if text:
                             on_output(capture.name, text)
-                elif kind == b"X":
+                elif kind == EXIT:
                     status = self._parse_status(data)
                 else:
                     raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
@@ -390,13 +391,13 @@ class IsolatedSession:
     def _kill(self, warm: _Warm) -> dict | None:
         """Kill the running command's tree inside the sandbox, keeping the sandbox."""
         try:
-            warm.channel.send(b"K")
+            warm.channel.send(KILL)
             deadline = time.monotonic() + _KILL_GRACE
             while True:
                 frame = warm.channel.receive(deadline)
                 if frame is None:
                     raise SessionBroken("the sandbox agent did not confirm the kill")
-                if frame[0] == b"X":
+                if frame[0] == EXIT:
                     return self._parse_status(frame[1])
         except KeyboardInterrupt:
             self._stop_locked()

@@ -58,8 +58,17 @@ import stat
 import struct
 import sys
 
+# The wire. The host's side (gvisor_magic/agent_channel.py, gvisor_magic/session.py)
+# imports these names: this module has no side effects on import.
+RUN, GO, KILL = b"R", b"G", b"K"  # host -> agent
+HELLO, ACCEPTED, STDOUT, STDERR, EXIT = b"H", b"A", b"O", b"E", b"X"  # agent -> host
+FROM_AGENT = HELLO + ACCEPTED + STDOUT + STDERR + EXIT
+#: The largest request the agent takes (it carries the command's stdin).
 MAX_REQUEST = 16 * 1024 * 1024
-PIPE_SIZE = 1 << 20
+#: The largest frame the agent sends: it reads a command's output this much at a time
+#: (through pipes this large), and the host refuses anything bigger.
+MAX_FRAME = 1 << 20
+PIPE_SIZE = MAX_FRAME
 
 
 # Linux ABI numbers (the same on x86_64 and arm64).
@@ -484,14 +493,14 @@ def take_ready(spec):
 
 def run(request):
     spec = json.loads(request)
-    send(b"A")
+    send(ACCEPTED)
     # The fence: start only when the host says go. A host that gave up on this agent
     # (it stalled past the accept deadline) never does, and runs the command elsewhere.
     try:
         kind, _ = read_frame()
     except EOFError:
         return
-    if kind != b"G":
+    if kind != GO:
         return
     script = b""
     ctl_w = None
@@ -505,14 +514,14 @@ def run(request):
     except OSError as exc:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         message = f"{spec['argv'][0]}: {exc.strerror}\n"
-        send(b"E", message.encode(errors="replace"))
-        send(b"X", json.dumps({"exit": code}).encode())
+        send(STDERR, message.encode(errors="replace"))
+        send(EXIT, json.dumps({"exit": code}).encode())
         return
     pending = bytes.fromhex(spec["stdin"]) if spec.get("stdin") else b""
     if not pending:
         os.close(in_w)
         in_w = None
-    streams = {out_r: b"O", err_r: b"E"}
+    streams = {out_r: STDOUT, err_r: STDERR}
     status = None
     killed = False
     while True:
@@ -548,11 +557,11 @@ def run(request):
                 continue
             if fd == 0:
                 kind, _ = read_frame()
-                if kind == b"K":
+                if kind == KILL:
                     killed = True
                     kill_everything_else()
                 continue
-            chunk = os.read(fd, 1 << 20)
+            chunk = os.read(fd, MAX_FRAME)
             if chunk:
                 send(streams[fd], chunk)
             else:
@@ -585,7 +594,7 @@ def run(request):
     tainted = clean_between()
     if tainted:
         report["tainted"] = tainted
-    send(b"X", json.dumps(report).encode())
+    send(EXIT, json.dumps(report).encode())
 
 
 WAKE = (-1, -1)
@@ -629,14 +638,14 @@ def main():
                 pass
     global IPC
     IPC = SysvIpc()
-    send(b"H", ("{\"pid\": %d}" % os.getpid()).encode())
+    send(HELLO, ("{\"pid\": %d}" % os.getpid()).encode())
     prestart()
     while True:
         try:
             kind, payload = read_frame()
         except EOFError:
             break
-        if kind == b"R":
+        if kind == RUN:
             run(payload)
             prestart()
         # a stray K between commands has nothing to kill

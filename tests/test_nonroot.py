@@ -51,7 +51,7 @@ def user_tree(runsc_works):
                     ignore=shutil.ignore_patterns("__pycache__", "artifacts"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
                     "--disable-pip-version-check", "--target", str(base / "site"),
-                    "pytest>=8", "psutil>=5.9", "docker>=7.0"], check=True)
+                    "pytest>=8", "psutil>=5.9", "docker>=7.0,<8"], check=True)
     (base / "tmp").mkdir()
     for path in base.rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)

@@ -1,4 +1,4 @@
-"""The protocol every backend implements, and what a probe reports.
+"""The protocol every backend implements (what a probe reports is ``detect.BackendStatus``).
 
 A backend knows how to run one validated ``CommandRequest`` and how to say,
 by really trying, whether it works here. It never decides about fallbacks:
@@ -7,31 +7,14 @@ that happens in one place, ``gvisor_magic.runner``.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..detect import BackendStatus
 from ..process import OutputCallback
 from ..request import CommandRequest
 from ..result import CommandResult
 
-
-@dataclass(frozen=True)
-class BackendStatus:
-    """The outcome of probing one backend on this machine."""
-
-    name: str
-    available: bool
-    isolated: bool
-    #: Why it is (not) usable, in words a user can act on.
-    reason: str
-    #: What to do about it, when it is not usable.
-    fix: str | None = None
-    version: str | None = None
-    details: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+__all__ = ["Backend", "BackendStatus"]
 
 
 @runtime_checkable

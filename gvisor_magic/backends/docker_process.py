@@ -19,6 +19,7 @@ import threading
 
 from ..errors import SandboxStartError
 from ..process import kill_processes_mentioning
+from .docker_api import raw_socket, register_removal_wait
 
 log = logging.getLogger("gvisor_magic")
 
@@ -55,15 +56,11 @@ class DockerProcess:
         params = {"stdout": 1, "stderr": 1, "stream": 1, "stdin": int(wants_stdin)}
         try:
             self._socket = self.api.attach_socket(self.cid, params=params)
-            url = self.api._url("/containers/{0}/wait", self.cid)
-            # stream=True returns once the daemon has registered the wait (headers sent).
-            self._wait_response = self.api._post(url, params={"condition": "removed"},
-                                                 stream=True, timeout=None)
-            self.api._raise_for_status(self._wait_response)
+            self._wait_response = register_removal_wait(self.api, self.cid)
         except Exception as exc:
             self._close_pipes()
             raise SandboxStartError("docker", f"cannot attach to the container: {exc}") from exc
-        raw = _raw_socket(self._socket)
+        raw = raw_socket(self._socket)
         raw.settimeout(None)
         self._start_thread(self._pump, raw)
         self._start_thread(self._wait)
@@ -77,7 +74,7 @@ class DockerProcess:
 
     def send(self, data: bytes) -> None:
         """Write to the container's stdin (interactive mode)."""
-        _raw_socket(self._socket).sendall(data)
+        raw_socket(self._socket).sendall(data)
 
     def _start_thread(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True,
@@ -149,7 +146,7 @@ class DockerProcess:
         """
         if self._socket is not None:
             with contextlib.suppress(Exception):
-                _raw_socket(self._socket).shutdown(socket.SHUT_RDWR)
+                raw_socket(self._socket).shutdown(socket.SHUT_RDWR)
         try:
             self.api.kill(self.cid, "KILL")
         except Exception as exc:
@@ -164,7 +161,7 @@ class DockerProcess:
     def close(self) -> None:
         if self._socket is not None:
             with contextlib.suppress(Exception):
-                _raw_socket(self._socket).shutdown(socket.SHUT_RDWR)
+                raw_socket(self._socket).shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(Exception):
                 self._socket.close()
         if self._wait_response is not None and not self._done.is_set():
@@ -182,10 +179,6 @@ class DockerProcess:
                     setattr(self, name, None)
                     with contextlib.suppress(OSError):
                         os.close(fd)
-
-
-def _raw_socket(sock) -> socket.socket:
-    return getattr(sock, "_sock", sock)
 
 
 def _recv_exactly(raw: socket.socket, size: int) -> bytes | None:

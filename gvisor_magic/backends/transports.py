@@ -5,8 +5,9 @@ A transport starts one sandbox, gives the host a byte channel to the agent
 on top of it lives in ``gvisor_magic.session``.
 
 Inside the sandbox that channel is a Unix socket, never a pipe: gVisor lets a
-command open PID 1's pipes again through ``/proc/1/fd``, but not a socket. ``runsc run`` is given socket pairs as its stdio; Docker's are
-pipes, so there the agent starts hidden below a relay (``session_agent.hide``).
+command open PID 1's pipes again through ``/proc/1/fd``, but not a socket.
+``runsc run`` is given socket pairs as its stdio; Docker's are pipes, so there
+the agent starts hidden below a relay (``session_agent.hide``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""The package's layers, read from its own imports: no import runs back up, the runner core
+never imports IPython, and code that runs inside a sandbox (or as a bare helper process)
+uses the standard library only."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "gvisor_magic"
+#: Lowest first: a module may import only from its own layer or lower ones.
+LAYERS = [
+    {"session_agent", "sandbox_init", "backends.reaper"},  # stdlib only, run as programs
+    {"errors", "result", "detect", "process", "setid", "stand_ins", "memory", "protected",
+     "request", "postrun", "agent_channel"},
+    {"backends"},
+    {"runner"},
+    {"session"},
+    {"kernel_session", "routing", "widget", "magics"},
+    {"cli", "__init__"},
+]
+NOTEBOOK_ONLY = {"IPython", "ipywidgets", "traitlets", "ipykernel", "jupyter_client"}
+NOTEBOOK_MODULES = {"magics", "widget", "routing", "kernel_session", "__init__"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts) if parts != ("__init__",) else "__init__"
+
+
+def resolve(name: str) -> str:
+    """The module a name imported from this package lives in (``x.y``, ``__init__``)."""
+    parts = name.split(".")
+    while parts:
+        path = PACKAGE.joinpath(*parts)
+        if path.with_suffix(".py").exists() or path.is_dir():
+            return ".".join(parts)
+        parts.pop()  # a name defined in a module, not a module
+    return "__init__"
+
+
+def layer_of(name: str) -> int:
+    for index, members in enumerate(LAYERS):
+        if name in members or name.split(".")[0] in members:
+            return index
+    raise AssertionError(f"{name} is in no layer: add it to LAYERS")
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, whether it is this package's), for every import in the file."""
+    found = []
+    package = module_name(path).split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, alias.name.startswith("gvisor_magic")) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+                names = [target] if node.module else [f"{target}.{a.name}".lstrip(".")
+                                                       for a in node.names]
+                found += [(name.lstrip("."), True) for name in names]
+            else:
+                found.append((node.module, node.module.startswith("gvisor_magic")))
+    return found
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_no_import_runs_back_up():
+    wrong = []
+    for path in modules():
+        me = module_name(path)
+        if me == "backends.__init__":
+            continue
+        for target, ours in imports(path):
+            if ours:
+                target = resolve(target.removeprefix("gvisor_magic").lstrip("."))
+                if layer_of(target) > layer_of(me):
+                    wrong.append(f"{me} -> {target}")
+    assert wrong == []
+
+
+def test_only_the_notebook_layer_imports_ipython():
+    wrong = [f"{module_name(p)} -> {t}" for p in modules() for t, ours in imports(p)
+             if not ours and t.split(".")[0] in NOTEBOOK_ONLY
+             and module_name(p) not in NOTEBOOK_MODULES]
+    assert wrong == []
+
+
+def test_what_runs_inside_a_sandbox_is_stdlib_only():
+    for name in LAYERS[0]:
+        path = PACKAGE / (name.replace(".", "/") + ".py")
+        outside = [t for t, ours in imports(path)
+                   if ours or t.split(".")[0] not in sys.stdlib_module_names]
+        assert outside == [], (name, outside)
