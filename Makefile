@@ -9,7 +9,7 @@ APT_PACKAGES := uidmap python3 docker.io
 # Debian's chromium: the browser test drives JupyterLab in it (Playwright, no browser download).
 APT_PACKAGES += chromium
 
-.PHONY: test system venv lint bench doctor clean
+.PHONY: test test-unit system venv lint bench doctor clean
 
 # dockerd is started for the tests if none answers, and stopped again afterwards.
 test: system venv lint
@@ -19,6 +19,11 @@ else
 	$(SUDO) $(PYTHON) scripts/with_dockerd.py --start-only
 	$(PY) -m pytest
 endif
+
+# The rules alone (fallback, never twice, exit statuses, the agent's wire, the layers), with
+# fakes: seconds, no runsc, Docker or root needed. `make test` runs them too.
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
 
 # runsc (Debian: bookworm-backports, else the verified official release), registered as a
 # Docker runtime; uidmap for ordinary users; /usr/bin/python3 runs the suite as one.

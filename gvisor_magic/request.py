@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 from .protected import PathPolicy, ProtectionPlan
+from .registry import NAMES as BACKEND_NAMES
 
-MODES = ("auto", "runsc", "docker", "subprocess")
+MODES = ("auto", *BACKEND_NAMES)
 ENV_MODE = "GVISOR_MAGIC_MODE"
 ENV_REQUIRE = "GVISOR_MAGIC_REQUIRE_ISOLATION"
 

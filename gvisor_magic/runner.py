@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from . import registry
 from .backends.base import Backend, BackendStatus
 from .backends.layout import plan_for
-from .backends.runsc import RunscBackend, make_run_dir
-from .backends.subprocess import SubprocessBackend
+from .backends.runsc import make_run_dir
 from .detect import (
     POD_GVISOR_NOTE,
     EnvironmentInfo,
@@ -48,17 +48,6 @@ log = logging.getLogger("gvisor_magic")
 NEGATIVE_PROBE_TTL = 300.0
 
 
-def _backend_factories() -> dict[str, type]:
-    factories: dict[str, type] = {"runsc": RunscBackend, "subprocess": SubprocessBackend}
-    try:
-        from .backends.docker import DockerBackend
-    except ImportError:  # the docker SDK is an optional dependency
-        pass
-    else:
-        factories["docker"] = DockerBackend
-    return factories
-
-
 class _Registry:
     """Backend instances and their cached probe results, shared by the process."""
 
@@ -70,7 +59,7 @@ class _Registry:
     def backend(self, name: str) -> Backend | None:
         with self._lock:
             if name not in self._backends:
-                factory = _backend_factories().get(name)
+                factory = registry.backend_class(name)
                 if factory is None:
                     return None
                 self._backends[name] = factory()
@@ -85,9 +74,10 @@ class _Registry:
                 return status
         backend = self.backend(name)
         if backend is None:
+            needs = registry.entry(name).requires
             status = BackendStatus(name, False, name != "subprocess",
-                                   f"the {name} backend needs an optional dependency",
-                                   fix="pip install 'gvisor-magic[docker]'")
+                                   f"the {name} backend cannot import its library ({needs})",
+                                   fix=f"pip install {needs}")
         else:
             status = backend.probe()
         log.info("gvisor: probe %s -> %s (%s)", name,
@@ -119,8 +109,8 @@ class _Registry:
 REGISTRY = _Registry()
 
 
-def _plan(mode: str, require_isolation: bool) -> tuple[list[str], str]:
-    """The backends to try, in order, and why that order."""
+def plan(mode: str, require_isolation: bool) -> tuple[list[str], str]:
+    """The backends to try, in order, and why that order (warm sessions use it too)."""
     facts = host_facts()
     if mode != "auto":
         return [mode], f"mode={mode!r} was requested"
@@ -140,7 +130,7 @@ def detect_environment(*, refresh: bool = False, mode: str | None = None,
     order, order_reason = preferred_backends(facts)
     statuses = {name: REGISTRY.status(name, refresh=refresh)
                 for name in ("runsc", "docker", "subprocess")}
-    names, _ = _plan(mode, require)
+    names, _ = plan(mode, require)
     chosen = next((n for n in names if statuses[n].available), "")
     skipped = {n: statuses[n].reason for n in names[:names.index(chosen)]} if chosen else {
         n: statuses[n].reason for n in names}
@@ -206,7 +196,7 @@ def run_command_isolated(
         raise IsolationUnavailable(
             "isolation is required, but mode='subprocess' never isolates",
             {"subprocess": "runs on the host without gVisor"})
-    names, why = _plan(mode, require)
+    names, why = plan(mode, require)
     scratch = None
     if request.working_dir is None:
         # Named after this process, so the next run removes it if we are killed.

@@ -21,9 +21,10 @@ import weakref
 from collections.abc import Mapping, Sequence
 from types import EllipsisType
 
+from . import registry
 from .agent_channel import Channel, SessionBroken
+from .backends.base import Transport
 from .backends.layout import plan_for, protection_details
-from .backends.transports import DockerTransport, RunscTransport
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .memory import OOM_RETURNCODE
 from .postrun import check_after_run
@@ -38,7 +39,8 @@ from .request import (
     resolve_require_isolation,
     sandbox_env,
 )
-from .result import TIMEOUT_RETURNCODE, CommandResult
+from .result import CommandResult, returncode_of
+from .runner import plan, run_command_isolated
 from .session_agent import ACCEPTED, EXIT, GO, HELLO, KILL, RUN, STDERR, STDOUT
 
 START_TIMEOUT = 60.0
@@ -49,7 +51,7 @@ _SESSIONS: weakref.WeakSet = weakref.WeakSet()
 
 @dataclasses.dataclass
 class _Warm:
-    transport: object
+    transport: Transport
     channel: Channel
     backend: str
     started: float
@@ -138,7 +140,8 @@ class IsolatedSession:
         if self.mode == "subprocess":
             self.cold_reason = "mode 'subprocess': commands run on the host, one by one"
             return
-        names = [self.mode] if self.mode != "auto" else list(_warm_order())
+        names = [name for name in plan(self.mode, self.require_isolation)[0]
+                 if registry.transport_class(name) is not None]
         reasons: dict[str, str] = {}
         self._starting = True
         try:
@@ -158,7 +161,7 @@ class IsolatedSession:
 
     def _launch(self, name: str) -> _Warm:
         base = dataclasses.replace(self._base, plan=plan_for(self._base))
-        transport = RunscTransport(base) if name == "runsc" else DockerTransport(base)
+        transport: Transport = registry.transport_class(name)(base)
         channel = Channel(transport)
         try:
             frame = channel.receive(time.monotonic() + START_TIMEOUT)
@@ -280,8 +283,6 @@ class IsolatedSession:
 
     def _run_cold(self, request: CommandRequest, on_output: OutputCallback | None
                   ) -> CommandResult:
-        from .runner import run_command_isolated
-
         result = run_command_isolated(
             list(request.argv), working_dir=request.working_dir, repo_path=self._base.repo_path,
             timeout=request.timeout, env=dict(request.env), mode=self.mode,
@@ -416,23 +417,18 @@ class IsolatedSession:
 
     @staticmethod
     def _returncode(status: dict | None, timed_out: bool, error: str | None) -> int:
-        if timed_out:
-            return TIMEOUT_RETURNCODE
+        """The agent's report ({"exit": N} / {"signal": N}, "killed" if we killed it)
+        through the one rule (``result.returncode_of``)."""
         if status is None:
-            return 125 if error else -9
+            return returncode_of(None, timed_out=timed_out, failed=bool(error))
         if "signal" in status:
-            return -int(status["signal"])
-        if status.get("killed") and int(status["exit"]) == 0:
-            return -9  # interrupted: it did not finish on its own, whatever its last status
-        return int(status["exit"])
-
-
-def _warm_order() -> tuple[str, ...]:
-    """The gVisor backends ``auto`` would use here, in order (``detect``'s rules)."""
-    from .detect import host_facts, preferred_backends
-
-    order, _ = preferred_backends(host_facts())
-    return tuple(name for name in order if name != "subprocess")
+            number = int(status["signal"])
+            raw, seen = 128 + number, f"signal {number}"
+        else:
+            raw = int(status["exit"])
+            seen = f"exit {raw}"
+        return returncode_of(raw, init_status=seen, timed_out=timed_out,
+                             interrupted=bool(status.get("killed")))
 
 
 @atexit.register

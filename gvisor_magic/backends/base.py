@@ -14,7 +14,7 @@ from ..process import OutputCallback
 from ..request import CommandRequest
 from ..result import CommandResult
 
-__all__ = ["Backend", "BackendStatus"]
+__all__ = ["Backend", "BackendStatus", "Transport"]
 
 
 @runtime_checkable
@@ -36,3 +36,39 @@ class Backend(Protocol):
         start; any failure after that is reported in the returned result.
         """
         ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """A long-lived sandbox whose PID 1 is the session agent (``session_agent.py``):
+    a byte channel to it, and explicit teardown. ``IsolatedSession`` speaks the agent's
+    protocol over it; the backend's row in ``gvisor_magic.registry`` names the class."""
+
+    name: str
+    #: The sandbox's (or container's) id, as results report it.
+    sandbox_id: str
+    #: Readable end of the channel (agent -> host).
+    stdout_fd: int
+    #: The sandbox's base environment (``HOME``, ``PATH``, ``USER``...).
+    env: dict[str, str]
+
+    def __init__(self, request: CommandRequest) -> None:
+        """Start the sandbox for ``request``'s settings (its argv is not run); raise
+        ``SandboxStartError`` if it cannot start."""
+
+    def send(self, data: bytes) -> None:
+        """Write to the channel (host -> agent)."""
+
+    def alive(self) -> bool: ...
+
+    def stderr_text(self) -> str:
+        """The sandbox's own last messages, for errors."""
+
+    def memory_events(self) -> int:
+        """How often ``Limits.memory`` ended something in this sandbox so far."""
+
+    def memory_note(self) -> str:
+        """What a memory event means on this backend, for the result."""
+
+    def close(self) -> None:
+        """Kill the sandbox and remove all it left; idempotent."""

@@ -21,11 +21,11 @@ from ..errors import CommandInterrupted, SandboxStartError
 from ..memory import ContainerOOMWatch
 from ..process import OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
-from ..result import RUNTIME_FAILURE, TIMEOUT_RETURNCODE, CommandResult
+from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 from .docker_process import DockerProcess
 from .layout import Identity, SandboxLayout, build_layout, caller_identity
-from .runsc import init_argv, make_run_dir, refine_returncode, started_in
+from .runsc import init_argv, make_run_dir, started_in
 
 log = logging.getLogger("gvisor_magic")
 
@@ -228,24 +228,19 @@ class DockerBackend:
             raise SandboxStartError(self.name, text or process.error or
                                     f"the container exited {outcome.returncode} before the "
                                     "command started")
-        returncode = outcome.returncode
         error = process.error
-        if error:
-            returncode = RUNTIME_FAILURE
-        elif outcome.timed_out:
-            returncode = TIMEOUT_RETURNCODE
-        elif outcome.interrupted and not status:
-            returncode = -9  # we killed the container (SIGKILL)
-        else:
-            returncode = refine_returncode(returncode, status)
-            if marker and returncode >= 128 and not status:
-                # The init reports every status >= 128: without a report, the sandbox
-                # itself ended under the command (the container's cgroups kill it whole).
-                error = (f"the sandbox ended (exit {returncode}) before the command reported "
-                         "its status" + (f"; the container's memory cgroup "
-                                         f"(Limits.memory, {request.limits.memory >> 20} MiB) "
-                                         "kills it with 137" if returncode == 137
-                                         and request.limits.memory else ""))
+        returncode = returncode_of(outcome.returncode, init_status=status,
+                                   timed_out=outcome.timed_out, interrupted=outcome.interrupted,
+                                   failed=bool(error))
+        if (marker and returncode >= 128 and not status
+                and not (error or outcome.timed_out or outcome.interrupted)):
+            # The init reports every status >= 128: without a report, the sandbox
+            # itself ended under the command (the container's cgroups kill it whole).
+            error = (f"the sandbox ended (exit {returncode}) before the command reported "
+                     "its status" + (f"; the container's memory cgroup "
+                                     f"(Limits.memory, {request.limits.memory >> 20} MiB) "
+                                     "kills it with 137" if returncode == 137
+                                     and request.limits.memory else ""))
         if oom_kills and not error:
             error = (f"memory limit: the container reached its limit of "
                      f"{(request.limits.memory or 0) >> 20} MiB (container cgroup) and the "

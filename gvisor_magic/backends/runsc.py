@@ -28,7 +28,7 @@ from ..errors import CommandInterrupted, SandboxStartError
 from ..memory import OOM_RETURNCODE, MemoryGuard, remove_orphan_cgroups
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..request import CommandRequest
-from ..result import TIMEOUT_RETURNCODE, CommandResult
+from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 from .layout import STATUS_DIR, Identity, build_layout, caller_identity, init_python
 from .oci import Bundle
@@ -419,16 +419,11 @@ class RunscBackend:
             message = message or f"runsc exited {outcome.returncode} before the command started"
             reason, fix = explain_failure(message, state_dir)
             raise SandboxStartError(self.name, reason, fix=fix)
-        returncode = outcome.returncode
-        if outcome.timed_out:
-            returncode = TIMEOUT_RETURNCODE
-        else:
-            returncode = refine_returncode(returncode, status)
+        returncode = returncode_of(outcome.returncode, init_status=status,
+                                   timed_out=outcome.timed_out, interrupted=outcome.interrupted)
         details = {"sandbox_id": sandbox_id}
         error = None
-        if outcome.interrupted and not status:
-            returncode = -9  # we killed the tree (runsc kill --all ... KILL)
-        elif returncode >= 128 and not status and not outcome.timed_out:
+        if returncode >= 128 and not status and not outcome.timed_out:
             # The init reports every status >= 128; without a report, the
             # sandbox itself ended (crashed or was killed) under the command.
             error = (f"the sandbox ended (runsc exit {returncode}) before the command "
@@ -500,8 +495,3 @@ def read_status(path: str) -> str:
     return status if re.fullmatch(r"(exit|signal) \d{1,3}", status) else ""
 
 
-def refine_returncode(returncode: int, status: str) -> int:
-    """``128 + N`` from the runtime becomes ``-N`` when the init saw signal N."""
-    if status.startswith("signal ") and returncode == 128 + int(status.split()[1]):
-        return -int(status.split()[1])
-    return returncode

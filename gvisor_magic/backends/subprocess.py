@@ -25,7 +25,7 @@ import psutil
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import OutputCallback, supervise
 from ..request import CommandRequest, sandbox_env
-from ..result import TIMEOUT_RETURNCODE, CommandResult
+from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 
 _POSIX = os.name == "posix"
@@ -80,7 +80,7 @@ class SubprocessBackend:
             proc, kill=tracked.kill, on_exit=tracked.kill, stdin=request.stdin,
             timeout=request.timeout, on_output=on_output, max_output=request.max_output)
         tracked.kill()
-        returncode = TIMEOUT_RETURNCODE if outcome.timed_out else outcome.returncode
+        returncode = returncode_of(outcome.returncode, timed_out=outcome.timed_out)
         result = CommandResult(
             returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
             backend=self.name, isolated=False, timed_out=outcome.timed_out,

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gvisor_magic"
 #: Lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
     {"session_agent", "sandbox_init", "backends.reaper"},  # stdlib only, run as programs
-    {"errors", "result", "detect", "process", "setid", "stand_ins", "memory", "protected",
-     "request", "postrun", "agent_channel"},
+    {"registry", "errors", "result", "detect", "process", "setid", "stand_ins", "memory",
+     "protected", "request", "postrun", "agent_channel"},
     {"backends"},
     {"runner"},
     {"session"},
