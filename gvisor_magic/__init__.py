@@ -13,7 +13,7 @@ from .errors import (
     IsolationUnavailable,
     SandboxStartError,
 )
-from .request import Limits
+from .request import Limits, SandboxSpec
 from .result import CommandResult
 from .runner import detect_environment, is_gvisor_available, run_command_isolated
 from .session import IsolatedSession
@@ -34,6 +34,7 @@ __all__ = [
     "IsolatedSession",
     "IsolationUnavailable",
     "Limits",
+    "SandboxSpec",
     "SandboxStartError",
     "__version__",
     "detect_environment",

@@ -1,51 +1,45 @@
 """The one warm sandbox a kernel keeps for its cells (created lazily, pre-warmable).
 
-A session's mounts are fixed when it starts, so it is keyed by what fixes them
-(working dir, repo, network, mode, isolation requirement, shell): a cell that
-needs another key gets a new session and the old one is closed.
+A session's mounts are fixed when it starts, so it serves one ``SandboxSpec`` (and one
+choice of backend: mode, isolation requirement): a cell that needs another gets a new
+session, the old one is closed, and the cell is told that its ``/tmp`` and ``HOME`` are new.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
 
-from .request import Limits
+from .request import SandboxSpec
 from .session import IsolatedSession
 
+_NAMES = {"working_dir": "working dir", "repo_path": "repo", "network": "network",
+          "limits": "limits", "protection": "protected paths", "shell": "shell"}
 
-@dataclass(frozen=True)
-class SessionKey:
-    workdir: str
-    repo: str | None
-    network: bool
-    mode: str | None
-    require_isolation: bool | None
-    shell: str
-    limits: Limits | None = None
-    protected_paths: tuple[str, ...] = ()
+#: What a kernel's warm sandbox is for: its spec, and how its backend is chosen.
+WarmKey = tuple[SandboxSpec, "str | None", "bool | None"]
 
 
-_NAMES = {"workdir": "working dir", "repo": "repo", "network": "network", "mode": "mode",
-          "require_isolation": "require-isolation", "shell": "shell", "limits": "limits",
-          "protected_paths": "protected paths"}
-
-
-def _differences(old: SessionKey | None, new: SessionKey) -> list[str]:
+def _differences(old: WarmKey | None, new: WarmKey) -> list[str]:
     if old is None:
         return []
-    return [f"other {label}" for name, label in _NAMES.items()
-            if getattr(old, name) != getattr(new, name)]
+    (old_spec, old_mode, old_require), (spec, mode, require) = old, new
+    found = [f"other {label}" for name, label in _NAMES.items()
+             if getattr(old_spec, name) != getattr(spec, name)]
+    found += ["other mode"] * (old_mode != mode) + ["other require-isolation"] * (
+        old_require != require)
+    return found
 
 
 class KernelSessions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: SessionKey | None = None
+        self._key: WarmKey | None = None
         self._session: IsolatedSession | None = None
 
-    def get(self, key: SessionKey) -> IsolatedSession:
+    def get(self, spec: SandboxSpec, mode: str | None = None,
+            require_isolation: bool | None = None) -> IsolatedSession:
+        key = (spec, mode, require_isolation)
         with self._lock:
             note = None
             if self._session is not None and (self._key != key or self._session.closed):
@@ -56,21 +50,20 @@ class KernelSessions:
                 self._session.close()
                 self._session = None
             if self._session is None:
-                self._session = IsolatedSession(
-                    key.workdir, key.repo, mode=key.mode, require_isolation=key.require_isolation,
-                    network=key.network, shell=key.shell, limits=key.limits,
-                    protected_paths=list(key.protected_paths))
+                self._session = IsolatedSession.for_spec(
+                    spec, mode=mode, require_isolation=require_isolation)
                 self._key = key
                 if note:
                     self._session.note_for_next_result(note)
             return self._session
 
-    def prewarm(self, key: SessionKey) -> threading.Thread:
+    def prewarm(self, spec: SandboxSpec, mode: str | None = None,
+                require_isolation: bool | None = None) -> threading.Thread:
         """Start the sandbox in the background, so the first cell does not wait for it."""
 
         def warm() -> None:
             with contextlib.suppress(Exception):  # the first cell reports it, with the reason
-                self.get(key).start()
+                self.get(spec, mode, require_isolation).start()
 
         thread = threading.Thread(target=warm, daemon=True, name="gvisor-magic-prewarm")
         thread.start()

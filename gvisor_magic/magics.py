@@ -21,9 +21,9 @@ from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validat
 from traitlets.config import Config, Configurable
 
 from .errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
-from .kernel_session import KernelSessions, SessionKey
+from .kernel_session import KernelSessions
 from .protected import PathPolicy
-from .request import MODES, Limits
+from .request import MODES, Limits, SandboxSpec
 from .result import CommandResult
 from .routing import BangRouter
 from .runner import detect_environment, run_command_isolated
@@ -167,17 +167,17 @@ class IsolatedMagics(Magics):
         if self.settings.route_bang:
             self.router.install()
         if self.settings.warm_session and self.settings.prewarm:
-            self.sessions.prewarm(self._key(os.getcwd(), None, None, None, None))
+            self.sessions.prewarm(self._spec(os.getcwd(), None, None),
+                                  self.settings.mode, self.settings.require_isolation)
 
-    def _key(self, workdir: str, repo: str | None, network: bool | None, mode: str | None,
-             require: bool | None, limits: Limits | None = None) -> SessionKey:
+    def _spec(self, workdir: str, repo: str | None, network: bool | None,
+              limits: Limits | None = None) -> SandboxSpec:
         settings = self.settings
-        return SessionKey(os.path.realpath(workdir), repo and os.path.realpath(repo),
-                          settings.network if network is None else network,
-                          mode or settings.mode,
-                          settings.require_isolation if require is None else require,
-                          settings.shell, limits or settings.effective_limits(),
-                          tuple(settings.protected_paths))
+        return SandboxSpec.build(
+            os.path.realpath(workdir), repo and os.path.realpath(repo),
+            network=settings.network if network is None else network,
+            limits=limits or settings.effective_limits(), shell=settings.shell,
+            protected_paths=list(settings.protected_paths))
 
     def _route_changed(self, change) -> None:
         if change["new"]:
@@ -211,7 +211,8 @@ class IsolatedMagics(Magics):
         try:
             if settings.warm_session and not fresh:
                 session = self.sessions.get(
-                    self._key(workdir or os.getcwd(), repo, network, mode, require, effective))
+                    self._spec(workdir or os.getcwd(), repo, network, effective),
+                    mode or settings.mode, require)
                 self.state.session = "starting" if session.state == "stopped" else None
                 result = session.run(command, timeout=seconds, env=env, on_output=stream,
                                      max_output=settings.max_output)

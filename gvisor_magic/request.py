@@ -199,24 +199,63 @@ _SIZE_SUFFIXES = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
 
 
 @dataclass(frozen=True)
+class SandboxSpec:
+    """What a sandbox is made of, fixed when it starts: the working dir (read-write) and
+    repo (read-only) it mounts, network, limits, protected paths, and the shell a script
+    runs with. Hashable: a warm sandbox serves exactly one spec."""
+
+    working_dir: str | None = None
+    repo_path: str | None = None
+    network: bool = False
+    limits: Limits = field(default_factory=Limits)
+    #: The user's changes to the protected-paths policy (``gvisor_magic.protected``).
+    protection: PathPolicy = field(default_factory=PathPolicy)
+    shell: str = DEFAULT_SHELL
+    #: The plan made for its mounts just before it starts (host state, not input).
+    plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        working_dir: str | os.PathLike[str] | None = None,
+        repo_path: str | os.PathLike[str] | None = None,
+        *,
+        network: bool = False,
+        limits: Limits | None = None,
+        shell: str = DEFAULT_SHELL,
+        protected_paths: Sequence[str] | PathPolicy | None = None,
+    ) -> SandboxSpec:
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a gvisor_magic.Limits, got {type(limits).__name__}")
+        if not isinstance(network, bool):
+            raise TypeError(f"network must be True or False, got {network!r}")
+        if not isinstance(shell, str) or not shell:
+            raise InvalidRequestError(f"shell must be a program name or path, got {shell!r}")
+        return cls(
+            working_dir=_check_dir(working_dir, "working_dir"),
+            repo_path=_check_dir(repo_path, "repo_path"),
+            network=network,
+            limits=limits or Limits(),
+            protection=protected_paths if isinstance(protected_paths, PathPolicy)
+            else PathPolicy.parse(protected_paths),
+            shell=shell,
+        )
+
+
+@dataclass(frozen=True)
 class CommandRequest:
-    """One command and its sandbox policy, already validated."""
+    """One command, already validated, and the sandbox it runs in (``spec``)."""
 
     argv: tuple[str, ...]
-    working_dir: str | None
-    repo_path: str | None
     timeout: float | None
     env: Mapping[str, str]
-    network: bool
     stdin: bytes | None
-    limits: Limits = field(default_factory=Limits)
+    spec: SandboxSpec = field(default_factory=SandboxSpec)
+    #: Where it runs, when not in the sandbox's working dir (a warm session's ``cwd``).
+    cwd: str | None = None
     max_output: int | None = DEFAULT_MAX_OUTPUT
     #: The text the user asked for, for messages and logs.
     display: str = ""
-    #: The user's changes to the protected-paths policy (``gvisor_magic.protected``).
-    protection: PathPolicy = field(default_factory=PathPolicy)
-    #: The plan made for this command's mounts just before it runs (host state, not input).
-    plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -233,26 +272,55 @@ class CommandRequest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: str = DEFAULT_SHELL,
         protected_paths: Sequence[str] | PathPolicy | None = None,
+        spec: SandboxSpec | None = None,
+        cwd: str | os.PathLike[str] | None = None,
     ) -> CommandRequest:
-        argv, display = _check_command(command, shell)
-        if limits is not None and not isinstance(limits, Limits):
-            raise TypeError(f"limits must be a gvisor_magic.Limits, got {type(limits).__name__}")
-        if not isinstance(network, bool):
-            raise TypeError(f"network must be True or False, got {network!r}")
+        """A one-shot request (the sandbox from ``working_dir``, ``repo_path``...), or a
+        command for an existing sandbox (``spec``, optionally in another ``cwd``)."""
+        if spec is None:
+            spec = SandboxSpec.build(working_dir, repo_path, network=network, limits=limits,
+                                     shell=shell, protected_paths=protected_paths)
+        argv, display = _check_command(command, spec.shell)
         return cls(
             argv=argv,
-            working_dir=_check_dir(working_dir, "working_dir"),
-            repo_path=_check_dir(repo_path, "repo_path"),
             timeout=_check_timeout(timeout),
             env=_check_env(env),
-            network=network,
             stdin=_check_stdin(stdin),
-            limits=limits or Limits(),
+            spec=spec,
+            cwd=_check_dir(cwd, "cwd"),
             max_output=_check_max_output(max_output),
             display=display,
-            protection=protected_paths if isinstance(protected_paths, PathPolicy)
-            else PathPolicy.parse(protected_paths),
         )
+
+    # The sandbox's settings, as every backend reads them.
+    @property
+    def working_dir(self) -> str | None:
+        """Where the command runs: ``cwd`` if given, else the sandbox's working dir."""
+        return self.cwd or self.spec.working_dir
+
+    @property
+    def repo_path(self) -> str | None:
+        return self.spec.repo_path
+
+    @property
+    def network(self) -> bool:
+        return self.spec.network
+
+    @property
+    def limits(self) -> Limits:
+        return self.spec.limits
+
+    @property
+    def protection(self) -> PathPolicy:
+        return self.spec.protection
+
+    @property
+    def plan(self) -> ProtectionPlan | None:
+        return self.spec.plan
+
+    def with_spec(self, **changes: object) -> CommandRequest:
+        """The same command in a sandbox that differs by ``changes`` (``plan=``, say)."""
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, **changes))
 
 
 def _check_command(command: object, shell: str) -> tuple[tuple[str, ...], str]:
@@ -386,16 +454,16 @@ def resolve_require_isolation(require: bool | None) -> bool:
     raise InvalidRequestError(f"{ENV_REQUIRE}={raw!r} is not a boolean (use 1/0, true/false)")
 
 
-def sandbox_env(request: CommandRequest, *, home: str, path: str, user: str) -> dict[str, str]:
+def sandbox_env(given: Mapping[str, str], *, home: str, path: str, user: str) -> dict[str, str]:
     """The environment a sandboxed command sees: an allowlist, never the host's.
 
     Only locale/terminal variables come from the host; the caller's ``env``
-    is applied last so it can override anything, including ``PATH``.
+    (``given``) is applied last so it can override anything, including ``PATH``.
     """
     env = {"PATH": path, "HOME": home, "USER": user, "LOGNAME": user, "TMPDIR": "/tmp"}
     for key, value in os.environ.items():
         if key in ENV_ALLOWLIST:
             env[key] = value
     env.setdefault("LANG", "C.UTF-8")
-    env.update(request.env)
+    env.update(given)
     return env

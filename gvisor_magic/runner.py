@@ -201,11 +201,11 @@ def run_command_isolated(
     if request.working_dir is None:
         # Named after this process, so the next run removes it if we are killed.
         scratch = make_run_dir(tempfile.gettempdir())
-        request = dataclasses.replace(request, working_dir=os.path.realpath(scratch))
+        request = request.with_spec(working_dir=os.path.realpath(scratch))
     try:
         if names != ["subprocess"]:
             # Looked at once, before any backend runs: the post-run check compares with it.
-            request = dataclasses.replace(request, plan=plan_for(request))
+            request = request.with_spec(plan=plan_for(request.spec))
         return _run_first_that_starts(request, names, why, mode, require, on_output)
     finally:
         if scratch is not None:

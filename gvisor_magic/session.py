@@ -29,12 +29,14 @@ from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .memory import OOM_RETURNCODE
 from .postrun import check_after_run
 from .process import Capture, OutputCallback
+from .protected import PathPolicy
 from .request import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_SHELL,
     DEFAULT_TIMEOUT,
     CommandRequest,
     Limits,
+    SandboxSpec,
     resolve_mode,
     resolve_require_isolation,
     sandbox_env,
@@ -74,17 +76,18 @@ class IsolatedSession:
                  require_isolation: bool | None = None, network: bool = False,
                  limits: Limits | None = None, max_output: int | None = DEFAULT_MAX_OUTPUT,
                  idle_timeout: float | None = None, shell: str = DEFAULT_SHELL,
-                 protected_paths: Sequence[str] | None = None) -> None:
-        self._base = CommandRequest.build(["true"], working_dir=working_dir or os.getcwd(),
-                                          repo_path=repo_path, network=network, limits=limits,
-                                          max_output=max_output, shell=shell,
-                                          protected_paths=protected_paths)
+                 protected_paths: Sequence[str] | PathPolicy | None = None) -> None:
+        #: What the sandbox is made of: a new spec needs a new sandbox.
+        self.spec = SandboxSpec.build(working_dir or os.getcwd(), repo_path, network=network,
+                                      limits=limits, shell=shell,
+                                      protected_paths=protected_paths)
+        #: Bytes kept per stream when ``run`` is not told otherwise (the host's business).
+        self.max_output = CommandRequest.build(["true"], max_output=max_output).max_output
         self.mode = resolve_mode(mode)
         self.require_isolation = resolve_require_isolation(require_isolation)
         if self.require_isolation and self.mode == "subprocess":
             raise IsolationUnavailable("isolation is required, but mode='subprocess' never "
                                        "isolates", {"subprocess": "runs on the host"})
-        self.shell = shell
         self.idle_timeout = idle_timeout
         self._warm: _Warm | None = None
         self._lock = threading.RLock()
@@ -96,6 +99,17 @@ class IsolatedSession:
         self.closed = False
         self._starting = False
         _SESSIONS.add(self)
+
+    @classmethod
+    def for_spec(cls, spec: SandboxSpec, *, mode: str | None = None,
+                 require_isolation: bool | None = None,
+                 max_output: int | None = DEFAULT_MAX_OUTPUT,
+                 idle_timeout: float | None = None) -> IsolatedSession:
+        """A session whose sandbox is made to ``spec``."""
+        return cls(spec.working_dir, spec.repo_path, mode=mode,
+                   require_isolation=require_isolation, network=spec.network,
+                   limits=spec.limits, max_output=max_output, idle_timeout=idle_timeout,
+                   shell=spec.shell, protected_paths=spec.protection)
 
     # -- state ------------------------------------------------------------------
 
@@ -160,8 +174,8 @@ class IsolatedSession:
                                                            reasons.items())
 
     def _launch(self, name: str) -> _Warm:
-        base = dataclasses.replace(self._base, plan=plan_for(self._base))
-        transport: Transport = registry.transport_class(name)(base)
+        spec = dataclasses.replace(self.spec, plan=plan_for(self.spec))
+        transport: Transport = registry.transport_class(name)(spec)
         channel = Channel(transport)
         try:
             frame = channel.receive(time.monotonic() + START_TIMEOUT)
@@ -172,7 +186,7 @@ class IsolatedSession:
             transport.close()
             raise SandboxStartError(name, "the sandbox agent did not say hello within "
                                     f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
-        return _Warm(transport, channel, name, time.monotonic(), base.plan.key())
+        return _Warm(transport, channel, name, time.monotonic(), spec.plan.key())
 
     def close(self) -> None:
         """Stop the sandbox; idempotent, and also done at interpreter exit."""
@@ -230,10 +244,8 @@ class IsolatedSession:
         business, so another value needs no other sandbox.
         """
         request = CommandRequest.build(
-            command, working_dir=cwd or self._base.working_dir, timeout=timeout, env=env,
-            stdin=stdin, network=self._base.network, limits=self._base.limits,
-            max_output=self._base.max_output if max_output is ... else max_output,
-            shell=self.shell)
+            command, spec=self.spec, cwd=cwd, timeout=timeout, env=env, stdin=stdin,
+            max_output=self.max_output if max_output is ... else max_output)
         with self._lock:
             if self.closed:
                 raise RuntimeError("this IsolatedSession is closed")
@@ -258,7 +270,7 @@ class IsolatedSession:
             finally:
                 self._arm_idle_timer()
                 # Set-ID bits stripped, what would run later on the host quarantined.
-                after = check_after_run(self._base.working_dir, since, plan)
+                after = check_after_run(self.spec.working_dir, since, plan)
             result.details.update(protection_details(plan))
             result.details.update(after)
             return result
@@ -271,7 +283,7 @@ class IsolatedSession:
         covered by a new sandbox. Its ``/tmp`` and ``HOME`` start empty, and the
         next result says so.
         """
-        plan = plan_for(self._base)
+        plan = plan_for(self.spec)
         warm = self._warm
         if warm is not None and plan.key() != warm.protection:
             changed = sorted(path for path, _ in plan.key() ^ warm.protection)
@@ -284,11 +296,11 @@ class IsolatedSession:
     def _run_cold(self, request: CommandRequest, on_output: OutputCallback | None
                   ) -> CommandResult:
         result = run_command_isolated(
-            list(request.argv), working_dir=request.working_dir, repo_path=self._base.repo_path,
+            list(request.argv), working_dir=request.working_dir, repo_path=self.spec.repo_path,
             timeout=request.timeout, env=dict(request.env), mode=self.mode,
-            require_isolation=self.require_isolation, network=request.network,
-            on_output=on_output, stdin=request.stdin, limits=request.limits,
-            max_output=request.max_output, protected_paths=self._base.protection)
+            require_isolation=self.require_isolation, network=self.spec.network,
+            on_output=on_output, stdin=request.stdin, limits=self.spec.limits,
+            max_output=request.max_output, protected_paths=self.spec.protection)
         result.details["session"] = f"one-shot ({self.cold_reason})"
         return result
 
@@ -297,7 +309,7 @@ class IsolatedSession:
         warm = self._warm
         assert warm is not None
         note, self._note = self._note, None
-        env = sandbox_env(request, home=warm.transport.env["HOME"],
+        env = sandbox_env(request.env, home=warm.transport.env["HOME"],
                           path=warm.transport.env["PATH"], user=warm.transport.env["USER"])
         if "HOSTNAME" in warm.transport.env:
             env.setdefault("HOSTNAME", warm.transport.env["HOSTNAME"])

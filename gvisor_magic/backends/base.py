@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from ..detect import BackendStatus
 from ..process import OutputCallback
-from ..request import CommandRequest
+from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult
 
 __all__ = ["Backend", "BackendStatus", "Transport"]
@@ -52,9 +52,8 @@ class Transport(Protocol):
     #: The sandbox's base environment (``HOME``, ``PATH``, ``USER``...).
     env: dict[str, str]
 
-    def __init__(self, request: CommandRequest) -> None:
-        """Start the sandbox for ``request``'s settings (its argv is not run); raise
-        ``SandboxStartError`` if it cannot start."""
+    def __init__(self, spec: SandboxSpec) -> None:
+        """Start a sandbox made to ``spec``; raise ``SandboxStartError`` if it cannot."""
 
     def send(self, data: bytes) -> None:
         """Write to the channel (host -> agent)."""

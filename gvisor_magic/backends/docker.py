@@ -20,7 +20,7 @@ import time
 from ..errors import CommandInterrupted, SandboxStartError
 from ..memory import ContainerOOMWatch
 from ..process import OutputCallback, kill_processes_mentioning, supervise
-from ..request import CommandRequest
+from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 from .docker_process import DockerProcess
@@ -183,7 +183,8 @@ class DockerBackend:
         host_system = not self._image
         status_dir = os.path.join(scratch, "status")
         os.mkdir(status_dir, 0o700)
-        layout = build_layout(request, docker_identity(), scratch, host_system=host_system,
+        layout = build_layout(request.spec, request.env, docker_identity(), scratch,
+                              host_system=host_system,
                               status_dir=status_dir if host_system else None)
         try:
             return self._run_container(request, on_output, runtime, image, layout, status_dir,
@@ -197,7 +198,7 @@ class DockerBackend:
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
         argv = init_argv(marker, request.argv, request.timeout) if marker else list(request.argv)
         api = self.client().api
-        cid = self.create(request, layout, argv, runtime, image,
+        cid = self.create(request.spec, layout, argv, runtime, image,
                           stdin_open=request.stdin is not None)
         process = DockerProcess(api, cid, request.stdin)
         started = False
@@ -258,7 +259,7 @@ class DockerBackend:
             raise CommandInterrupted(result)
         return result
 
-    def create(self, request: CommandRequest, layout: SandboxLayout, argv: list[str],
+    def create(self, spec: SandboxSpec, layout: SandboxLayout, argv: list[str],
                runtime: str, image: str, *, stdin_open: bool,
                init_capabilities: tuple[str, ...] = ()) -> str:
         """Create (not start) the container; its id. Nothing has run yet.
@@ -276,13 +277,13 @@ class DockerBackend:
                 working_dir=layout.cwd, hostname=layout.hostname, detach=False,
                 stdin_open=stdin_open,
                 labels={LABEL: "1", f"{LABEL}.owner-pid": str(os.getpid())},
-                host_config=self._host_config(api, request, layout, runtime,
+                host_config=self._host_config(api, spec, layout, runtime,
                                               list(init_capabilities)))
         except Exception as exc:
             raise SandboxStartError(self.name, f"cannot create the container: {exc}") from exc
         return container["Id"]
 
-    def _host_config(self, api, request: CommandRequest, layout: SandboxLayout, runtime: str,
+    def _host_config(self, api, sandbox: SandboxSpec, layout: SandboxLayout, runtime: str,
                      cap_add: list[str]):
         from docker.types import LogConfig, Mount, Ulimit
 
@@ -304,7 +305,7 @@ class DockerBackend:
             elif spec.kind == "tmpfs":
                 tmpfs[spec.destination] = ",".join(
                     [*spec.options, "ro" if spec.read_only else "rw", "nosuid", "nodev"])
-        limits = request.limits
+        limits = sandbox.limits
         names = {"RLIMIT_NOFILE": "nofile", "RLIMIT_FSIZE": "fsize", "RLIMIT_NPROC": "nproc",
                  "RLIMIT_AS": "as"}
         ulimits = [Ulimit(name=names[key], soft=value, hard=value)

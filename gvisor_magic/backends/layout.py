@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..protected import (
@@ -25,7 +26,7 @@ from ..protected import (
     plan_protection,
     scrub_config_text,
 )
-from ..request import CommandRequest, sandbox_env
+from ..request import SandboxSpec, sandbox_env
 from ..stand_ins import StandIns
 
 # Top-level host directories shared read-only. Merged-/usr symlinks (/bin ->
@@ -169,18 +170,20 @@ class SandboxLayout:
         return sorted(self.mounts, key=lambda m: m.destination.rstrip("/").count("/"))
 
 
-def build_layout(request: CommandRequest, identity: Identity, scratch: str, *,
-                 host_system: bool = True, status_dir: str | None = None) -> SandboxLayout:
-    """Build the layout, writing the generated ``/etc`` and stand-in files under ``scratch``.
+def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, scratch: str,
+                 *, host_system: bool = True, status_dir: str | None = None) -> SandboxLayout:
+    """Build the layout of a sandbox for ``spec``, whose processes start in its working dir
+    with ``env`` over the allowlisted base; the generated ``/etc`` and stand-in files go
+    under ``scratch``.
 
     ``host_system=False`` is for a real image that brings its own system
     directories: then only the private and user mounts are added.
     """
     path_dirs = [os.path.dirname(sys.executable)] if host_system else []
     path_dirs += ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-    env = sandbox_env(request, home=identity.home, path=":".join(dict.fromkeys(path_dirs)),
+    env = sandbox_env(env, home=identity.home, path=":".join(dict.fromkeys(path_dirs)),
                       user=identity.user)
-    layout = SandboxLayout(identity, env, request.working_dir or "/")
+    layout = SandboxLayout(identity, env, spec.working_dir or "/")
     env.setdefault("HOSTNAME", layout.hostname)  # Docker sets it: the same on every backend
     mounts = layout.mounts
     if host_system:
@@ -192,23 +195,23 @@ def build_layout(request: CommandRequest, identity: Identity, scratch: str, *,
         for prefix in python_prefixes():
             mounts.append(MountSpec(prefix, "bind", prefix))
         etc = os.path.join(scratch, "etc")
-        for directory in write_etc(etc, identity, request.network, layout.hostname):
+        for directory in write_etc(etc, identity, spec.network, layout.hostname):
             mounts.append(MountSpec(directory, "bind", directory))
         mounts.append(MountSpec("/etc", "bind", etc))
-    size = f"size={request.limits.tmp_size}"
+    size = f"size={spec.limits.tmp_size}"
     mounts.append(MountSpec("/tmp", "tmpfs", "tmpfs", False, ("mode=1777", size)))
     mounts.append(MountSpec(identity.home, "tmpfs", "tmpfs", False,
                             ("mode=0700", f"uid={identity.uid}", f"gid={identity.gid}", size)))
     if status_dir is not None:
         mounts.append(MountSpec(STATUS_DIR, "bind", status_dir, read_only=False))
     wanted = []
-    if request.working_dir:
-        wanted.append((request.working_dir, False))
-    if request.repo_path:
-        wanted.append((request.repo_path, True))
+    if spec.working_dir:
+        wanted.append((spec.working_dir, False))
+    if spec.repo_path:
+        wanted.append((spec.repo_path, True))
     for path, read_only in sorted(wanted, key=lambda item: item[0].count("/")):
         mounts.append(MountSpec(path, "bind", path, read_only))
-    layout.plan = request.plan if request.plan is not None else plan_for(request)
+    layout.plan = spec.plan if spec.plan is not None else plan_for(spec)
     try:
         _protect(layout, scratch)
     except BaseException:
@@ -217,11 +220,11 @@ def build_layout(request: CommandRequest, identity: Identity, scratch: str, *,
     return layout
 
 
-def plan_for(request: CommandRequest) -> ProtectionPlan:
-    """The protection plan for this request's mounts (see ``gvisor_magic.protected``)."""
-    return plan_protection([request.working_dir] if request.working_dir else [],
-                           [request.repo_path] if request.repo_path else [],
-                           request.protection)
+def plan_for(spec: SandboxSpec) -> ProtectionPlan:
+    """The protection plan for this sandbox's mounts (see ``gvisor_magic.protected``)."""
+    return plan_protection([spec.working_dir] if spec.working_dir else [],
+                           [spec.repo_path] if spec.repo_path else [],
+                           spec.protection)
 
 
 def protection_details(plan: ProtectionPlan) -> dict[str, str]:

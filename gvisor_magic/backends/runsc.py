@@ -340,7 +340,8 @@ class RunscBackend:
             try:
                 os.mkdir(state, 0o700)
                 os.mkdir(status_dir, 0o700)
-                layout = build_layout(request, identity, run_dir, status_dir=status_dir)
+                layout = build_layout(request.spec, request.env, identity, run_dir,
+                                      status_dir=status_dir)
                 bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
                                 init_argv(marker, request.argv, request.timeout), request.limits,
                                 request.network)

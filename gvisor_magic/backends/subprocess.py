@@ -49,7 +49,7 @@ class SubprocessBackend:
         path = os.pathsep.join(dict.fromkeys([
             os.path.dirname(sys.executable),
             *os.environ.get("PATH", os.defpath).split(os.pathsep)]))
-        env = sandbox_env(request, home=home, path=path,
+        env = sandbox_env(request.env, home=home, path=path,
                           user=os.environ.get("USER") or os.environ.get("USERNAME") or "")
         env["TMPDIR"] = tempfile.gettempdir()
         if not _POSIX:

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import SandboxStartError
 from ..memory import ContainerOOMWatch, MemoryGuard
 from ..process import kill_processes_mentioning
-from ..request import CommandRequest
+from ..request import SandboxSpec
 from .layout import build_layout, caller_identity, init_python
 from .oci import Bundle
 from .runsc import (
@@ -87,7 +87,7 @@ class RunscTransport:
 
     name = "runsc"
 
-    def __init__(self, request: CommandRequest, backend: RunscBackend | None = None) -> None:
+    def __init__(self, spec: SandboxSpec, backend: RunscBackend | None = None) -> None:
         backend = backend or RunscBackend()
         runsc = backend.runsc
         if runsc is None:
@@ -109,18 +109,18 @@ class RunscTransport:
                                     fix=f"point {ENV_STATE_DIR} at a writable directory"
                                     ) from exc
         state = os.path.join(self.run_dir, "state")
-        self._flags = backend.flags(state, request.network)
+        self._flags = backend.flags(state, spec.network)
         try:
             os.mkdir(state, 0o700)
-            self.layout = layout = build_layout(request, identity, self.run_dir)
+            self.layout = layout = build_layout(spec, {}, identity, self.run_dir)
             self.env = layout.env
             # The agent starts as root of the sandbox and takes a uid of its own,
             # running commands as the caller (session_agent.seal).
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout,
-                            agent_argv("--caller", str(identity.uid)), request.limits,
-                            request.network, SEAL_CAPABILITIES, init_uid=0)
+                            agent_argv("--caller", str(identity.uid)), spec.limits,
+                            spec.network, SEAL_CAPABILITIES, init_uid=0)
             bundle.write()
-            self.guard = MemoryGuard(request.limits.memory, kill=self._kill_sandbox)
+            self.guard = MemoryGuard(spec.limits.memory, kill=self._kill_sandbox)
             try:
                 self.proc = subprocess.Popen(
                     self.guard.wrap([runsc, *self._flags, "run", "--bundle", bundle.path,
@@ -205,7 +205,7 @@ class DockerTransport:
 
     name = "docker"
 
-    def __init__(self, request: CommandRequest, backend=None) -> None:
+    def __init__(self, spec: SandboxSpec, backend=None) -> None:
         from .docker import DockerBackend, docker_identity
         from .docker_process import DockerProcess
 
@@ -214,7 +214,7 @@ class DockerTransport:
             raise SandboxStartError("docker", "warm sessions need the host-tools image "
                                     "(GVISOR_MAGIC_IMAGE is set)")
         runtime, config = backend.find_runtime()
-        if request.network and "--network=none" in (config.get("runtimeArgs") or []):
+        if spec.network and "--network=none" in (config.get("runtimeArgs") or []):
             raise SandboxStartError("docker", f"the Docker runtime {runtime!r} has no network",
                                     unsupported=True)
         image = backend.image()
@@ -223,19 +223,19 @@ class DockerTransport:
         self.layout = None
         self.oom: ContainerOOMWatch | None = None
         try:
-            self.layout = layout = build_layout(request, docker_identity(), self.run_dir)
+            self.layout = layout = build_layout(spec, {}, docker_identity(), self.run_dir)
             self.env = layout.env
             # Docker gives the container pipes for stdio: the agent starts hidden
             # below a relay, as the caller, with no capabilities left.
             ident = layout.identity
-            self.cid = backend.create(request, layout,
+            self.cid = backend.create(spec, layout,
                                       agent_argv("--caller", str(ident.uid), "--hide",
                                                  str(ident.gid)),
                                       runtime, image, stdin_open=True,
                                       init_capabilities=HIDE_CAPABILITIES)
             self.sandbox_id = self.cid[:12]
             self.oom = ContainerOOMWatch(self.cid)
-            self.memory = request.limits.memory or 0
+            self.memory = spec.limits.memory or 0
             self.process = DockerProcess(backend.client().api, self.cid, None, interactive=True)
             self.process.start()
         except BaseException:
