@@ -1,20 +1,37 @@
-"""The host's side of the session agent's framed channel (see ``session_agent.py``).
+"""The host's side of the session agent's protocol (see ``session_agent.py``).
 
-Everything that arrives here comes from inside a sandbox and is untrusted: a
-frame of an unknown type or over ``MAX_FRAME`` bytes, or a closed channel, is
-``SessionBroken``; every read waits at most until a deadline.
+``Channel`` frames bytes; ``AgentClient`` speaks the protocol over it. Everything
+that arrives here comes from inside a sandbox and is untrusted: a frame of an
+unknown type or over ``MAX_FRAME`` bytes, a malformed report, or a closed channel
+is ``SessionBroken``; every read waits at most until a deadline.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import select
 import struct
 import time
+from collections.abc import Mapping
 
-from .session_agent import FROM_AGENT, MAX_FRAME
+from .process import Capture, OutputCallback
+from .result import returncode_of
+from .session_agent import (
+    ACCEPTED,
+    EXIT,
+    FROM_AGENT,
+    GO,
+    HELLO,
+    KILL,
+    MAX_FRAME,
+    RUN,
+    STDERR,
+    STDOUT,
+)
 
-__all__ = ["MAX_FRAME", "Channel", "SessionBroken"]
+__all__ = ["MAX_FRAME", "AgentClient", "AgentRun", "Channel", "SessionBroken"]
 
 
 class SessionBroken(Exception):
@@ -64,3 +81,130 @@ class Channel:
         payload = bytes(self._buffer[5:5 + size])
         del self._buffer[:5 + size]
         return kind, payload
+
+
+#: How long an idle agent may take to accept a command before it counts as broken.
+ACCEPT_TIMEOUT = 10.0
+#: How long the agent may take to confirm that it killed a command.
+KILL_GRACE = 5.0
+
+
+@dataclasses.dataclass
+class AgentRun:
+    """What the agent said about one command, for ``IsolatedSession`` to turn into a result."""
+
+    #: The agent's exit report: ``{"exit": N}`` or ``{"signal": N}``, ``"killed"`` when we
+    #: killed it, ``"tainted"`` when the sandbox cannot be trusted for the next command.
+    status: dict | None = None
+    #: The agent accepted the command and was told to run it (it may have run).
+    accepted: bool = False
+    timed_out: bool = False
+    interrupted: bool = False
+    #: The channel broke (garbage, silence, a dead sandbox): why.
+    broken: SessionBroken | None = None
+    #: The sandbox must go: broken, or interrupted while the agent was not listening.
+    lost: bool = False
+
+    def returncode(self, *, failed: bool) -> int:
+        """The report through the one rule (``result.returncode_of``)."""
+        status = self.status
+        if status is None:
+            return returncode_of(None, timed_out=self.timed_out, failed=failed)
+        if "signal" in status:
+            raw, seen = 128 + int(status["signal"]), f"signal {int(status['signal'])}"
+        else:
+            raw = int(status["exit"])
+            seen = f"exit {raw}"
+        return returncode_of(raw, init_status=seen, timed_out=self.timed_out,
+                             interrupted=bool(status.get("killed")))
+
+
+class AgentClient:
+    """The host's side of the agent's protocol: hello, run (accept, go, stream, end), kill.
+
+    Everything it reads is untrusted and bounded (``Channel``); it never starts or stops
+    a sandbox (``IsolatedSession`` does), it only says when one must go (``AgentRun.lost``).
+    """
+
+    def __init__(self, transport) -> None:
+        self.channel = Channel(transport)
+
+    def hello(self, deadline: float) -> bool:
+        """True once the agent said it is ready; False if it did not before ``deadline``."""
+        frame = self.channel.receive(deadline)
+        return frame is not None and frame[0] == HELLO
+
+    def run(self, request: Mapping[str, object], out: Capture, err: Capture,
+            on_output: OutputCallback | None, deadline: float | None) -> AgentRun:
+        """Send one command and follow it to its end, a timeout, an interrupt or a break."""
+        run = AgentRun()
+        try:
+            self.channel.send(RUN, json.dumps(request).encode())
+            # An idle agent answers at once; one that does not is broken (or busy with
+            # something a command left behind).
+            try:
+                frame = self.channel.receive(time.monotonic() + ACCEPT_TIMEOUT)
+            except KeyboardInterrupt:
+                run.interrupted = run.lost = True  # it may have started: the sandbox goes
+                return run
+            if frame is None or frame[0] != ACCEPTED:
+                what = "no answer" if frame is None else f"a {frame[0]!r} frame"
+                raise SessionBroken(f"the sandbox agent sent {what} instead of accepting "
+                                    "the command")
+            # Only now may it run: an agent we gave up on never gets this, so a command
+            # retried on a fresh sandbox cannot also run in the stalled one.
+            self.channel.send(GO)
+            run.accepted = True
+            while run.status is None:
+                try:
+                    frame = self.channel.receive(deadline)
+                except KeyboardInterrupt:
+                    run.interrupted = True
+                    run.status = self._kill(run)
+                    break
+                if frame is None:
+                    run.timed_out = True
+                    run.status = self._kill(run)
+                    break
+                kind, data = frame
+                if kind in (STDOUT, STDERR):
+                    capture = out if kind == STDOUT else err
+                    capture.add(data)
+                    if on_output is not None:
+                        text = capture.decoder.decode(data)
+                        if text:
+                            on_output(capture.name, text)
+                elif kind == EXIT:
+                    run.status = parse_status(data)
+                else:
+                    raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
+        except SessionBroken as exc:
+            run.broken, run.lost = exc, True
+        return run
+
+    def _kill(self, run: AgentRun) -> dict | None:
+        """Kill the running command's tree inside the sandbox, keeping the sandbox."""
+        try:
+            self.channel.send(KILL)
+            deadline = time.monotonic() + KILL_GRACE
+            while True:
+                frame = self.channel.receive(deadline)
+                if frame is None:
+                    raise SessionBroken("the sandbox agent did not confirm the kill")
+                if frame[0] == EXIT:
+                    return parse_status(frame[1])
+        except KeyboardInterrupt:
+            run.lost = True
+            return None
+
+
+def parse_status(data: bytes) -> dict:
+    """The agent's exit report, or ``SessionBroken`` if it is not one."""
+    try:
+        status = json.loads(data)
+    except ValueError as exc:
+        raise SessionBroken("malformed exit report from the sandbox agent") from exc
+    if not isinstance(status, dict) or not (
+            isinstance(status.get("exit"), int) or isinstance(status.get("signal"), int)):
+        raise SessionBroken("malformed exit report from the sandbox agent")
+    return status

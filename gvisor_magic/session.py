@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import json
 import os
 import threading
 import time
@@ -22,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from types import EllipsisType
 
 from . import registry
-from .agent_channel import Channel, SessionBroken
+from .agent_channel import AgentClient, SessionBroken
 from .backends.base import Transport
 from .backends.layout import plan_for, protection_details
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
@@ -41,20 +40,17 @@ from .request import (
     resolve_require_isolation,
     sandbox_env,
 )
-from .result import CommandResult, returncode_of
+from .result import KILLED, CommandResult
 from .runner import plan, run_command_isolated
-from .session_agent import ACCEPTED, EXIT, GO, HELLO, KILL, RUN, STDERR, STDOUT
 
 START_TIMEOUT = 60.0
-ACCEPT_TIMEOUT = 10.0
-_KILL_GRACE = 5.0
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclasses.dataclass
 class _Warm:
     transport: Transport
-    channel: Channel
+    client: AgentClient
     backend: str
     started: float
     #: The protected paths this sandbox's mounts were made for (``ProtectionPlan.key``).
@@ -176,17 +172,17 @@ class IsolatedSession:
     def _launch(self, name: str) -> _Warm:
         spec = dataclasses.replace(self.spec, plan=plan_for(self.spec))
         transport: Transport = registry.transport_class(name)(spec)
-        channel = Channel(transport)
+        client = AgentClient(transport)
         try:
-            frame = channel.receive(time.monotonic() + START_TIMEOUT)
+            ready = client.hello(time.monotonic() + START_TIMEOUT)
         except SessionBroken as exc:
             transport.close()
             raise SandboxStartError(name, str(exc)) from exc
-        if frame is None or frame[0] != HELLO:
+        if not ready:
             transport.close()
             raise SandboxStartError(name, "the sandbox agent did not say hello within "
                                     f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
-        return _Warm(transport, channel, name, time.monotonic(), spec.plan.key())
+        return _Warm(transport, client, name, time.monotonic(), spec.plan.key())
 
     def close(self) -> None:
         """Stop the sandbox; idempotent, and also done at interpreter exit."""
@@ -313,134 +309,57 @@ class IsolatedSession:
                           path=warm.transport.env["PATH"], user=warm.transport.env["USER"])
         if "HOSTNAME" in warm.transport.env:
             env.setdefault("HOSTNAME", warm.transport.env["HOSTNAME"])
-        payload = json.dumps({"argv": list(request.argv), "cwd": request.working_dir,
-                              "env": env, "stdin": request.stdin.hex() if request.stdin else None})
         out, err = Capture("stdout", request.max_output), Capture("stderr", request.max_output)
         start = time.monotonic()
-        status: dict | None = None
-        accepted = timed_out = interrupted = False
-        error = memory_note = None
-        deadline = None if request.timeout is None else start + request.timeout
         memory_before = warm.transport.memory_events()
-        try:
-            warm.channel.send(RUN, payload.encode())
-            # An idle agent answers at once; one that does not is broken (or busy
-            # with something a command left behind).
-            try:
-                frame = warm.channel.receive(start + ACCEPT_TIMEOUT)
-            except KeyboardInterrupt:
-                self._stop_locked()  # it may have started: take the whole sandbox down
-                raise CommandInterrupted(CommandResult(
-                    -9, "", "", warm.backend, True, duration=time.monotonic() - start,
-                    network=request.network)) from None
-            if frame is None or frame[0] != ACCEPTED:
-                what = "no answer" if frame is None else f"a {frame[0]!r} frame"
-                raise SessionBroken(f"the sandbox agent sent {what} instead of accepting "
-                                    "the command")
-            # Only now may it run: an agent we gave up on never gets this, so a command
-            # retried on a fresh sandbox cannot also run in the stalled one.
-            warm.channel.send(GO)
-            accepted = True
-            while status is None:
-                try:
-                    frame = warm.channel.receive(deadline)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    status = self._kill(warm)
-                    break
-                if frame is None:
-                    timed_out = True
-                    status = self._kill(warm)
-                    break
-                kind, data = frame
-                if kind in (STDOUT, STDERR):
-                    capture = out if kind == STDOUT else err
-                    capture.add(data)
-                    if on_output is not None:
-                        text = capture.decoder.decode(data)
-                        if text:
-                            on_output(capture.name, text)
-                elif kind == EXIT:
-                    status = self._parse_status(data)
-                else:
-                    raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
-        except SessionBroken as exc:
+        run = warm.client.run(
+            {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
+             "stdin": request.stdin.hex() if request.stdin else None},
+            out, err, on_output, None if request.timeout is None else start + request.timeout)
+        error = memory_note = None
+        if run.interrupted and not run.accepted:
+            self._stop_locked()  # it may have started: the whole sandbox goes
+            raise CommandInterrupted(CommandResult(
+                KILLED, "", "", warm.backend, True, duration=time.monotonic() - start,
+                network=request.network))
+        if run.broken is not None:
             # Read before the sandbox (and its cgroup) goes: was this its memory limit?
             if warm.transport.memory_events() > memory_before:
                 memory_note = warm.transport.memory_note()
-            error = f"{memory_note or exc}; the session will start a fresh sandbox"
+            error = f"{memory_note or run.broken}; the session will start a fresh sandbox"
             self._stop_locked()
             self._note = ("the previous sandbox of this session was killed for crossing its "
                           "memory limit and was replaced (fresh /tmp and HOME)" if memory_note
                           else "the previous sandbox of this session failed and was replaced")
-            if not accepted:
+            if not run.accepted:
                 # The request never reached a working agent: safe to say it did not run.
-                raise SandboxStartError(warm.backend, str(exc)) from exc
+                raise SandboxStartError(warm.backend, str(run.broken)) from run.broken
+        elif run.lost:
+            self._stop_locked()  # interrupted again while the agent was killing the command
         if memory_note is None and warm.transport.memory_events() > memory_before:
             # The OOM killer ended the command's process; the sandbox lives on.
             memory_note = error = warm.transport.memory_note()
-        returncode = OOM_RETURNCODE if memory_note else self._returncode(status, timed_out, error)
+        returncode = OOM_RETURNCODE if memory_note else run.returncode(failed=bool(error))
         result = CommandResult(
             returncode=returncode, stdout=out.text(), stderr=err.text(), backend=warm.backend,
-            isolated=True, timed_out=timed_out, duration=time.monotonic() - start,
+            isolated=True, timed_out=run.timed_out, duration=time.monotonic() - start,
             truncated=out.truncated or err.truncated, network=request.network, error=error,
             details={"session": warm.transport.sandbox_id,
                      **({"session_note": note} if note else {}),
                      **({"memory_limit": memory_note} if memory_note else {})})
-        if status is not None and status.get("tainted"):
+        if run.status is not None and run.status.get("tainted"):
             # The agent could not undo what this command changed: the next command gets a
             # fresh sandbox, and its result says why.
             self._stop_locked()
             self._note = (f"the sandbox was replaced (fresh /tmp and HOME): "
-                          f"{str(status['tainted'])[:200]}")
-        if interrupted:
+                          f"{str(run.status['tainted'])[:200]}")
+        if run.interrupted:
             raise CommandInterrupted(result, (
                 "command interrupted; its processes were killed and the warm sandbox was kept"
                 if self._warm is not None else
                 "command interrupted; its sandbox was killed (the next command starts a "
                 "fresh one)"))
         return result
-
-    def _kill(self, warm: _Warm) -> dict | None:
-        """Kill the running command's tree inside the sandbox, keeping the sandbox."""
-        try:
-            warm.channel.send(KILL)
-            deadline = time.monotonic() + _KILL_GRACE
-            while True:
-                frame = warm.channel.receive(deadline)
-                if frame is None:
-                    raise SessionBroken("the sandbox agent did not confirm the kill")
-                if frame[0] == EXIT:
-                    return self._parse_status(frame[1])
-        except KeyboardInterrupt:
-            self._stop_locked()
-            return None
-
-    @staticmethod
-    def _parse_status(data: bytes) -> dict:
-        try:
-            status = json.loads(data)
-        except ValueError as exc:
-            raise SessionBroken("malformed exit report from the sandbox agent") from exc
-        if not isinstance(status, dict) or not (
-                isinstance(status.get("exit"), int) or isinstance(status.get("signal"), int)):
-            raise SessionBroken("malformed exit report from the sandbox agent")
-        return status
-
-    @staticmethod
-    def _returncode(status: dict | None, timed_out: bool, error: str | None) -> int:
-        """The agent's report ({"exit": N} / {"signal": N}, "killed" if we killed it)
-        through the one rule (``result.returncode_of``)."""
-        if status is None:
-            return returncode_of(None, timed_out=timed_out, failed=bool(error))
-        if "signal" in status:
-            number = int(status["signal"])
-            raw, seen = 128 + number, f"signal {number}"
-        else:
-            raw = int(status["exit"])
-            seen = f"exit {raw}"
-        return returncode_of(raw, init_status=seen, timed_out=timed_out,
-                             interrupted=bool(status.get("killed")))
 
 
 @atexit.register

@@ -175,11 +175,10 @@ def test_a_stalled_warm_sandbox_never_runs_the_command_it_gave_up_on(tmp_path, m
     has the request in its pipe, yet never runs it: it starts only on the host's "go"."""
     import threading
 
-    from gvisor_magic import IsolatedSession
-    from gvisor_magic import session as session_module
+    from gvisor_magic import IsolatedSession, agent_channel
     from gvisor_magic.backends.transports import RunscTransport
 
-    monkeypatch.setattr(session_module, "ACCEPT_TIMEOUT", 2.0)
+    monkeypatch.setattr(agent_channel, "ACCEPT_TIMEOUT", 2.0)
     # A slow kill (a busy host, a slow runsc) widens the window in which the woken agent
     # could run what it had accepted; the fence must hold through it.
     close = RunscTransport.close
