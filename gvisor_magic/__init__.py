@@ -1,6 +1,6 @@
 """Run shell commands from Jupyter inside a gVisor sandbox, and say honestly when you can't.
 
-The runner core (this package minus ``magics``/``widget``) does not import IPython.
+The runner core (this package minus ``notebook/``) does not import IPython.
 """
 
 import logging
@@ -48,7 +48,7 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext gvisor_magic``: register ``%%isolated``, ``%isolated`` and ``%isolation``."""
-    from .magics import IsolatedMagics
+    from .notebook.magics import IsolatedMagics
 
     if "IsolatedMagics" in ipython.magics_manager.registry:
         return

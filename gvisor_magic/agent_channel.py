@@ -1,4 +1,4 @@
-"""The host's side of the session agent's protocol (see ``session_agent.py``).
+"""The host's side of the session agent's protocol (see ``sandboxed/session_agent.py``).
 
 ``Channel`` frames bytes; ``AgentClient`` speaks the protocol over it. Everything
 that arrives here comes from inside a sandbox and is untrusted: a frame of an
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from .process import Capture, OutputCallback
 from .result import returncode_of
-from .session_agent import (
+from .sandboxed.session_agent import (
     ACCEPTED,
     EXIT,
     FROM_AGENT,

@@ -1,7 +1,7 @@
 """``IsolatedSession``: one warm sandbox, many commands, milliseconds each.
 
 A fresh gVisor sandbox costs a few hundred milliseconds to start and stop; a
-session starts one, with a small agent as its PID 1 (``session_agent.py``),
+session starts one, with a small agent as its PID 1 (``sandboxed/session_agent.py``),
 and sends it each command. Everything inside the sandbox is untrusted: any
 malformed, oversized or unexpected frame, a silent agent or a dead sandbox
 ends the session with a clear error in that command's result (never a hang,

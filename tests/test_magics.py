@@ -17,7 +17,7 @@ from IPython.utils.text import SList
 
 import gvisor_magic
 from gvisor_magic import CommandResult, IsolationUnavailable
-from gvisor_magic.magics import StreamedSList
+from gvisor_magic.notebook.magics import StreamedSList
 from gvisor_magic.runner import REGISTRY
 
 SANDBOX_RELEASE = "4.4.0"

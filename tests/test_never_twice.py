@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from gvisor_magic import run_command_isolated
-from gvisor_magic.backends.runsc import DEADLINE_GRACE
+from gvisor_magic.backends.init import DEADLINE_GRACE
 from gvisor_magic.runner import REGISTRY
 
 RUNSC = shutil.which("runsc") or "/usr/bin/runsc"

@@ -124,6 +124,8 @@ def test_nothing_of_a_command_but_tmp_and_home_reaches_the_next(session):
     assert first.stdout.split()[-2:] == ["1", "refused"], first.describe() + first.stdout
     assert "Operation not permitted" in first.stderr, first.stderr
     second = session.run("ps -e -o comm=; ls -a /dev/shm; ls /dev/left; ulimit -n; "
+                         "echo fds $(ls /proc/$$/fd); echo not-pipes $(ls -l /proc/$$/fd | "
+                         "grep -c -v -e pipe: -e '^total'); "
                          "cat /tmp/kept; ipcs -s | grep -c '^0x'; "
                          "python3 -c 'import ctypes; c = ctypes.CDLL(None); "
                          "print([c.msgctl(i, 2, ctypes.create_string_buffer(256)) for i in "
@@ -134,6 +136,12 @@ def test_nothing_of_a_command_but_tmp_and_home_reaches_the_next(session):
     assert "left" not in second.stdout and "dir" not in second.stdout, second.stdout
     assert "300" not in lines, second.stdout
     assert "kept" in lines, "what the docs promise does carry over"
+    # The shell holds its own pipes only (standard streams; its script, which dash keeps at
+    # fd 10; 3 is $(...)'s own): nothing of the agent's or of the last command's. (It is a
+    # new process, so no signal meant for the last command can be pending for it.)
+    fds = next(line for line in lines if line.startswith("fds ")).split()[1:]
+    assert set(fds) <= {"0", "1", "2", "3", "10"}, lines
+    assert "not-pipes 0" in lines, lines
     # No semaphore set, and no message queue or shared memory (IPC_STAT: -1 for every id).
     assert lines[-2] == "0" and lines[-1] == f"{[-1] * 7} {[-1] * 7}", lines
     assert second.details["session"] == first.details["session"]

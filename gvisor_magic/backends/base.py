@@ -40,7 +40,7 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Transport(Protocol):
-    """A long-lived sandbox whose PID 1 is the session agent (``session_agent.py``):
+    """A long-lived sandbox whose PID 1 is the session agent (``sandboxed/session_agent.py``):
     a byte channel to it, and explicit teardown. ``IsolatedSession`` speaks the agent's
     protocol over it; the backend's row in ``gvisor_magic.registry`` names the class."""
 

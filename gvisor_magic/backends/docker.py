@@ -24,8 +24,9 @@ from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 from .docker_process import DockerProcess
+from .init import init_argv, read_status, started_in
 from .layout import Identity, SandboxLayout, build_layout, caller_identity
-from .runsc import init_argv, make_run_dir, started_in
+from .runsc import make_run_dir
 
 log = logging.getLogger("gvisor_magic")
 
@@ -52,6 +53,11 @@ class DockerBackend:
         # every command costs three API round trips. A failed command clears both.
         self._runtime_cache: tuple[float, str, dict] | None = None
         self._image_ready: str | None = None
+
+    @property
+    def custom_image(self) -> str | None:
+        """The image given by ``GVISOR_MAGIC_IMAGE`` (or the constructor), if any."""
+        return self._image
 
     # -- the daemon -----------------------------------------------------------
 
@@ -213,12 +219,12 @@ class DockerBackend:
             oom_kills = oom.close()
             process.close()
             if not started or process.error:
-                _remove(api, cid)
+                remove_container(api, cid)
             if not started:
                 # A start that failed inside runsc can leave its containerd shim and
                 # sandbox processes running, unknown to Docker's own list.
                 kill_processes_mentioning(cid, "container")
-        status = _read_status(status_dir)
+        status = read_status(os.path.join(status_dir, "status"))
         if marker and not outcome.gate_seen and started_in(status_dir):
             # It may have run (see sandbox_init): report it, never try elsewhere.
             outcome.stderr.add(outcome.pre_gate.replace(marker.encode(), b"", 1))
@@ -338,13 +344,7 @@ def docker_identity() -> Identity:
                     f"u{os.getuid()}", ident.home)
 
 
-def _read_status(status_dir: str) -> str:
-    from .runsc import read_status
-
-    return read_status(os.path.join(status_dir, "status"))
-
-
-def _remove(api, cid: str) -> None:
+def remove_container(api, cid: str) -> None:
     """Remove the container; if the daemon is gone, kill what serves it directly."""
     import docker.errors
 

@@ -3,7 +3,7 @@
 Works wherever runsc can start a sandbox: a Linux host as root, an ordinary
 user (user namespaces, ``newuidmap``), or a container/pod with enough
 privilege. Each command gets its own sandbox (``runsc run``), with a small
-init as PID 1 (``sandbox_init.py``) that proves when the command started and
+init as PID 1 (``sandboxed/sandbox_init.py``) that proves when the command started and
 records exactly how it ended.
 """
 
@@ -19,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import psutil
 
@@ -30,7 +29,8 @@ from ..process import Outcome, OutputCallback, kill_processes_mentioning, superv
 from ..request import CommandRequest
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
-from .layout import STATUS_DIR, Identity, build_layout, caller_identity, init_python
+from .init import init_argv, read_status, started_in
+from .layout import Identity, build_layout, caller_identity, init_python
 from .oci import Bundle
 
 log = logging.getLogger("gvisor_magic")
@@ -41,23 +41,7 @@ ENV_STATE_DIR = "GVISOR_MAGIC_STATE_DIR"
 INSTALL_HINT = "install runsc: sudo python3 scripts/install_gvisor.py (from the gvisor-magic repo)"
 # Debian bookworm's own runsc (20221219) fails `ls /` (statx EINVAL); backports' 20240729 works.
 MIN_RELEASE = 20230601
-_INIT_SOURCE = (Path(__file__).resolve().parent.parent / "sandbox_init.py").read_text()
 
-
-#: How long after its timeout a sandbox ends itself if its caller did not (a dead caller).
-DEADLINE_GRACE = 5.0
-
-
-def init_argv(marker: str, argv: tuple[str, ...], timeout: float | None = None) -> list[str]:
-    """The sandbox's PID 1: our init (see sandbox_init.py) wrapping the command."""
-    deadline = 0.0 if timeout is None else timeout + DEADLINE_GRACE
-    return [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker, f"{STATUS_DIR}/status",
-            f"{deadline:.3f}", *argv]
-
-
-def started_in(status_dir: str) -> bool:
-    """Whether the init recorded that it was about to start the command (see sandbox_init)."""
-    return os.path.exists(os.path.join(status_dir, "started"))
 _RELEASE = re.compile(r"(?:~|release-)(\d{8})")
 
 
@@ -79,7 +63,7 @@ def runsc_version(runsc: str) -> tuple[str | None, str | None]:
     """(version line, error) from ``runsc --version``."""
     try:
         done = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10,
-                              stdin=subprocess.DEVNULL, env=_runsc_env())
+                              stdin=subprocess.DEVNULL, env=runsc_env())
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"cannot run {runsc}: {exc}"
     line = (done.stdout or "").strip().splitlines()[:1]
@@ -212,7 +196,7 @@ def _noexec(path: str) -> bool:
         return False
 
 
-def _runsc_env(shims: str | None = None) -> dict[str, str]:
+def runsc_env(shims: str | None = None) -> dict[str, str]:
     # runsc needs none of the caller's variables; keep tokens away from it too.
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     return {"PATH": f"{shims}:{path}" if shims else path}
@@ -357,7 +341,7 @@ class RunscBackend:
                     guard.wrap([runsc, *flags, "run", "--bundle", bundle.path, sandbox_id]),
                     stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True, env=_runsc_env(idmap_shims(run_dir, identity)))
+                    start_new_session=True, env=runsc_env(idmap_shims(run_dir, identity)))
             except OSError as exc:
                 raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
@@ -444,7 +428,7 @@ class RunscBackend:
         log.info("gvisor: killing sandbox %s", sandbox_id)
         try:
             killed = subprocess.run([runsc, *flags, "kill", "--all", sandbox_id, "KILL"],
-                                    capture_output=True, timeout=15, env=_runsc_env(),
+                                    capture_output=True, timeout=15, env=runsc_env(),
                                     stdin=subprocess.DEVNULL).returncode == 0
         except (OSError, subprocess.SubprocessError):
             killed = False  # runsc itself hangs (its gofer was killed, say): go around it
@@ -471,7 +455,7 @@ class RunscBackend:
         if leftover or abnormal:
             try:
                 subprocess.run([runsc, *flags, "delete", "--force", sandbox_id],
-                               capture_output=True, timeout=30, env=_runsc_env(),
+                               capture_output=True, timeout=30, env=runsc_env(),
                                stdin=subprocess.DEVNULL)
             except (OSError, subprocess.SubprocessError) as exc:
                 log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
@@ -480,19 +464,5 @@ class RunscBackend:
         if os.path.exists(run_dir):
             log.warning("gvisor: could not remove the sandbox directory %s", run_dir)
         return status, started
-
-
-def read_status(path: str) -> str:
-    """The init's report (``exit N`` / ``signal N``), or "" if absent or malformed.
-
-    The file is written from inside the sandbox, so it is read with a size
-    bound and only trusted to refine an ambiguous ``128 + N`` into a signal.
-    """
-    try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            status = handle.read(64).strip()
-    except OSError:
-        return ""
-    return status if re.fullmatch(r"(exit|signal) \d{1,3}", status) else ""
 
 

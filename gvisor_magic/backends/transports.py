@@ -1,4 +1,4 @@
-"""Long-lived sandboxes whose PID 1 is the session agent (``session_agent.py``).
+"""Long-lived sandboxes whose PID 1 is the session agent (``sandboxed/session_agent.py``).
 
 A transport starts one sandbox, gives the host a byte channel to the agent
 (its stdin and stdout), and tears everything down on ``close``. The protocol
@@ -32,14 +32,15 @@ from .runsc import (
     ENV_STATE_DIR,
     INSTALL_HINT,
     RunscBackend,
-    _runsc_env,
     idmap_shims,
     make_run_dir,
+    runsc_env,
     state_base,
     state_fix,
 )
 
-AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "session_agent.py").read_text()
+AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "sandboxed" / "session_agent.py"
+                ).read_text()
 _STDERR_KEEP = 64 * 1024
 
 
@@ -127,7 +128,7 @@ class RunscTransport:
                                      self.sandbox_id]),
                     stdin=self._channel[1], stdout=self._channel[1],
                     stderr=self._errors[1], start_new_session=True,
-                    env=_runsc_env(idmap_shims(self.run_dir, identity)))
+                    env=runsc_env(idmap_shims(self.run_dir, identity)))
             except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
                 raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
@@ -194,7 +195,7 @@ class RunscTransport:
         """Run a runsc subcommand; False if it failed or runsc itself is gone."""
         try:
             return subprocess.run([self._runsc, *self._flags, *args], capture_output=True,
-                                  timeout=30, env=_runsc_env(),
+                                  timeout=30, env=runsc_env(),
                                   stdin=subprocess.DEVNULL).returncode == 0
         except (OSError, subprocess.SubprocessError):
             return False
@@ -210,7 +211,7 @@ class DockerTransport:
         from .docker_process import DockerProcess
 
         backend = backend or DockerBackend()
-        if backend._image:
+        if backend.custom_image:
             raise SandboxStartError("docker", "warm sessions need the host-tools image "
                                     "(GVISOR_MAGIC_IMAGE is set)")
         runtime, config = backend.find_runtime()
@@ -273,9 +274,9 @@ class DockerTransport:
                 with contextlib.suppress(OSError):
                     stream.close()
             if process.error or process.poll() is None:
-                from .docker import _remove
+                from .docker import remove_container
 
-                _remove(process.api, process.cid)
+                remove_container(process.api, process.cid)
         if self.oom is not None:
             self.oom.close()
         _release(self)

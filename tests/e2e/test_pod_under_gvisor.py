@@ -21,7 +21,7 @@ GVISOR_RELEASE = "4.4.0"
 INNER = r'''
 import json, subprocess, sys
 from gvisor_magic import IsolationUnavailable, detect_environment, run_command_isolated
-from gvisor_magic.widget import IsolationState
+from gvisor_magic.notebook.widget import IsolationState
 
 info = detect_environment()
 r = run_command_isolated("uname -r; echo ran >> /tmp/runs", timeout=60)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gvisor_magic import InvalidRequestError, Limits, SandboxSpec
-from gvisor_magic.kernel_session import _differences
+from gvisor_magic.notebook.kernel_session import _differences
 from gvisor_magic.request import CommandRequest
 
 

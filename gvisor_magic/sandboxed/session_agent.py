@@ -270,7 +270,10 @@ def send(kind, payload=b""):
     data = kind + struct.pack(">I", len(payload)) + payload
     view = memoryview(data)
     while view:
-        view = view[os.write(1, view):]
+        try:
+            view = view[os.write(1, view):]
+        except BlockingIOError:  # gVisor may hand over a non-blocking host socket
+            select.select([], [1], [])
 
 
 def read_exactly(fd, size):

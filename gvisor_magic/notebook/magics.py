@@ -20,13 +20,13 @@ from IPython.utils.text import DollarFormatter, SList
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
-from .errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
+from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
+from ..protected import PathPolicy
+from ..request import MODES, Limits, SandboxSpec
+from ..result import CommandResult
+from ..runner import detect_environment, run_command_isolated
 from .kernel_session import KernelSessions
-from .protected import PathPolicy
-from .request import MODES, Limits, SandboxSpec
-from .result import CommandResult
 from .routing import BangRouter
-from .runner import detect_environment, run_command_isolated
 from .widget import VIEWS, IsolationState, make_widget
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from .request import SandboxSpec
-from .session import IsolatedSession
+from ..request import SandboxSpec
+from ..session import IsolatedSession
 
 _NAMES = {"working_dir": "working dir", "repo_path": "repo", "network": "network",
           "limits": "limits", "protection": "protected paths", "shell": "shell"}

@@ -13,7 +13,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 
-from .result import CommandResult
+from ..result import CommandResult
 
 GREEN, AMBER, RED = "#1a7f37", "#b26b00", "#cf222e"
 
