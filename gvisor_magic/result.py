@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .process import Capture
 
 #: Exit status reported when a command hit its timeout (as GNU ``timeout`` does).
 TIMEOUT_RETURNCODE = 124
@@ -62,6 +66,17 @@ class CommandResult:
     error: str | None = None
     #: Free-form details from the backend (sandbox id, runsc version, ...).
     details: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_streams(cls, stdout: Capture, stderr: Capture, *, returncode: int, backend: str,
+                     isolated: bool, network: bool, timed_out: bool = False,
+                     duration: float = 0.0, error: str | None = None,
+                     details: dict[str, str] | None = None) -> CommandResult:
+        """The one way a backend or a session turns what it captured into a result."""
+        return cls(returncode=returncode, stdout=stdout.text(), stderr=stderr.text(),
+                   backend=backend, isolated=isolated, timed_out=timed_out,
+                   duration=duration, truncated=stdout.truncated or stderr.truncated,
+                   network=network, error=error, details=dict(details or {}))
 
     @property
     def success(self) -> bool:

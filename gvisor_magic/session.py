@@ -340,10 +340,10 @@ class IsolatedSession:
             # The OOM killer ended the command's process; the sandbox lives on.
             memory_note = error = warm.transport.memory_note()
         returncode = OOM_RETURNCODE if memory_note else run.returncode(failed=bool(error))
-        result = CommandResult(
-            returncode=returncode, stdout=out.text(), stderr=err.text(), backend=warm.backend,
-            isolated=True, timed_out=run.timed_out, duration=time.monotonic() - start,
-            truncated=out.truncated or err.truncated, network=request.network, error=error,
+        result = CommandResult.from_streams(
+            out, err, returncode=returncode, backend=warm.backend, isolated=True,
+            timed_out=run.timed_out, duration=time.monotonic() - start,
+            network=request.network, error=error,
             details={"session": warm.transport.sandbox_id,
                      **({"session_note": note} if note else {}),
                      **({"memory_limit": memory_note} if memory_note else {})})

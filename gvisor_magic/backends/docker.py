@@ -253,11 +253,9 @@ class DockerBackend:
                      f"{(request.limits.memory or 0) >> 20} MiB (container cgroup) and the "
                      "process that crossed it was killed")
             returncode = 137
-        result = CommandResult(
-            returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
-            backend=self.name, isolated=True, timed_out=outcome.timed_out,
-            duration=outcome.duration,
-            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
+        result = CommandResult.from_streams(
+            outcome.stdout, outcome.stderr, returncode=returncode, backend=self.name,
+            isolated=True, timed_out=outcome.timed_out, duration=outcome.duration,
             network=request.network, error=error,
             details={"container_id": cid[:12], "runtime": runtime, "image": image,
                      **layout.details()})

@@ -378,12 +378,10 @@ class RunscBackend:
         started: that is this command's error, never a reason to try another backend)."""
         details = {"sandbox_id": sandbox_id, "memory_limit": guard.describe_breach(),
                    "memory_peak": f"{guard.peak_bytes() >> 20} MiB", **layout.details()}
-        result = CommandResult(
-            returncode=OOM_RETURNCODE, stdout=outcome.stdout.text(),
-            stderr=outcome.stderr.text(), backend=self.name, isolated=True,
-            duration=outcome.duration, truncated=outcome.stdout.truncated
-            or outcome.stderr.truncated, network=request.network, details=details,
-            error=guard.describe_breach())
+        result = CommandResult.from_streams(
+            outcome.stdout, outcome.stderr, returncode=OOM_RETURNCODE, backend=self.name,
+            isolated=True, duration=outcome.duration, network=request.network,
+            details=details, error=guard.describe_breach())
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result
@@ -413,11 +411,10 @@ class RunscBackend:
             # sandbox itself ended (crashed or was killed) under the command.
             error = (f"the sandbox ended (runsc exit {returncode}) before the command "
                      "reported its status")
-        result = CommandResult(
-            returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
-            backend=self.name, isolated=True, timed_out=outcome.timed_out,
-            duration=outcome.duration, truncated=outcome.stdout.truncated
-            or outcome.stderr.truncated, network=request.network, details=details, error=error)
+        result = CommandResult.from_streams(
+            outcome.stdout, outcome.stderr, returncode=returncode, backend=self.name,
+            isolated=True, timed_out=outcome.timed_out, duration=outcome.duration,
+            network=request.network, details=details, error=error)
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result

@@ -81,11 +81,9 @@ class SubprocessBackend:
             timeout=request.timeout, on_output=on_output, max_output=request.max_output)
         tracked.kill()
         returncode = returncode_of(outcome.returncode, timed_out=outcome.timed_out)
-        result = CommandResult(
-            returncode=returncode, stdout=outcome.stdout.text(), stderr=outcome.stderr.text(),
-            backend=self.name, isolated=False, timed_out=outcome.timed_out,
-            duration=outcome.duration,
-            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
+        result = CommandResult.from_streams(
+            outcome.stdout, outcome.stderr, returncode=returncode, backend=self.name,
+            isolated=False, timed_out=outcome.timed_out, duration=outcome.duration,
             network=True)
         if outcome.interrupted:
             raise CommandInterrupted(result)
