@@ -288,7 +288,7 @@ class CommandRequest:
             stdin=_check_stdin(stdin),
             spec=spec,
             cwd=_check_dir(cwd, "cwd"),
-            max_output=_check_max_output(max_output),
+            max_output=check_max_output(max_output),
             display=display,
         )
 
@@ -417,7 +417,7 @@ def _check_stdin(stdin: object) -> bytes | None:
     raise TypeError(f"stdin must be str, bytes or None, got {type(stdin).__name__}")
 
 
-def _check_max_output(max_output: object) -> int | None:
+def check_max_output(max_output: object) -> int | None:
     if max_output is None:
         return None
     if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output <= 0:

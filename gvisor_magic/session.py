@@ -36,6 +36,7 @@ from .request import (
     CommandRequest,
     Limits,
     SandboxSpec,
+    check_max_output,
     resolve_mode,
     resolve_require_isolation,
     sandbox_env,
@@ -78,7 +79,7 @@ class IsolatedSession:
                                       limits=limits, shell=shell,
                                       protected_paths=protected_paths)
         #: Bytes kept per stream when ``run`` is not told otherwise (the host's business).
-        self.max_output = CommandRequest.build(["true"], max_output=max_output).max_output
+        self.max_output = check_max_output(max_output)
         self.mode = resolve_mode(mode)
         self.require_isolation = resolve_require_isolation(require_isolation)
         if self.require_isolation and self.mode == "subprocess":
