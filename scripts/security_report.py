@@ -32,7 +32,10 @@ FAULT_TESTS = [
     "tests/test_docker_faults.py::test_dockerd_dying_mid_command_is_reported_not_rerun",
     "tests/test_session.py::test_threads_share_a_session_safely",
     "tests/test_session.py::test_two_hundred_commands_leak_nothing",
-    "tests/test_session.py::test_garbage_written_into_the_agents_channel_restarts_the_session",
+    # A command cannot write into the agent's channel; garbage that reaches the host anyway
+    # (a broken agent) ends that sandbox cleanly.
+    "tests/security/test_agent_sealed.py",
+    "tests/unit/test_fakes.py",
 ]
 
 
@@ -81,9 +84,10 @@ def render(recorder: Recorder) -> tuple[str, int, int]:
         totals[verdict["backend"]][verdict["outcome"]] += 1
     lines.append("")
     for backend in ("runsc", "docker", "subprocess"):
-        counts = totals.get(backend, {})
-        lines.append(f"- {backend}: " + ", ".join(f"{counts[o]} {o}" for o in
-                                                 ("blocked", "LEAKED", "n/a") if counts[o]))
+        counts = totals[backend]
+        lines.append(f"- {backend}: " + (", ".join(f"{counts[o]} {o}" for o in
+                                                   ("blocked", "LEAKED", "n/a") if counts[o])
+                                         or "no probe ran"))
     gvisor_leaks = sum(totals[b]["LEAKED"] for b in ("runsc", "docker"))
     gvisor_probes = sum(sum(totals[b].values()) for b in ("runsc", "docker"))
     return "\n".join(lines), gvisor_leaks, gvisor_probes

@@ -172,7 +172,7 @@ def test_a_session_speaks_the_protocol_and_keeps_one_sandbox(scripted, tmp_path)
     b"O" + struct.pack(">I", (1 << 20) + 1),                # an oversized one
     frame(b"X", b"not json"),                               # a malformed end
     frame(b"X", b'{"exit": "0"}'),                          # an end of the wrong type
-])
+], ids=["unknown-frame", "oversized-frame", "malformed-end", "wrong-type-end"])
 def test_hostile_frames_end_that_sandbox_cleanly_and_the_next_command_gets_a_fresh_one(
         scripted, tmp_path, hostile):
     scripted.script = staticmethod(lambda spec: [frame(b"A"), hostile] if "bad" in spec["argv"][-1]
