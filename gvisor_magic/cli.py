@@ -9,9 +9,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, registry
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
-from .request import MODES, Limits, enforcement
+from .request import MODES, Limits
 from .runner import detect_environment, run_command_isolated
 
 
@@ -20,14 +20,16 @@ def _doctor(args: argparse.Namespace) -> int:
     limits = Limits()
     if args.json:
         data = info.to_dict()
-        data["limits"] = {**dataclasses.asdict(limits), "enforcement": enforcement()}
+        data["limits"] = {**dataclasses.asdict(limits), "enforcement": {
+            name: how.summary for name, how in registry.enforcement().items()}}
         print(json.dumps(data, indent=2, default=str))
     else:
         print(f"gvisor-magic {__version__}")
         print(info.explain())
-        print(f"\ndefault limits: {limits.describe(info.auto_backend or None)}")
-        for name, how in enforcement().items():
-            print(f"  {name}: {how}")
+        here = (info.auto_backend,) if info.auto_backend else None
+        print(f"\ndefault limits: {limits.describe(registry.enforcement(here))}")
+        for name, how in registry.enforcement().items():
+            print(f"  {name}: {how.summary}")
     if args.require_isolation and not info.isolated:
         return 1
     return 0

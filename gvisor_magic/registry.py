@@ -6,7 +6,8 @@ Classes are named here and imported on first use, so this module sits at the bot
 of the package (``request`` takes the mode names from it) and a backend whose
 library is missing costs nothing until it is asked for.
 
-Adding a backend: its module under ``backends/``, one row here, and where ``auto``
+Adding a backend: its module under ``backends/`` (a class with ``run``, ``probe`` and
+``enforcement``), one row here, and where ``auto``
 should place it in ``detect.preferred_backends``.
 """
 
@@ -25,6 +26,22 @@ class BackendEntry:
     transport: str | None = None
     #: The distribution its module needs, named in the fix when it is missing.
     requires: str | None = None
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """What bounds the limits on one backend here, in words a user can check.
+
+    Each backend says this of itself (``enforcement()`` on its class); ``Limits.describe``
+    and ``gvisor-magic doctor`` show it, so no text claims more than the backend does.
+    """
+
+    #: What bounds ``Limits.memory``, e.g. "host cgroup", or "NOT enforced ...".
+    memory: str
+    #: What bounds ``Limits.cpus``.
+    cpus: str
+    #: Every limit on this backend, one paragraph.
+    summary: str
 
 
 TABLE = (
@@ -63,3 +80,14 @@ def transport_class(name: str) -> type | None:
         return _load(reference)
     except ImportError:
         return None
+
+
+def enforcement(names: tuple[str, ...] | None = None) -> dict[str, Enforcement]:
+    """What bounds the limits on each named backend (every backend by default), as
+    the backend itself says; a backend whose library is missing is left out."""
+    table = {}
+    for name in names or NAMES:
+        cls = backend_class(name)
+        if cls is not None:
+            table[name] = cls.enforcement()
+    return table

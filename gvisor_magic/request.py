@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .errors import InvalidRequestError
 from .protected import PathPolicy, ProtectionPlan
 from .registry import NAMES as BACKEND_NAMES
+from .registry import Enforcement
 
 MODES = ("auto", *BACKEND_NAMES)
 ENV_MODE = "GVISOR_MAGIC_MODE"
@@ -97,11 +98,12 @@ class Limits:
             changes[name] = _parse_limit(name, raw)
         return dataclasses.replace(base or cls(), **changes)
 
-    def describe(self, backend: str | None = None) -> str:
+    def describe(self, enforced: Mapping[str, Enforcement] | None = None) -> str:
         """One line, e.g. ``processes 512, ..., memory 4 GiB (host cgroup), cpus unlimited``.
 
-        With ``backend``, memory and cpus say what enforces them there, or "NOT
-        enforced" (see ``enforcement``); without, where each backend differs.
+        ``enforced`` maps backend names to their ``Enforcement``: with one entry, memory
+        and cpus say what bounds them there (or "NOT enforced"); with several, where
+        each backend differs (``registry.enforcement`` builds it).
         """
         def size(value: int | None) -> str:
             if value is None:
@@ -111,7 +113,14 @@ class Limits:
                     return f"{value // factor} {unit}"
             return f"{value} B"
 
-        how = enforcement_of_memory_and_cpus(backend)
+        def how_bounded(limit: str) -> str:
+            if not enforced:
+                return "enforcement depends on the backend"
+            if len(enforced) == 1:
+                return getattr(next(iter(enforced.values())), limit)
+            return "; ".join(f"{name}: {getattr(e, limit)}" for name, e in enforced.items())
+
+        how = {limit: how_bounded(limit) for limit in ("memory", "cpus")}
         count = {None: "unlimited"}
         memory = size(self.memory) + (f" ({how['memory']})" if self.memory is not None else "")
         cpus = "unlimited" if self.cpus is None else f"{self.cpus:g} ({how['cpus']})"
@@ -130,46 +139,6 @@ class Limits:
             "RLIMIT_AS": self.max_address_space,
         }
         return {name: value for name, value in table.items() if value is not None}
-
-
-def enforcement_of_memory_and_cpus(backend: str | None) -> dict[str, str]:
-    """What bounds ``memory`` and ``cpus`` on ``backend`` here (None: every backend)."""
-    from .memory import mechanism
-
-    table = {"runsc": {"memory": mechanism(), "cpus": "NOT enforced on runsc"},
-             "docker": {"memory": "container cgroup", "cpus": "container cgroup"},
-             "subprocess": {"memory": "NOT enforced on the host",
-                            "cpus": "NOT enforced on the host"}}
-    if backend in table:
-        return table[backend]
-    return {name: "; ".join(f"{b}: {how[name]}" for b, how in table.items())
-            for name in ("memory", "cpus")}
-
-
-def enforcement() -> dict[str, str]:
-    """Which limit each backend enforces, and how (shown by ``gvisor-magic doctor``)."""
-    from .memory import mechanism
-
-    guard = mechanism()
-    runsc_memory = (
-        "a memory cgroup made for each sandbox below this process's own (the host kernel "
-        "OOM-kills the sandbox or the process that crosses it)" if guard == "host cgroup" else
-        "a watchdog that sums the resident memory of the sandbox's host processes every "
-        "0.1 s and kills the sandbox past the limit (no writable cgroup here; it reacts "
-        "after the fact, see SECURITY.md for the overshoot)")
-    return {
-        "runsc": "processes, open files, file size and address space are rlimits enforced by "
-                 "gVisor's own kernel (no host cgroups needed, so they hold in an unprivileged "
-                 f"pod); /tmp and HOME are size-capped in-memory tmpfs; memory: {runsc_memory}; "
-                 "cpus: NOT enforced (the timeout bounds CPU time)",
-        "docker": "the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, "
-                  "plus cgroups: memory (+swap) and cpus for the whole container, and pids "
-                  "(2 x processes + 256, since gVisor's own threads and per-process stubs "
-                  "count there too)",
-        "subprocess": "rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
-                      "processes and does not apply to root); no /tmp cap, memory and cpus NOT "
-                      "enforced: this fallback isolates nothing",
-    }
 
 
 def _parse_limit(name: str, raw: object) -> object:

@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from ..detect import BackendStatus
 from ..process import OutputCallback
+from ..registry import Enforcement
 from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult
 
@@ -23,6 +24,11 @@ class Backend(Protocol):
 
     name: str
     isolated: bool
+
+    @staticmethod
+    def enforcement() -> Enforcement:
+        """What bounds each limit on this backend here (shown, never more than holds)."""
+        ...
 
     def probe(self) -> BackendStatus:
         """Check, by running something real, whether this backend works here."""

@@ -20,6 +20,7 @@ import time
 from ..errors import CommandInterrupted, SandboxStartError
 from ..memory import ContainerOOMWatch
 from ..process import OutputCallback, kill_processes_mentioning, supervise
+from ..registry import Enforcement
 from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
@@ -53,6 +54,15 @@ class DockerBackend:
         # every command costs three API round trips. A failed command clears both.
         self._runtime_cache: tuple[float, str, dict] | None = None
         self._image_ready: str | None = None
+
+    @staticmethod
+    def enforcement() -> Enforcement:
+        return Enforcement(
+            memory="container cgroup", cpus="container cgroup",
+            summary="the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, "
+                    "plus cgroups: memory (+swap) and cpus for the whole container, and pids "
+                    "(2 x processes + 256, since gVisor's own threads and per-process stubs "
+                    "count there too)")
 
     @property
     def custom_image(self) -> str | None:

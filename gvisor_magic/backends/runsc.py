@@ -24,8 +24,9 @@ import psutil
 
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..errors import CommandInterrupted, SandboxStartError
-from ..memory import OOM_RETURNCODE, MemoryGuard, remove_orphan_cgroups
+from ..memory import OOM_RETURNCODE, MemoryGuard, mechanism, remove_orphan_cgroups
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
+from ..registry import Enforcement
 from ..request import CommandRequest
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
@@ -243,6 +244,23 @@ class RunscBackend:
     @property
     def runsc(self) -> str | None:
         return self._runsc or locate_runsc()
+
+    @staticmethod
+    def enforcement() -> Enforcement:
+        guard = mechanism()
+        memory = (
+            "a memory cgroup made for each sandbox below this process's own (the host "
+            "kernel OOM-kills the sandbox or the process that crosses it)"
+            if guard == "host cgroup" else
+            "a watchdog that sums the resident memory of the sandbox's host processes every "
+            "0.1 s and kills the sandbox past the limit (no writable cgroup here; it reacts "
+            "after the fact, see SECURITY.md for the overshoot)")
+        return Enforcement(
+            memory=guard, cpus="NOT enforced on runsc",
+            summary="processes, open files, file size and address space are rlimits enforced "
+                    "by gVisor's own kernel (no host cgroups needed, so they hold in an "
+                    "unprivileged pod); /tmp and HOME are size-capped in-memory tmpfs; "
+                    f"memory: {memory}; cpus: NOT enforced (the timeout bounds CPU time)")
 
     def flags(self, state_dir: str, network: bool) -> list[str]:
         # --directfs=false: with directfs, runsc 20240729 truncates a host file on

@@ -24,6 +24,7 @@ import psutil
 
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import OutputCallback, supervise
+from ..registry import Enforcement
 from ..request import CommandRequest, sandbox_env
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
@@ -38,6 +39,14 @@ class SubprocessBackend:
 
     name = "subprocess"
     isolated = False
+
+    @staticmethod
+    def enforcement() -> Enforcement:
+        return Enforcement(
+            memory="NOT enforced on the host", cpus="NOT enforced on the host",
+            summary="rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
+                    "processes and does not apply to root); no /tmp cap, memory and cpus NOT "
+                    "enforced: this fallback isolates nothing")
 
     def probe(self) -> BackendStatus:
         return BackendStatus(self.name, True, False,

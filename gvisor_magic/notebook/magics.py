@@ -20,6 +20,7 @@ from IPython.utils.text import DollarFormatter, SList
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
+from .. import registry
 from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
 from ..protected import PathPolicy
 from ..request import MODES, Limits, SandboxSpec
@@ -234,7 +235,7 @@ class IsolatedMagics(Magics):
             self._status(exc.result, quiet, "interrupted")
             raise
         self.state.record(result)
-        self.state.limits = effective.describe(result.backend)
+        self.state.limits = effective.describe(registry.enforcement((result.backend,)))
         self.state.session = self.sessions.describe() if settings.warm_session else \
             "off (a fresh sandbox per command)"
         VIEWS.refresh(self.state)
@@ -382,7 +383,8 @@ class IsolatedMagics(Magics):
         self.state.require_isolation = info.require_isolation
         self.state.network = self.settings.network
         self.state.pod_gvisor = info.pod_runs_gvisor
-        self.state.limits = self.settings.effective_limits().describe(info.auto_backend or None)
+        self.state.limits = self.settings.effective_limits().describe(
+            registry.enforcement((info.auto_backend,)) if info.auto_backend else None)
         if info.auto_backend:
             self.state.backend = info.auto_backend
             self.state.isolated = info.isolated

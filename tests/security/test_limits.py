@@ -13,7 +13,7 @@ import pytest
 from test_magics import ip, magics, run, shell  # noqa: F401  (the IPython fixtures)
 
 import gvisor_magic
-from gvisor_magic import InvalidRequestError, Limits, run_command_isolated
+from gvisor_magic import InvalidRequestError, Limits, registry, run_command_isolated
 from gvisor_magic.request import GiB, MiB
 
 CLI = [sys.executable, "-m", "gvisor_magic.cli"]
@@ -30,10 +30,13 @@ def test_limits_parse_sizes_none_and_refuse_nonsense():
         with pytest.raises(InvalidRequestError):
             Limits.parse(bad)
     # What enforces memory is said per backend, and never claimed where nothing does.
-    assert "memory 4 GiB (container cgroup)" in Limits().describe("docker")
-    assert "memory 4 GiB (NOT enforced on the host)" in Limits().describe("subprocess")
-    assert re.search(r"memory 4 GiB \((host cgroup|watchdog)\)", Limits().describe("runsc"))
-    assert "cpus 1 (NOT enforced on runsc)" in Limits(cpus=1).describe("runsc")
+    def on(name: str, limits: Limits | None = None) -> str:
+        return (limits or Limits()).describe(registry.enforcement((name,)))
+
+    assert "memory 4 GiB (container cgroup)" in on("docker")
+    assert "memory 4 GiB (NOT enforced on the host)" in on("subprocess")
+    assert re.search(r"memory 4 GiB \((host cgroup|watchdog)\)", on("runsc"))
+    assert "cpus 1 (NOT enforced on runsc)" in on("runsc", Limits(cpus=1))
 
 
 MEMORY_BOMB = ("import os, sys\n"
