@@ -159,6 +159,14 @@ def is_gvisor_available(*, refresh: bool = False) -> bool:
                for name in order if name != "subprocess")
 
 
+def check_mode_can_isolate(mode: str, require_isolation: bool) -> None:
+    """Refuse at once a mode that never isolates when isolation is required."""
+    if require_isolation and mode == "subprocess":
+        raise IsolationUnavailable(
+            "isolation is required, but mode='subprocess' never isolates",
+            {"subprocess": "runs on the host without gVisor"})
+
+
 def run_command_isolated(
     command: str | Sequence[str],
     working_dir: str | os.PathLike[str] | None = None,
@@ -192,10 +200,7 @@ def run_command_isolated(
         protected_paths=protected_paths)
     mode = resolve_mode(mode)
     require = resolve_require_isolation(require_isolation)
-    if require and mode == "subprocess":
-        raise IsolationUnavailable(
-            "isolation is required, but mode='subprocess' never isolates",
-            {"subprocess": "runs on the host without gVisor"})
+    check_mode_can_isolate(mode, require)
     names, why = plan(mode, require)
     scratch = None
     if request.working_dir is None:

@@ -42,7 +42,7 @@ from .request import (
     sandbox_env,
 )
 from .result import KILLED, CommandResult
-from .runner import plan, run_command_isolated
+from .runner import check_mode_can_isolate, plan, run_command_isolated
 
 START_TIMEOUT = 60.0
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
@@ -82,9 +82,7 @@ class IsolatedSession:
         self.max_output = check_max_output(max_output)
         self.mode = resolve_mode(mode)
         self.require_isolation = resolve_require_isolation(require_isolation)
-        if self.require_isolation and self.mode == "subprocess":
-            raise IsolationUnavailable("isolation is required, but mode='subprocess' never "
-                                       "isolates", {"subprocess": "runs on the host"})
+        check_mode_can_isolate(self.mode, self.require_isolation)
         self.idle_timeout = idle_timeout
         self._warm: _Warm | None = None
         self._lock = threading.RLock()

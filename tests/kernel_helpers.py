@@ -64,6 +64,8 @@ class Execution:
     #: (ename, evalue) of every error message.
     errors: list[tuple[str, str]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
+    #: The data of every display_data message (the status badge is one).
+    displays: list[dict[str, Any]] = field(default_factory=list)
     comm_msgs: list[dict[str, Any]] = field(default_factory=list)
     reply: dict[str, Any] | None = None
     finished: float | None = None
@@ -88,6 +90,11 @@ class Execution:
                 if needle in seen:
                     return when
         return None
+
+    def badges(self) -> list[str]:
+        """The ``text/plain`` of each gvisor-magic status badge the cell displayed."""
+        return [data["text/plain"] for data in self.displays
+                if "gvisor-magic-badge" in data.get("text/html", "")]
 
     def describe(self) -> str:
         return (f"cell {self.code!r}: stdout={self.stdout!r} stderr={self.stderr[-2000:]!r} "
@@ -122,6 +129,8 @@ def execute(kc: BlockingKernelClient, code: str, timeout: float = 60.0,
             execution.errors.append((content["ename"], content["evalue"]))
         elif kind == "execute_result":
             execution.results.append(content["data"])
+        elif kind == "display_data":
+            execution.displays.append(content["data"])
         elif kind == "comm_msg":
             execution.comm_msgs.append(content)
         if on_message is not None:

@@ -32,6 +32,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-dev-shm-usage"]
 GREEN, AMBER = "rgb(26, 127, 55)", "rgb(178, 107, 0)"
+#: JupyterLab's rendering of a stream output on stderr (the red box).
+STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
 CELL_TIMEOUT_MS = 180_000
 
 
@@ -161,7 +163,10 @@ def test_quickstart_runs_in_jupyterlab(browser, lab, runsc_works):
     # A %%isolated cell ran under gVisor.
     uname = runs[_cell_index(page, 'kernel inside the sandbox: $(uname -r)')][-1]
     assert "kernel inside the sandbox: 4.4.0" in uname["output"], uname
-    assert "[gvisor-magic] runsc (gVisor): exit 0" in uname["output"], uname
+    assert "runsc (gVisor): exit 0 in" in uname["output"], uname
+    uname_cell = cells.nth(_cell_index(page, 'kernel inside the sandbox: $(uname -r)'))
+    assert uname_cell.locator(STDERR).count() == 0, "a successful cell shows a stderr box"
+    assert uname_cell.locator(".gvisor-magic-badge svg").count() == 1
 
     # Streaming: "step 1" was on the page while the cell was still running.
     steps = runs[_cell_index(page, 'echo "step $step of 3"')]
@@ -182,6 +187,72 @@ def test_quickstart_runs_in_jupyterlab(browser, lab, runsc_works):
     page.screenshot(path=str(ARTIFACTS / "quickstart-widget.png"))
     cells.nth(_cell_index(page, 'echo "step $step of 3"')).scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "quickstart-cells.png"))
+    page.close()
+
+
+UX_CELLS = [
+    "%load_ext gvisor_magic\nimport gvisor_magic\ngvisor_magic.status_widget()",
+    "%%isolated\necho \"ran in kernel $(uname -r)\"",
+    "%%isolated --mode subprocess\necho \"fallback cell on $(uname -r)\"",
+    "%isolated --timeout 5 echo \"line magic in $(uname -r)\"",
+    "%isolation on",
+    "%%bash\necho \"bash cell in $(uname -r)\"",
+    "%isolated --env X true",
+]
+
+
+def test_cells_read_as_a_user_sees_them(browser, lab, runsc_works):
+    """Success is quiet (a grey badge, no red box), a fallback is loud, %%bash is routed, a
+    bad option is one UsageError line, and one host cell leaves the panel green."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in UX_CELLS]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    nbformat.write(notebook, lab.root / "ux.ipynb")
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(lab.notebook_url("ux.ipynb"))
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=120_000)
+    page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-Cell').length"
+                           f" === {len(UX_CELLS)}", timeout=60_000)
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    outputs = {index: _run_one(page, index)[-1]["output"] for index in range(3)}
+    # After the host cell: the panel stays green (the kernel's default), its own row is amber.
+    status = cells.nth(0).locator(".gvisor-magic-status")
+    page.wait_for_function("() => document.querySelector('.gvisor-magic-status')"
+                           " .textContent.includes('NOT isolated (this cell')", timeout=30_000)
+    assert status.evaluate("el => getComputedStyle(el).borderLeftColor") == GREEN
+    assert "isolated by gVisor (runsc)" in status.text_content()
+    assert status.locator("svg").count() == 2  # the headline's shield, the row's warning
+    ARTIFACTS.mkdir(exist_ok=True)
+    cells.nth(0).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "widget-after-a-host-cell.png"))
+    outputs.update({index: _run_one(page, index)[-1]["output"]
+                    for index in range(3, len(UX_CELLS))})
+
+    isolated = cells.nth(1)
+    assert "ran in kernel 4.4.0" in outputs[1] and "runsc (gVisor): exit 0 in" in outputs[1]
+    assert isolated.locator(STDERR).count() == 0, outputs[1]
+    badge = isolated.locator(".gvisor-magic-badge")
+    assert badge.count() == 1 and badge.locator("svg").count() == 1
+    assert badge.evaluate("el => getComputedStyle(el).color") == "rgb(87, 96, 106)"  # grey
+
+    fallback = cells.nth(2)
+    assert fallback.locator(STDERR).count() == 1, outputs[2]
+    warning = fallback.locator(STDERR).text_content()
+    assert "WARNING: subprocess (NOT isolated)" in warning
+    assert fallback.locator(".gvisor-magic-badge").count() == 0
+
+    assert "line magic in 4.4.0" in outputs[3] and cells.nth(3).locator(STDERR).count() == 0
+    assert "routing on." in outputs[4] and cells.nth(4).locator(STDERR).count() == 0
+    assert "bash cell in 4.4.0" in outputs[5] and cells.nth(5).locator(STDERR).count() == 0
+    usage = cells.nth(6).locator(STDERR).text_content()
+    assert usage.strip() == "UsageError: --env expects KEY=VALUE, got 'X'", usage
+
+    cells.nth(1).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "cells-quiet-success-and-loud-fallback.png"))
+    cells.nth(5).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "cells-routing-and-usage-error.png"))
     page.close()
 
 

@@ -11,6 +11,8 @@ import types
 
 import pytest
 from IPython import get_ipython
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.error import UsageError
 from IPython.core.history import HistoryManager
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.text import SList
@@ -23,7 +25,7 @@ from gvisor_magic.runner import REGISTRY
 SANDBOX_RELEASE = "4.4.0"
 HOST_RELEASE = os.uname().release
 GREEN, AMBER, RED = "#1a7f37", "#b26b00", "#cf222e"
-RUNSC_OK = re.compile(r"^\[gvisor-magic\] runsc \(gVisor\): exit 0 in \d+\.\d\ds$", re.M)
+RUNSC_OK = "[gvisor-magic] runsc (gVisor): exit 0"
 STATUS = re.compile(r"^\[gvisor-magic\] .*$", re.M)
 OPTIONS = ("--mode", "--timeout", "--workdir", "--repo", "--env", "--network",
            "--require-isolation", "--out", "--err", "--result", "--no-raise-error", "--quiet")
@@ -62,7 +64,11 @@ def ip(shell, monkeypatch, tmp_path, capfd):
     shell.config.pop("Isolation", None)
     shell.run_line_magic("load_ext", "gvisor_magic")
     capfd.readouterr()
+    # Rich displays (the status badge) are recorded apart from the streams, as a
+    # notebook keeps a display_data output apart from stdout and stderr.
+    terminal_publisher, shell.display_pub = shell.display_pub, CapturingDisplayPublisher()
     yield shell
+    shell.display_pub = terminal_publisher
     shell.run_line_magic("unload_ext", "gvisor_magic")
     shell.config.pop("Isolation", None)
     for name in set(shell.user_ns) - set(saved_ns):
@@ -89,6 +95,15 @@ def status_lines(err: str) -> list[str]:
     return STATUS.findall(err)
 
 
+def badges(shell) -> list[str]:
+    """The ``text/plain`` of every status badge displayed since the last call."""
+    outputs = shell.display_pub.outputs
+    found = [output["data"]["text/plain"] for output in outputs
+             if "gvisor-magic-badge" in output["data"].get("text/html", "")]
+    outputs.clear()
+    return found
+
+
 # -- %%isolated ------------------------------------------------------------------------
 
 
@@ -96,7 +111,12 @@ def test_cell_runs_in_gvisor_and_says_so(ip, capfd, runsc_works):
     run(ip, "%%isolated\nuname -r\n")
     out, err = capfd.readouterr()
     assert out == f"{SANDBOX_RELEASE}\n"
-    assert len(RUNSC_OK.findall(err)) == 1 and status_lines(err) == RUNSC_OK.findall(err)
+    # Success is said quietly: a badge (display_data), nothing on stderr (painted red).
+    assert err == ""
+    [output] = ip.display_pub.outputs
+    assert output["data"]["text/plain"] == RUNSC_OK  # stable: no timings
+    assert re.search(r"runsc \(gVisor\): exit 0 in \d+\.\d\ds", output["data"]["text/html"])
+    assert "<svg" in output["data"]["text/html"]  # an icon that needs no emoji font
     assert ip.user_ns["_exit_code"] == 0
 
 
@@ -118,22 +138,23 @@ def test_nonzero_exit_raises_called_process_error(ip, capfd, runsc_works):
     assert ip.user_ns["_exit_code"] == 3
     out, err = capfd.readouterr()
     assert out.startswith("partial\n")  # streamed before the traceback
-    assert "oops\n" in err and "[gvisor-magic] runsc (gVisor): exit 3 in " in err
+    assert err == "oops\n"  # the command's own stderr; the traceback says it failed
+    assert badges(ip) == ["[gvisor-magic] runsc (gVisor): exit 3"]
 
 
 def test_no_raise_error(ip, capfd, runsc_works):
     assert run(ip, "%%isolated --no-raise-error\necho before\nexit 3\n") is None
     assert ip.user_ns["_exit_code"] == 3
     out, err = capfd.readouterr()
-    assert out == "before\n"
-    assert re.search(r"^\[gvisor-magic\] runsc \(gVisor\): exit 3 in \d+\.\d\ds$", err, re.M)
+    assert (out, err) == ("before\n", "")
+    assert badges(ip) == ["[gvisor-magic] runsc (gVisor): exit 3"]
 
 
 def test_out_err_result_capture_instead_of_printing(ip, capfd, runsc_works):
     run(ip, "%%isolated --out o --err e --result r\necho to-out\necho to-err >&2\nuname -r\n")
     out, err = capfd.readouterr()
     assert out == ""
-    assert "to-err" not in err and len(RUNSC_OK.findall(err)) == 1
+    assert err == "" and badges(ip) == [RUNSC_OK]
     assert ip.user_ns["o"] == f"to-out\n{SANDBOX_RELEASE}\n"
     assert ip.user_ns["e"] == "to-err\n"
     result = ip.user_ns["r"]
@@ -181,9 +202,32 @@ def test_every_line_of_the_body_expands(ip, capfd, tmp_path, runsc_works):
     assert (tmp_path / "data-file").read_text() == "data\n"
 
 
-def test_env_option_needs_key_value(ip):
-    with pytest.raises(ValueError, match="--env expects KEY=VALUE, got 'JUSTKEY'"):
-        run(ip, "%%isolated --env JUSTKEY\ntrue\n")
+BAD_ARGUMENTS = [
+    ("%%isolated --env JUSTKEY\ntouch ran\n", "--env expects KEY=VALUE, got 'JUSTKEY'"),
+    ("%%isolated --limit foo\ntouch ran\n", "--limit expects NAME=VALUE, got 'foo'"),
+    ("%%isolated --limit memory=lots\ntouch ran\n", "limits.memory: cannot read 'lots'"),
+    ("%%isolated --limit memroy=1G\ntouch ran\n", "unknown limit 'memroy'"),
+    ("%%isolated --mode gvisor\ntouch ran\n", "argument --mode: invalid choice: 'gvisor'"),
+    ("%%isolated --timeout 0\ntouch ran\n", "--timeout must be > 0 seconds"),
+    ("%%isolated --workdir /no/such/dir\ntouch ran\n", "--workdir: '/no/such/dir' is not a dir"),
+    ("%%isolated --out 2x\ntouch ran\n", "--out expects a variable name, got '2x'"),
+    ("%%isolated --frobnicate\ntouch ran\n", "unrecognized arguments: --frobnicate"),
+    ("%isolated --env X touch ran", "--env expects KEY=VALUE, got 'X'"),
+    ("%isolated --timeout soon touch ran", "argument --timeout: invalid float value: 'soon'"),
+    ("%isolation maybe", "unknown %isolation verb 'maybe': use %isolation on|off|status|restart"),
+    ("%isolation on please", "%isolation on takes no arguments"),
+]
+
+
+@pytest.mark.parametrize("cell, message", BAD_ARGUMENTS, ids=[c for c, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_usage_errors_and_nothing_runs(ip, capfd, tmp_path, cell, message):
+    """As IPython's own magics do: UsageError, shown as one line without a traceback."""
+    with pytest.raises(UsageError) as caught:
+        run(ip, cell)
+    assert message in str(caught.value)
+    out, err = capfd.readouterr()
+    assert err.strip() == f"UsageError: {caught.value}" and "Traceback" not in out + err
+    assert not (tmp_path / "ran").exists() and ip.display_pub.outputs == []
 
 
 def test_timeout_option(ip, capfd, runsc_works):
@@ -223,8 +267,8 @@ def test_cell_help_lists_every_option(ip, capfd):
 def test_line_magic_streams_and_returns_lines(ip, capfd, runsc_works):
     run(ip, "files = %isolated printf 'a\\nb\\n'")
     out, err = capfd.readouterr()
-    assert out == "a\nb\n"  # streamed once, not displayed again
-    assert len(RUNSC_OK.findall(err)) == 1
+    assert (out, err) == ("a\nb\n", "")  # streamed once, not displayed again
+    assert badges(ip) == [RUNSC_OK]
     files = ip.user_ns["files"]
     assert isinstance(files, StreamedSList) and isinstance(files, SList)
     assert files == ["a", "b"]
@@ -239,12 +283,74 @@ def test_line_magic_streams_and_returns_lines(ip, capfd, runsc_works):
 def test_line_magic_sets_exit_code_without_raising(ip, capfd, runsc_works):
     assert run(ip, "%isolated exit 4") == []
     assert ip.user_ns["_exit_code"] == 4
-    assert "exit 4 in" in capfd.readouterr().err
+    assert badges(ip) == ["[gvisor-magic] runsc (gVisor): exit 4"]
 
 
 def test_line_magic_needs_a_command(ip):
-    with pytest.raises(ValueError, match="usage: %isolated COMMAND"):
-        run(ip, "%isolated   ")
+    for line in ("%isolated   ", "%isolated --timeout 5", "%isolated --quiet --"):
+        with pytest.raises(UsageError, match="%isolated needs a command"):
+            run(ip, line)
+
+
+def test_line_magic_takes_options_before_the_command(ip, capfd, runsc_works, docker_works):
+    assert run(ip, "%isolated --mode docker --timeout 5 uname -r") == [SANDBOX_RELEASE]
+    out, err = capfd.readouterr()  # (a terminal prints an empty "Out[n]:"; a kernel nothing)
+    assert out.count(SANDBOX_RELEASE) == 1 and err == ""
+    assert badges(ip) == ["[gvisor-magic] docker (gVisor): exit 0"]
+    # The command is kept as written: quotes, pipes, redirections and its own dashes.
+    value = run(ip, "x = %isolated --quiet --env WHO=gvisor echo \"a  |  $WHO\" | tr a-z A-Z")
+    assert value is None and ip.user_ns["x"] == ["A  |  GVISOR"]
+    assert capfd.readouterr().out == "A  |  GVISOR\n" and badges(ip) == []
+    run(ip, "%isolated --quiet -- echo --mode x")
+    assert capfd.readouterr().out.startswith("--mode x\n")
+    run(ip, "%isolated --out o --err e sh -c 'echo out; echo err >&2; uname -r'")
+    assert capfd.readouterr() == ("", "")
+    assert ip.user_ns["o"] == f"out\n{SANDBOX_RELEASE}\n" and ip.user_ns["e"] == "err\n"
+    assert badges(ip) == [RUNSC_OK]
+    run(ip, "%isolated --timeout 1 sleep 20")
+    assert ip.user_ns["_exit_code"] == 124
+    assert "timed out in" in capfd.readouterr().err and badges(ip) == []
+
+
+def test_split_options_reads_only_the_front_of_the_line():
+    from gvisor_magic.notebook.magics import split_options
+
+    assert split_options("--mode docker --timeout 5 ls -l | wc") == (
+        ["--mode", "docker", "--timeout", "5"], "ls -l | wc")
+    assert split_options("--quiet -- --help") == (["--quiet"], "--help")
+    assert split_options("echo 'it''s' \"$HOME\" --mode x") == (
+        [], "echo 'it''s' \"$HOME\" --mode x")
+    assert split_options("--env 'A=b c' echo \"unbalanced") == (["--env", "A=b c"],
+                                                                "echo \"unbalanced")
+    assert split_options("--limit=memory=1G true") == (["--limit=memory=1G"], "true")
+    assert split_options("  --quiet  ") == (["--quiet"], "")
+
+
+# -- the quiet badge and the loud line -------------------------------------------------------
+
+
+def test_what_needs_attention_is_loud_on_stderr(ip, capfd, tmp_path, monkeypatch, runsc_works):
+    monkeypatch.setenv("GVISOR_MAGIC_QUARANTINE_DIR", str(tmp_path / "quarantine"))
+    run(ip, "%%isolated --mode subprocess\ntrue\n")
+    [line] = status_lines(capfd.readouterr().err)
+    assert line.startswith("[gvisor-magic] WARNING: subprocess (NOT isolated): exit 0")
+    run(ip, "%%isolated --timeout 1 --no-raise-error\nsleep 20\n")
+    [line] = status_lines(capfd.readouterr().err)
+    assert re.fullmatch(r"\[gvisor-magic\] runsc \(gVisor\): timed out in \d+\.\d\ds", line)
+    run(ip, "%%isolated\necho 'print(1)' > sitecustomize.py\n")
+    err = capfd.readouterr().err
+    assert "[gvisor-magic] runsc (gVisor): exit 0 in" in err and badges(ip) == []
+    assert "WARNING: the command left files" in err and "sitecustomize.py" in err, err
+    # --quiet drops the status line, never a warning.
+    run(ip, "%%isolated --quiet\necho 'print(1)' > colorsys.py\n")
+    err = capfd.readouterr().err
+    assert "quarantine" in err and "colorsys.py" in err and "(gVisor): exit" not in err
+
+
+def test_config_quiet_silences_the_badge(ip, capfd, runsc_works):
+    run(ip, "%config Isolation.quiet = True")
+    run(ip, "%%isolated\nuname -r\n")
+    assert capfd.readouterr() == (f"{SANDBOX_RELEASE}\n", "") and badges(ip) == []
 
 
 # -- %isolation on/off: routing ! through the sandbox ---------------------------------
@@ -256,11 +362,14 @@ def _pip_entry(shell):
 
 def test_routing_sends_bang_commands_to_the_sandbox(ip, capfd, runsc_works):
     run(ip, "%isolation on")
-    assert "now run isolated" in capfd.readouterr().err
+    said, err = capfd.readouterr()
+    assert err == "" and said.startswith("[gvisor-magic] routing on.\n")
+    assert "In the sandbox: !cmd, !!cmd, x = !cmd, %sx, and the script cells %%bash" in said
+    assert "%%script PROGRAM" in said and "Python\n                  code itself" in said
 
     run(ip, "y = !uname -r")
     assert ip.user_ns["y"] == [SANDBOX_RELEASE] and isinstance(ip.user_ns["y"], SList)
-    assert len(RUNSC_OK.findall(capfd.readouterr().err)) == 1
+    assert capfd.readouterr().err == "" and badges(ip) == [RUNSC_OK]
 
     assert run(ip, "!!uname -r") == [SANDBOX_RELEASE]
     assert run(ip, "%sx uname -r") == [SANDBOX_RELEASE]
@@ -274,7 +383,7 @@ def test_routing_sends_bang_commands_to_the_sandbox(ip, capfd, runsc_works):
 
     run(ip, "!exit 5")
     assert ip.user_ns["_exit_code"] == 5
-    assert "exit 5 in" in capfd.readouterr().err
+    assert badges(ip)[-1] == "[gvisor-magic] runsc (gVisor): exit 5"
 
 
 def test_pip_stays_on_the_host_while_routing_is_on(ip, capfd, runsc_works):
@@ -294,7 +403,7 @@ def test_isolation_off_restores_system_exactly(ip, capfd, runsc_works):
     run(ip, "%isolation on")
     assert "system" in ip.__dict__ and "getoutput" in ip.__dict__
     run(ip, "%isolation off")
-    assert "run on the host again" in capfd.readouterr().err
+    assert "run on the host again" in capfd.readouterr().out
     assert "system" not in ip.__dict__ and "getoutput" not in ip.__dict__
     assert ip.system.__func__ is shell_type.system
     assert ip.getoutput.__func__ is shell_type.getoutput
@@ -304,6 +413,48 @@ def test_isolation_off_restores_system_exactly(ip, capfd, runsc_works):
     run(ip, "%pip --version")
     out, err = capfd.readouterr()
     assert out.startswith("pip ") and "[gvisor-magic]" not in err
+
+
+SCRIPT_CELLS = ("bash", "sh", "script", "python3")
+
+
+@pytest.mark.parametrize("cell, out", [
+    ("%%bash\nuname -r\necho \"$0\"\n", f"{SANDBOX_RELEASE}\nbash\n"),
+    ("%%sh\nuname -r\n", f"{SANDBOX_RELEASE}\n"),
+    ("%%script bash --norc\nuname -r\n", f"{SANDBOX_RELEASE}\n"),
+    ("%%script sh\nuname -r\n", f"{SANDBOX_RELEASE}\n"),
+    ("%%python3\nimport os\nprint(os.uname().release)\n", f"{SANDBOX_RELEASE}\n"),
+], ids=["bash", "sh", "script-bash", "script-sh", "python3"])
+def test_routing_sends_script_cells_to_the_sandbox(ip, capfd, runsc_works, cell, out):
+    run(ip, "%isolation on")
+    capfd.readouterr()
+    run(ip, cell)
+    assert capfd.readouterr() == (out, "") and badges(ip) == [RUNSC_OK]
+    run(ip, "%isolation off")
+    capfd.readouterr()
+    run(ip, cell)  # on the host again, by IPython's own magic
+    assert SANDBOX_RELEASE not in capfd.readouterr().out and badges(ip) == []
+
+
+def test_routed_script_cells_keep_their_options(ip, capfd, tmp_path, runsc_works):
+    run(ip, "%isolation on")
+    capfd.readouterr()
+    run(ip, "%%bash --out o --err e\necho out; echo err >&2; uname -r\n")
+    assert capfd.readouterr() == ("", "")
+    assert (ip.user_ns["o"], ip.user_ns["e"]) == (f"out\n{SANDBOX_RELEASE}\n", "err\n")
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        run(ip, "%%bash\necho partial\nexit 3\n")
+    assert caught.value.returncode == 3 and ip.user_ns["_exit_code"] == 3
+    run(ip, "%%bash --no-raise-error\nexit 4\n")
+    assert ip.user_ns["_exit_code"] == 4
+    assert badges(ip)[-1] == "[gvisor-magic] runsc (gVisor): exit 4"
+    capfd.readouterr()
+    for cell in ("%%bash --bg\ntouch ran\n", "%%script --proc p bash\ntouch ran\n"):
+        with pytest.raises(UsageError, match="cannot be handed back from the sandbox"):
+            run(ip, cell)
+    with pytest.raises(UsageError, match="%%script needs a program"):
+        run(ip, "%%script\ntouch ran\n")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_unload_restores_system_and_the_magics_tables(ip, capfd, runsc_works):
@@ -316,6 +467,8 @@ def test_unload_restores_system_and_the_magics_tables(ip, capfd, runsc_works):
     assert ip.getoutput.__func__ is shell_type.getoutput
     assert getattr(_pip_entry(ip), "__wrapped__", None) is None
     assert "isolated" not in ip.magics_manager.magics["cell"]
+    for name in SCRIPT_CELLS:
+        assert getattr(ip.magics_manager.magics["cell"][name], "__wrapped__", None) is None
     assert "isolated" not in ip.magics_manager.magics["line"]
     assert "isolation" not in ip.magics_manager.magics["line"]
     assert "IsolatedMagics" not in ip.magics_manager.registry
@@ -338,6 +491,7 @@ def test_routing_keeps_and_restores_an_earlier_instance_override(ip, capfd, runs
     earlier = ip.system = types.MethodType(earlier_system, ip)
     try:
         run(ip, "%isolation on")
+        capfd.readouterr()
         run(ip, "!uname -r")
         assert calls == [] and capfd.readouterr().out == f"{SANDBOX_RELEASE}\n"
         run(ip, "%pip --version")  # on the host: through the shell's own system
@@ -352,12 +506,6 @@ def test_routing_keeps_and_restores_an_earlier_instance_override(ip, capfd, runs
         run(ip, "%load_ext gvisor_magic")
     finally:
         ip.__dict__.pop("system", None)
-
-
-def test_isolation_rejects_unknown_actions(ip):
-    usage = r"usage: %isolation on\|off\|status\|restart \(got 'maybe'\)"
-    with pytest.raises(ValueError, match=usage):
-        run(ip, "%isolation maybe")
 
 
 # -- %config Isolation.* -----------------------------------------------------------------
@@ -428,11 +576,12 @@ def test_config_quiet_and_mode(ip, capfd):
 # -- the status widget ---------------------------------------------------------------------
 
 
-def test_widget_follows_runs_green_then_amber(ip, runsc_works):
+def test_widget_keeps_the_default_apart_from_the_last_cell(ip, runsc_works):
     widget = gvisor_magic.status_widget()
     assert repr(widget) == "gvisor-magic: isolated by gVisor (runsc) | network off"
     assert f"border-left:6px solid {GREEN}" in widget.value
     assert "last command" not in widget.value
+    assert "<svg" in widget.value and "&#x1F6E1;" not in widget.value  # no emoji font needed
 
     run(ip, "%%isolated --quiet\ntrue\n")
     assert repr(widget) == ("gvisor-magic: isolated by gVisor (runsc) | network off"
@@ -440,16 +589,43 @@ def test_widget_follows_runs_green_then_amber(ip, runsc_works):
     assert f"border-left:6px solid {GREEN}" in widget.value
     assert re.search(r"<td>runsc: exit 0 in \d+\.\d\ds</td>", widget.value)
 
+    # One cell sent to the host does not turn the kernel's panel amber: its own row does.
     run(ip, "%%isolated --quiet --mode subprocess --no-raise-error\nexit 2\n")
-    assert repr(widget) == "gvisor-magic: NOT isolated (subprocess) | network ON | last: exit 2"
+    assert repr(widget) == ("gvisor-magic: isolated by gVisor (runsc) | network off"
+                            " | last: subprocess, NOT isolated: exit 2")
+    assert f"border-left:6px solid {GREEN}" in widget.value
+    assert "<td>none (runs on the host)</td>" not in widget.value
+    assert re.search(r"subprocess: exit 2 in \d+\.\d\ds — NOT isolated \(this cell&#x27;s "
+                     r"own --mode\), network ON for this cell</td>", widget.value)
+    assert f"color:{AMBER};font-weight:600" in widget.value
+    # It ran one-shot on the host: the kernel's warm sandbox is still there, unreplaced.
+    assert "<td>warm (runsc)</td>" in widget.value
+
+    run(ip, "%%isolated --quiet\ntrue\n")
+    assert repr(widget).endswith("| last: exit 0")
+    assert f"color:{AMBER};font-weight:600" not in widget.value
+
+    # The kernel's own default sent elsewhere does turn it amber.
+    run(ip, "%config Isolation.mode = 'subprocess'")
+    run(ip, "%%isolated --quiet\ntrue\n")
+    assert repr(widget) == "gvisor-magic: NOT isolated (subprocess) | network off | last: exit 0"
     assert f"border-left:6px solid {AMBER}" in widget.value
     assert "<td>none (runs on the host)</td>" in widget.value
-    assert ">fallback</td><td>mode &#x27;subprocess&#x27; was requested" in widget.value
-    assert re.search(r"<td>subprocess: exit 2 in \d+\.\d\ds</td>", widget.value)
+    assert "mode &#x27;subprocess&#x27; was requested" in widget.value
 
     status = run(ip, "%isolation status")
     assert repr(status) == repr(widget) and status.value == widget.value
     assert "application/vnd.jupyter.widget-view+json" in status._repr_mimebundle_()
+
+
+def test_widget_limits_row_says_what_the_default_backend_enforces(ip, runsc_works):
+    widget = gvisor_magic.status_widget()
+    run(ip, "%%isolated --quiet --mode subprocess --limit memory=1G\ntrue\n")
+    assert re.search(r"memory 4 GiB \((host cgroup|watchdog)\), cpus unlimited", widget.value)
+    assert "NOT enforced on the host" not in widget.value
+    run(ip, "%config Isolation.mode = 'docker'")
+    run(ip, "%%isolated --quiet\ntrue\n")
+    assert "memory 4 GiB (container cgroup)" in widget.value
 
 
 def test_widget_turns_red_when_required_isolation_is_blocked(ip, monkeypatch, tmp_path):
@@ -460,15 +636,25 @@ def test_widget_turns_red_when_required_isolation_is_blocked(ip, monkeypatch, tm
     assert repr(widget) == "gvisor-magic: NOT isolated (subprocess) | network off"
     assert f"border-left:6px solid {AMBER}" in widget.value
 
+    # One cell that requires isolation is blocked: its row says so, the default stands.
     marker = tmp_path / "ran"
     with pytest.raises(IsolationUnavailable, match="isolation is required"):
         run(ip, f"%%isolated --require-isolation\ntouch {marker}\n")
     assert not marker.exists()
+    assert repr(widget) == "gvisor-magic: NOT isolated (subprocess) | network off | last: blocked"
+    assert f"border-left:6px solid {AMBER}" in widget.value
+    assert ("blocked: cannot run the command with runsc or docker and isolation is required"
+            in widget.value) and f"color:{RED};font-weight:600" in widget.value
+
+    # Required for every command of the kernel: the whole panel is red.
+    run(ip, "%config Isolation.require_isolation = True")
+    with pytest.raises(IsolationUnavailable, match="isolation is required"):
+        run(ip, f"%%isolated\ntouch {marker}\n")
+    assert not marker.exists()
     assert repr(widget) == ("gvisor-magic: BLOCKED: isolation required but unavailable"
                             " | network off | last: blocked")
     assert f"border-left:6px solid {RED}" in widget.value
-    assert (">blocked</td><td>cannot run the command with runsc or docker and isolation "
-            "is required</td>") in widget.value
+    assert (">blocked</td><td style='color:#cf222e;font-weight:600'>") in widget.value
 
 
 # -- the kernel's warm sandbox ---------------------------------------------------------
@@ -482,7 +668,7 @@ def test_cells_share_one_warm_sandbox_and_restart_replaces_it(ip, capfd, runsc_w
     assert first.details["session"] == second.details["session"]
     assert magics(ip).sessions.describe() == "warm (runsc)"
     run(ip, "%isolation restart")
-    assert "replaced" in capfd.readouterr().err
+    assert "replaced" in capfd.readouterr().out
     run(ip, "%%isolated --result third --no-raise-error\ncat /tmp/note")
     third = ip.user_ns["third"]
     assert third.returncode == 1 and third.details["session"] != first.details["session"]
@@ -518,6 +704,11 @@ def test_a_cell_that_needs_another_sandbox_says_its_tmp_is_gone(ip, capfd, runsc
     run(ip, "%%isolated --quiet\necho kept > /tmp/state\n")
     run(ip, "%%isolated --quiet\ncat /tmp/state\n")
     assert "kept" in capfd.readouterr().out
+    # A cell on another backend runs one-shot there and leaves the warm sandbox alone.
+    run(ip, "%%isolated --quiet --mode subprocess\ntrue\n")
+    run(ip, "%%isolated --quiet\ncat /tmp/state\n")
+    out, err = capfd.readouterr()
+    assert "kept" in out and "another sandbox" not in err
     run(ip, "%%isolated --quiet --no-raise-error --limit max_open_files=1000\ncat /tmp/state\n")
     err = capfd.readouterr().err
     assert "needs another sandbox" in err and "other limits" in err, err

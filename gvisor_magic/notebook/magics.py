@@ -3,7 +3,8 @@
 Like ``%%bash`` (IPython's ``script.py``), output streams live into the cell,
 a non-zero exit raises ``CalledProcessError`` (unless ``--no-raise-error``) and
 ``_exit_code`` is set; unlike it, the command runs under gVisor when it can,
-and every run says on stderr where it ran.
+and every run says where it ran: quietly (a one-line badge) when it went as asked,
+on stderr when something needs attention (see ``status``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.text import DollarFormatter, SList
@@ -27,7 +31,8 @@ from ..request import MODES, Limits, SandboxSpec
 from ..result import CommandResult
 from ..runner import detect_environment, run_command_isolated
 from .kernel_session import KernelSessions
-from .routing import BangRouter
+from .routing import SCRIPT_OPTIONS_REFUSED, ShellRouter
+from .status import report
 from .widget import VIEWS, IsolationState, make_widget
 
 
@@ -41,6 +46,81 @@ class StreamedSList(SList):
 
     def _ipython_display_(self) -> None:
         return None
+
+
+#: The options of ``%%isolated`` and ``%isolated`` (one table: both faces take the same).
+OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--mode", {"choices": MODES, "help": "backend for this command"}),
+    ("--timeout", {"type": float, "help": "seconds (default: Isolation.timeout)"}),
+    ("--workdir", {"help": "host directory mounted read-write as the cwd "
+                           "(default: the kernel's current directory)"}),
+    ("--repo", {"help": "host directory mounted read-only at the same path"}),
+    ("--env", {"action": "append", "default": [], "metavar": "KEY=VALUE",
+               "help": "environment variable for the command (repeatable)"}),
+    ("--network", {"action": "store_true", "help": "allow network access"}),
+    ("--require-isolation", {"action": "store_true",
+                             "help": "raise IsolationUnavailable rather than run without gVisor"}),
+    ("--out", {"metavar": "VAR", "help": "store stdout in VAR instead of printing it"}),
+    ("--err", {"metavar": "VAR", "help": "store stderr in VAR instead of printing it"}),
+    ("--result", {"metavar": "VAR", "help": "store the CommandResult in VAR"}),
+    ("--no-raise-error", {"action": "store_true",
+                          "help": "do not raise CalledProcessError on a non-zero exit"}),
+    ("--quiet", {"action": "store_true", "help": "no status badge (warnings are still shown)"}),
+    ("--fresh", {"action": "store_true",
+                 "help": "run in a fresh one-shot sandbox instead of the kernel's warm one"}),
+    ("--limit", {"action": "append", "default": [], "metavar": "NAME=VALUE",
+                 "help": "resource limit, e.g. memory=1G, max_processes=64, tmp_size=2G, "
+                         "cpus=1 (repeatable; see Isolation.limits)"}),
+)
+#: Options that take a value (the line magic reads them off the front of its line).
+_TAKES_VALUE = frozenset(flag for flag, spec in OPTIONS if spec.get("action") != "store_true")
+
+
+def _with_options(magic: Callable) -> Callable:
+    for flag, spec in reversed(OPTIONS):
+        magic = argument(flag, **spec)(magic)
+    return magic
+
+
+def split_options(line: str) -> tuple[list[str], str]:
+    """``--mode docker --timeout 5 ls -l | wc`` -> (the option tokens, ``ls -l | wc``).
+
+    Options come first, as with ``%timeit -n 10 ...``; the command starts at the first
+    word that is not an option or an option's value (or after ``--``), and is kept as
+    written: quotes, pipes and all.
+    """
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    tokens: list[str] = []
+    wants_value = False
+    while True:
+        start = lexer.instream.tell()
+        try:
+            token = lexer.get_token()
+        except ValueError:  # unbalanced quotes: not an option, so the command starts here
+            return tokens, line[start:].strip()
+        if token is None or token == lexer.eof:
+            return tokens, ""
+        if wants_value:
+            tokens.append(token)
+            wants_value = False
+        elif token == "--":
+            return tokens, line[lexer.instream.tell():].strip()
+        elif token.startswith("-"):
+            tokens.append(token)
+            wants_value = token in _TAKES_VALUE
+        else:
+            return tokens, line[start:].strip()
+
+
+def _pairs(items: Sequence[str], option: str, what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} expects {what}, got {item!r}")
+        pairs[key.strip()] = value
+    return pairs
 
 
 def _default_shell() -> str:
@@ -137,6 +217,20 @@ class Isolation(Configurable):
 
 
 
+# Said on stdout: they are answers to what the user asked, not errors (stderr is red).
+ROUTED_MESSAGE = (
+    "[gvisor-magic] routing on.\n"
+    "  In the sandbox: !cmd, !!cmd, x = !cmd, %sx, and the script cells %%bash, %%sh,\n"
+    "                  %%script PROGRAM and its kin (%%python3, %%perl, %%ruby, ...: the\n"
+    "                  program runs in the sandbox and reads the cell, as on the host).\n"
+    "  On the host:    %pip, %conda, %mamba, %micromamba, %uv, other magics, and Python\n"
+    "                  code itself (subprocess, os.system, ...).\n"
+    f"  Refused:        script-cell options {' and '.join(SCRIPT_OPTIONS_REFUSED)} (they hand "
+    "back a host process).")
+UNROUTED_MESSAGE = ("[gvisor-magic] routing off: !, !!, %sx and the script cells (%%bash, "
+                    "%%sh, %%script, ...) run on the host again.")
+
+
 def _settings(shell) -> Isolation:
     """``Isolation`` from the shell's config, minus values ``%config`` rejected before.
 
@@ -162,7 +256,7 @@ class IsolatedMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.settings = _settings(shell)
         self.state = IsolationState()
-        self.router = BangRouter(shell, self._run_routed)
+        self.router = ShellRouter(shell, self._run_routed, self._run_script_cell)
         self.sessions = KernelSessions()
         self.settings.observe(self._route_changed, names="route_bang")
         if self.settings.route_bang:
@@ -188,14 +282,15 @@ class IsolatedMagics(Magics):
 
     # -- the one place that runs things ----------------------------------------------
 
-    def run(self, command: str, *, capture: bool = False, quiet: bool | None = None,
+    def run(self, command: str | Sequence[str], *, capture: bool = False,
+            quiet: bool | None = None, stdin: str | None = None,
             mode: str | None = None, timeout: float | str | None = "trait",
             workdir: str | None = None, repo: str | None = None,
             env: dict[str, str] | None = None, network: bool | None = None,
             require_isolation: bool | None = None, show_stdout: bool = True,
             show_stderr: bool = True, fresh: bool = False,
             limits: dict[str, str] | None = None) -> CommandResult:
-        """Run ``command`` (a shell script), stream it, record it in the widget."""
+        """Run ``command`` (a shell script, or an argv), stream it, record it in the widget."""
 
         def stream(name: str, text: str) -> None:
             if capture or (name == "stdout" and not show_stdout) or (
@@ -206,50 +301,55 @@ class IsolatedMagics(Magics):
             target.flush()
 
         settings = self.settings
+        # A cell that picks its own backend says nothing about the kernel's default.
+        own_choice = mode is not None or require_isolation is not None
         require = settings.require_isolation if require_isolation is None else require_isolation
         seconds = settings.timeout if timeout == "trait" else timeout
         effective = settings.effective_limits(limits)
         try:
-            if settings.warm_session and not fresh:
+            # A cell that names another backend runs one-shot there: the kernel's warm
+            # sandbox (its /tmp, HOME) stays for the cells that follow.
+            if settings.warm_session and not fresh and mode in (None, settings.mode):
                 session = self.sessions.get(
                     self._spec(workdir or os.getcwd(), repo, network, effective),
                     mode or settings.mode, require)
                 self.state.session = "starting" if session.state == "stopped" else None
                 result = session.run(command, timeout=seconds, env=env, on_output=stream,
-                                     max_output=settings.max_output)
+                                     stdin=stdin, max_output=settings.max_output)
             else:
                 result = run_command_isolated(
                     command, working_dir=workdir or os.getcwd(), repo_path=repo,
                     timeout=seconds, env=env, mode=mode or settings.mode,
                     require_isolation=require,
                     network=settings.network if network is None else network, on_output=stream,
-                    max_output=settings.max_output, shell=settings.shell, limits=effective,
+                    stdin=stdin, max_output=settings.max_output, shell=settings.shell,
+                    limits=effective,
                     protected_paths=list(settings.protected_paths))
         except IsolationUnavailable as exc:
-            self.state.record_blocked(str(exc).splitlines()[0])
+            self.state.record_blocked(str(exc).splitlines()[0], own_choice=own_choice)
             VIEWS.refresh(self.state)
             raise
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
         except CommandInterrupted as exc:
-            self.state.record(exc.result, outcome="interrupted")
+            self.state.record(exc.result, outcome="interrupted", own_choice=own_choice)
             VIEWS.refresh(self.state)
-            self._status(exc.result, quiet, "interrupted")
+            report(exc.result, self._quiet(quiet), "interrupted")
             raise
-        self.state.record(result)
-        self.state.limits = effective.describe(registry.enforcement((result.backend,)))
-        self.state.session = self.sessions.describe() if settings.warm_session else \
-            "off (a fresh sandbox per command)"
+        self.state.record(result, own_choice=own_choice)
+        self.state.network = settings.network
+        if not own_choice:
+            self.state.limits = settings.effective_limits().describe(
+                registry.enforcement((result.backend,)))
+        if not own_choice:
+            self.state.session = self.sessions.describe() if settings.warm_session else \
+                "off (a fresh sandbox per command)"
         VIEWS.refresh(self.state)
-        self._status(result, quiet)
+        report(result, self._quiet(quiet))
         return result
 
-    def _status(self, result: CommandResult, quiet: bool | None, note: str = "") -> None:
-        if not (self.settings.quiet if quiet is None else quiet):
-            line = result.describe() + (f" ({note})" if note else "")
-            marker = "" if result.isolated else "WARNING: "
-            print(f"[gvisor-magic] {marker}{line}", file=sys.stderr, flush=True)
-        # What needs attention is said even with --quiet.
-        for warning in result.warnings():
-            print(f"[gvisor-magic] WARNING: {warning}", file=sys.stderr, flush=True)
+    def _quiet(self, quiet: bool | None) -> bool:
+        return self.settings.quiet if quiet is None else quiet
 
     def expand(self, text: str) -> str:
         """``$var`` and ``{expr}`` from the user's namespace, as ``!`` does, line by line.
@@ -271,30 +371,58 @@ class IsolatedMagics(Magics):
     def _run_routed(self, command: str, capture: bool) -> CommandResult:
         return self.run(command, capture=capture)
 
+    def _run_script_cell(self, argv: list[str], cell: str, out: str | None,
+                         err: str | None, raise_error: bool) -> None:
+        """A routed ``%%bash``/``%%script X`` cell: ``argv`` reads the cell on stdin, as
+        IPython runs it on the host; ``--out``/``--err``/``--no-raise-error`` as there."""
+        result = self.run(argv, stdin=cell if cell.endswith("\n") else cell + "\n",
+                          show_stdout=not out, show_stderr=not err)
+        self._store(result, out=out, err=err)
+        if not result.success and raise_error:
+            raise subprocess.CalledProcessError(result.returncode, " ".join(argv),
+                                                result.stdout, result.stderr)
+
+    def _store(self, result: CommandResult, out: str | None = None, err: str | None = None,
+               keep: str | None = None) -> None:
+        namespace = self.shell.user_ns
+        namespace["_exit_code"] = result.returncode
+        for name, value in ((out, result.stdout), (err, result.stderr), (keep, result)):
+            if name:
+                namespace[name] = value
+
+    def _run_with(self, args: Any, command: str, *, capture: bool = False) -> CommandResult:
+        """Run ``command`` with the parsed options of either face of ``isolated``."""
+        env = _pairs(args.env, "--env", "KEY=VALUE")
+        limits = _pairs(args.limit, "--limit", "NAME=VALUE")
+        try:
+            self.settings.effective_limits(limits)  # a bad limit stops it before it runs
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
+        if args.timeout is not None and not args.timeout > 0:
+            raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+        for option in ("workdir", "repo"):
+            path = getattr(args, option)
+            if path and not os.path.isdir(path):
+                raise UsageError(f"--{option}: {path!r} is not a directory")
+        for option in ("out", "err", "result"):
+            name = getattr(args, option)
+            if name and not name.isidentifier():
+                raise UsageError(f"--{option} expects a variable name, got {name!r}")
+        result = self.run(
+            command, capture=capture, mode=args.mode,
+            timeout=args.timeout if args.timeout is not None else "trait",
+            workdir=args.workdir, repo=args.repo, env=env,
+            network=True if args.network else None,
+            require_isolation=True if args.require_isolation else None, fresh=args.fresh,
+            quiet=True if args.quiet else None,
+            show_stdout=not args.out, show_stderr=not args.err, limits=limits)
+        self._store(result, out=args.out, err=args.err, keep=args.result)
+        return result
+
     # -- magics -------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("--mode", choices=MODES, help="backend for this cell")
-    @argument("--timeout", type=float, help="seconds (default: Isolation.timeout)")
-    @argument("--workdir", help="host directory mounted read-write as the cwd "
-              "(default: the kernel's current directory)")
-    @argument("--repo", help="host directory mounted read-only at the same path")
-    @argument("--env", action="append", default=[], metavar="KEY=VALUE",
-              help="environment variable for the command (repeatable)")
-    @argument("--network", action="store_true", help="allow network access")
-    @argument("--require-isolation", action="store_true",
-              help="raise IsolationUnavailable rather than run without gVisor")
-    @argument("--out", metavar="VAR", help="store stdout in VAR instead of printing it")
-    @argument("--err", metavar="VAR", help="store stderr in VAR instead of printing it")
-    @argument("--result", metavar="VAR", help="store the CommandResult in VAR")
-    @argument("--no-raise-error", action="store_true",
-              help="do not raise CalledProcessError on a non-zero exit")
-    @argument("--quiet", action="store_true", help="no status line")
-    @argument("--fresh", action="store_true",
-              help="run in a fresh one-shot sandbox instead of the kernel's warm one")
-    @argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-              help="resource limit for this cell, e.g. memory=1G, max_processes=64, "
-                   "tmp_size=2G, cpus=1 (repeatable; see Isolation.limits)")
+    @_with_options
     @cell_magic("isolated")
     def magic_isolated(self, line: str, cell: str) -> None:
         """Run the cell as a shell script in a gVisor sandbox.
@@ -303,69 +431,57 @@ class IsolatedMagics(Magics):
         ``$var`` and ``{expr}`` are expanded in the options and the body, as with ``!``.
         """
         args = parse_argstring(self.magic_isolated, line)
-        env = {}
-        for item in args.env:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--env expects KEY=VALUE, got {item!r}")
-            env[key] = value
-        limits = {}
-        for item in args.limit:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--limit expects NAME=VALUE, got {item!r}")
-            limits[key.strip()] = value
-        self.settings.effective_limits(limits)  # a bad limit stops the cell before it runs
         body = self.expand(cell)
-        result = self.run(
-            body, mode=args.mode, timeout=args.timeout if args.timeout is not None else "trait",
-            workdir=args.workdir, repo=args.repo, env=env,
-            network=True if args.network else None,
-            require_isolation=True if args.require_isolation else None, fresh=args.fresh,
-            quiet=True if args.quiet else None,
-            show_stdout=not args.out, show_stderr=not args.err, limits=limits)
-        self.shell.user_ns["_exit_code"] = result.returncode
-        if args.out:
-            self.shell.user_ns[args.out] = result.stdout
-        if args.err:
-            self.shell.user_ns[args.err] = result.stderr
-        if args.result:
-            self.shell.user_ns[args.result] = result
+        result = self._run_with(args, body)
         if not result.success and not args.no_raise_error:
             raise subprocess.CalledProcessError(result.returncode, body, result.stdout,
                                                 result.stderr)
 
-    @line_magic
-    def isolated(self, line: str) -> SList:
-        """``%isolated CMD``: like ``!CMD``; ``files = %isolated ls`` also gets an SList."""
-        if not line.strip():
-            raise ValueError("usage: %isolated COMMAND")
-        result = self.run(line, capture=False)
-        self.shell.user_ns["_exit_code"] = result.returncode
+    @magic_arguments()
+    @_with_options
+    @line_magic("isolated")
+    def isolated(self, line: str) -> SList | None:
+        """``%isolated [options] COMMAND``: like ``!COMMAND``, in the sandbox.
+
+        Options come before the command, as with ``%timeit``:
+        ``%isolated --mode docker --timeout 5 ls``; ``files = %isolated --quiet ls`` gets the
+        output lines as an SList (shown once, as it streams). A non-zero exit sets
+        ``_exit_code`` and does not raise, as with ``!``.
+        """
+        tokens, command = split_options(line)
+        if not command:
+            raise UsageError("%isolated needs a command: %isolated [options] COMMAND "
+                             "(see %isolated?)")
+        args = parse_argstring(self.isolated, " ".join(shlex.quote(t) for t in tokens))
+        result = self._run_with(args, command)
+        if args.out:
+            return None
         return StreamedSList(result.stdout.splitlines())
 
     @line_magic
     def isolation(self, line: str):
         """``%isolation on|off|status|restart``: route ``!``, show the status, or replace
         the kernel's warm sandbox."""
-        action = (shlex.split(line) or ["status"])[0]
+        words = shlex.split(line) or ["status"]
+        action = words[0]
+        if len(words) > 1:
+            raise UsageError(f"%isolation {action} takes no arguments (got {line.strip()!r})")
         if action == "on":
             self.settings.route_bang = True
-            print("[gvisor-magic] !, !! and %sx now run isolated (%pip, %conda, %uv stay on "
-                  "the host)", file=sys.stderr)
+            print(ROUTED_MESSAGE)
         elif action == "off":
             self.settings.route_bang = False
-            print("[gvisor-magic] !, !! and %sx run on the host again", file=sys.stderr)
+            print(UNROUTED_MESSAGE)
         elif action == "status":
             return self.status_widget()
         elif action == "restart":
             self.sessions.restart()
             self.state.session = self.sessions.describe()
             VIEWS.refresh(self.state)
-            print("[gvisor-magic] the warm sandbox was replaced (fresh /tmp and HOME)",
-                  file=sys.stderr)
+            print("[gvisor-magic] the warm sandbox was replaced (fresh /tmp and HOME)")
         else:
-            raise ValueError(f"usage: %isolation on|off|status|restart (got {action!r})")
+            raise UsageError(f"unknown %isolation verb {action!r}: use "
+                             "%isolation on|off|status|restart")
         return None
 
     def status_widget(self):

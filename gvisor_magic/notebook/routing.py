@@ -1,4 +1,12 @@
-"""Routing IPython's shell escapes (``!cmd``, ``!!cmd``, ``x = !cmd``, ``%sx``) through the runner.
+"""Routing IPython's shell escapes through the runner while ``%isolation on``.
+
+Routed: ``!cmd``, ``!!cmd``, ``x = !cmd``, ``%sx``, and the script cells of IPython's
+``ScriptMagics`` (``%%bash``, ``%%sh``, ``%%script PROGRAM`` and the ``%%python3``,
+``%%perl``, ``%%ruby``... it generates): each of those starts a program that reads the
+cell on stdin, and here that program starts in the sandbox instead. Their ``--out``,
+``--err`` and ``--no-raise-error`` behave as on the host; ``--bg`` and ``--proc`` hand
+back a live host process, which a sandboxed run cannot be, so they are refused with a
+``UsageError`` (``%isolation off`` runs them on the host).
 
 IPython compiles ``!cmd`` to ``get_ipython().system(cmd)`` and ``x = !cmd`` to
 ``get_ipython().getoutput(cmd)``; the sanctioned hook is to rebind those two
@@ -18,17 +26,27 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from IPython.core.error import UsageError
+from IPython.utils.process import arg_split
+
 HOST_MAGICS = ("pip", "conda", "mamba", "micromamba", "uv")
+#: Script-cell options that cannot be honoured in a sandbox (they return a host process).
+SCRIPT_OPTIONS_REFUSED = ("--bg", "--proc")
 
 
-class BangRouter:
-    """Installs and removes the ``system``/``getoutput`` overrides on one shell."""
+class ShellRouter:
+    """Installs and removes the routing on one shell: ``system``/``getoutput`` overrides,
+    and wrappers around the script cell magics."""
 
-    def __init__(self, shell: Any, run: Callable[..., Any]) -> None:
+    def __init__(self, shell: Any, run: Callable[..., Any],
+                 run_script: Callable[..., Any] | None = None) -> None:
         self.shell = shell
         self._run = run  # run(cmd, capture: bool) -> CommandResult
+        # run_script(argv, cell, out, err, raise_error) -> None
+        self._run_script = run_script
         self._host = threading.local()
         self._wrapped: dict[str, Callable[..., Any]] = {}
+        self._wrapped_cells: dict[str, Callable[..., Any]] = {}
         #: ``system``/``getoutput`` bound on the instance before we were installed.
         self._previous: dict[str, Any] = {}
         self.active = False
@@ -48,7 +66,62 @@ class BangRouter:
             if magic is not None:
                 self._wrapped[name] = magic
                 line_magics[name] = self._on_host(magic)
+        if self._run_script is not None:
+            self._wrap_script_cells()
         self.active = True
+
+    def _script_magics(self) -> Any:
+        """IPython's ``ScriptMagics`` instance (declared lazily in IPython 9), or None."""
+        manager = self.shell.magics_manager
+        cells = manager.magics["cell"]
+        if "script" in cells:
+            self._resolve_cell("script", cells["script"])
+        return manager.registry.get("ScriptMagics")
+
+    def _resolve_cell(self, name: str, magic: Any) -> Any:
+        find = getattr(self.shell.magics_manager, "find", None)
+        if find is None or type(magic).__name__ != "LazyMagic":
+            return magic
+        try:
+            return find("cell", name)
+        except Exception:
+            return None
+
+    def _wrap_script_cells(self) -> None:
+        script = self._script_magics()
+        if script is None:
+            return
+        cells = self.shell.magics_manager.magics["cell"]
+        parser = script.shebang.parser
+        for name in ("script", *script.script_magics):
+            magic = self._resolve_cell(name, cells[name]) if name in cells else None
+            if magic is None:
+                continue
+            program = None if name == "script" else script.script_paths.get(name, name)
+            self._wrapped_cells[name] = magic
+            cells[name] = self._routed_script(name, program, magic, parser)
+
+    def _routed_script(self, name: str, program: str | None, original: Callable[..., Any],
+                       parser: Any) -> Callable[..., Any]:
+        def routed(line: str, cell: str) -> Any:
+            if self._on_host_now():
+                return original(line, cell)
+            full = f"{program} {line}".strip() if program else line
+            args, argv = parser.parse_known_args(arg_split(full, posix=True))
+            refused = [flag for flag, given in (("--bg", args.bg), ("--proc", args.proc))
+                       if given]
+            if refused:
+                raise UsageError(
+                    f"%%{name} {' '.join(refused)}: a background process on the host cannot "
+                    "be handed back from the sandbox. Drop the option, or run the cell on "
+                    "the host with %isolation off.")
+            if not argv:
+                raise UsageError("%%script needs a program: %%script bash (or %%bash)")
+            return self._run_script(argv, cell, args.out, args.err, args.raise_error)
+
+        routed.__doc__ = original.__doc__
+        routed.__wrapped__ = original  # type: ignore[attr-defined]
+        return routed
 
     def _resolve(self, name: str, magic: Any) -> Callable[..., Any] | None:
         """The real magic behind a lazy placeholder (IPython 9.x declares %pip lazily).
@@ -77,6 +150,10 @@ class BangRouter:
         for name, original in self._wrapped.items():
             line_magics[name] = original
         self._wrapped.clear()
+        cell_magics = self.shell.magics_manager.magics["cell"]
+        for name, original in self._wrapped_cells.items():
+            cell_magics[name] = original
+        self._wrapped_cells.clear()
         self.active = False
 
     def _on_host(self, magic: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,8 +14,7 @@ import weakref
 from dataclasses import dataclass
 
 from ..result import CommandResult
-
-GREEN, AMBER, RED = "#1a7f37", "#b26b00", "#cf222e"
+from .status import AMBER, GREEN, GREY, RED, icon
 
 
 @dataclass
@@ -25,11 +24,22 @@ class LastRun:
     returncode: int | None
     duration: float
     outcome: str  # "exit 0", "timed out", "interrupted", "blocked"
+    network: bool = False
+    #: Why it did not run under gVisor, when it did not.
+    fallback_reason: str | None = None
+    #: The cell chose its own backend (``--mode``) or requirement, so this run says
+    #: nothing about what the kernel's commands use by default.
+    own_choice: bool = False
 
 
 @dataclass
 class IsolationState:
-    """What the widget shows; ``summary()`` is its stable text form."""
+    """What the widget shows; ``summary()`` is its stable text form.
+
+    The headline is what the kernel's commands use by default (from detection, then
+    from each run that took the default path); ``last`` is the last command, which a
+    cell may have sent elsewhere (``--mode subprocess``) without changing the default.
+    """
 
     backend: str = "unknown"
     isolated: bool = False
@@ -43,7 +53,8 @@ class IsolationState:
     #: The kernel's own pod runs under gVisor (a gVisor RuntimeClass), so commands
     #: that are not isolated on their own still never reach the node's kernel.
     pod_gvisor: bool = False
-    #: ``Limits.describe()`` of the limits the last command ran with.
+    #: ``Limits.describe()`` of the default limits, with what enforces them on the
+    #: default backend.
     limits: str | None = None
     #: Protected-path entries the user relaxed, and what the last command left in quarantine.
     relaxed: str | None = None
@@ -65,20 +76,31 @@ class IsolationState:
             return f"NOT isolated from the kernel ({self.backend}; pod runs under gVisor)"
         return f"NOT isolated ({self.backend})"
 
+    def _last_words(self) -> str:
+        last = self.last
+        assert last is not None
+        if last.outcome == "blocked" or (last.isolated == self.isolated and \
+                last.backend == self.backend):
+            return last.outcome
+        where = last.backend if last.isolated else f"{last.backend}, NOT isolated"
+        return f"{where}: {last.outcome}"
+
     def summary(self) -> str:
         """One line, no timings, under 110 characters (ipywidgets cuts longer text)."""
         parts = [f"gvisor-magic: {self.headline}",
                  f"network {'ON' if self.network else 'off'}"]
         if self.last is not None:
-            parts.append(f"last: {self.last.outcome}")
+            parts.append(f"last: {self._last_words()}")
         text = " | ".join(parts)
         return text if len(text) <= 110 else text[:109] + "…"
 
-    def record(self, result: CommandResult, outcome: str | None = None) -> None:
-        self.backend, self.isolated = result.backend, result.isolated
-        self.fallback_reason, self.network, self.blocked = result.fallback_reason, \
-            result.network, None
-        self.pod_gvisor = result.details.get("pod_sandbox") == "gVisor"
+    def record(self, result: CommandResult, outcome: str | None = None,
+               own_choice: bool = False) -> None:
+        """A finished run; ``own_choice``: the cell picked its backend itself."""
+        if not own_choice:
+            self.backend, self.isolated = result.backend, result.isolated
+            self.fallback_reason, self.blocked = result.fallback_reason, None
+            self.pod_gvisor = result.details.get("pod_sandbox") == "gVisor"
         self.relaxed = result.details.get("relaxed_protection")
         self.quarantined = result.details.get("quarantined")
         if outcome is None:
@@ -86,45 +108,62 @@ class IsolationState:
                 f"killed by {result.signal_name}" if result.returncode < 0
                 else f"exit {result.returncode}")
         self.last = LastRun(result.backend, result.isolated, result.returncode, result.duration,
-                            outcome)
+                            outcome, network=result.network,
+                            fallback_reason=result.fallback_reason, own_choice=own_choice)
 
-    def record_blocked(self, reason: str) -> None:
-        self.blocked = reason
-        self.isolated = False
-        self.last = LastRun("none", False, None, 0.0, "blocked")
+    def record_blocked(self, reason: str, own_choice: bool = False) -> None:
+        if not own_choice:
+            self.blocked = reason
+            self.isolated = False
+        self.last = LastRun("none", False, None, 0.0, "blocked", fallback_reason=reason,
+                            own_choice=own_choice)
 
     def to_html(self) -> str:
         esc = html.escape
-        rows = [("backend", self.backend),
+        rows = [("backend", self.backend, None),
                 ("isolation", "gVisor" if self.isolated else (
                     "the pod's gVisor sandbox, shared with the kernel" if self.pod_gvisor
-                    else "none (runs on the host)")),
-                ("network", "ON" if self.network else "off")]
+                    else "none (runs on the host)"), None),
+                ("network", "ON" if self.network else "off", None)]
         if self.runsc_version:
-            rows.append(("runsc", self.runsc_version))
+            rows.append(("runsc", self.runsc_version, None))
         if self.session:
-            rows.append(("session", self.session))
+            rows.append(("session", self.session, None))
         if self.limits:
-            rows.append(("limits", self.limits))
+            rows.append(("limits", self.limits, None))
         if self.isolated:
             rows.append(("protected paths", "RELAXED for " + self.relaxed if self.relaxed
                          else "git, shell, IPython/Jupyter and Python start-up files read-only;"
-                         " credentials hidden"))
+                         " credentials hidden", None))
         if self.quarantined:
-            rows.append(("quarantined", self.quarantined))
+            rows.append(("quarantined", self.quarantined, AMBER))
         if self.blocked:
-            rows.append(("blocked", self.blocked))
+            rows.append(("blocked", self.blocked, RED))
         elif self.fallback_reason:
-            rows.append(("fallback", self.fallback_reason))
-        if self.last is not None:
-            rows.append(("last command", f"{self.last.backend}: {self.last.outcome} in "
-                                         f"{self.last.duration:.2f}s"))
-        body = "".join(f"<tr><td style='padding-right:1em;color:#57606a'>{esc(k)}</td>"
-                       f"<td>{esc(v)}</td></tr>" for k, v in rows)
-        icon = "&#x1F6E1;" if self.isolated and not self.blocked else "&#x26A0;"
+            rows.append(("fallback", self.fallback_reason, AMBER))
+        last = self.last
+        if last is not None:
+            words = f"{last.backend}: {last.outcome} in {last.duration:.2f}s"
+            alarm = None
+            if last.outcome == "blocked":
+                words, alarm = f"blocked: {last.fallback_reason}", RED
+            elif not last.isolated:
+                words += " — NOT isolated" + (" (this cell's own --mode)" if last.own_choice
+                                              else "")
+                alarm = AMBER
+            if last.network and not self.network:
+                words += ", network ON for this cell"
+            rows.append(("last command", words, alarm))
+        body = "".join(
+            f"<tr><td style='padding-right:1em;color:{GREY};vertical-align:top'>{esc(k)}</td>"
+            + (f"<td style='color:{c};font-weight:600'>" if c else "<td>") +
+            f"{icon(False, c, 12) + ' ' if c else ''}{esc(v)}</td></tr>"
+            for k, v, c in rows)
+        mark = icon(self.isolated and not self.blocked, self.colour, 16)
         return (f"<div class='gvisor-magic-status' style='border-left:6px solid {self.colour};"
                 f"padding:4px 10px;font-family:sans-serif;font-size:13px'>"
-                f"<b style='color:{self.colour}'>{icon} {esc(self.headline)}</b>"
+                f"<div style='display:flex;align-items:center;gap:6px;font-weight:bold;"
+                f"color:{self.colour}'>{mark}<span>{esc(self.headline)}</span></div>"
                 f"<table style='margin-top:4px'>{body}</table></div>")
 
 

@@ -210,7 +210,9 @@ def test_server_and_kernel_run_as_the_user_with_the_hub_token(default_server, hu
 def test_isolated_cell_ran_under_gvisor_as_the_user(default_server, hub_user):
     cell = default_server[3]
     assert cell["status"] == "ok", cell
-    assert "runsc (gVisor): exit 0" in cell["stderr"], cell["stderr"]
+    # Success is a quiet badge (display_data), not a line on stderr.
+    assert "[gvisor-magic] runsc (gVisor): exit 0" in cell["data"], cell
+    assert "[gvisor-magic]" not in cell["stderr"], cell["stderr"]
     report = _report(default_server)
     assert (report["backend"], report["isolated"], report["rc"]) == ("runsc", True, 0)
     # The subordinate uid range keeps the user's own uid inside the user namespace.
