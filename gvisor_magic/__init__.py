@@ -3,22 +3,55 @@
 The runner core (this package minus ``notebook/``) does not import IPython.
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .detect import EnvironmentInfo, HostFacts
-from .errors import (
-    CommandInterrupted,
-    GvisorMagicError,
-    InvalidRequestError,
-    IsolationUnavailable,
-    SandboxStartError,
-)
-from .request import Limits, SandboxSpec
-from .result import CommandResult
-from .runner import detect_environment, is_gvisor_available, run_command_isolated
-from .session import IsolatedSession
+from ._version import __version__
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from .detect import EnvironmentInfo, HostFacts
+    from .errors import (
+        CommandInterrupted,
+        GvisorMagicError,
+        InvalidRequestError,
+        IsolationUnavailable,
+        SandboxStartError,
+    )
+    from .request import Limits, SandboxSpec
+    from .result import CommandResult
+    from .runner import detect_environment, is_gvisor_available, run_command_isolated
+    from .session import IsolatedSession
+
+# The public names and their modules, imported on first use: `import gvisor_magic` (and
+# so `python -m gvisor_magic.install`, which is stdlib only) needs none of the dependencies.
+_LAZY = {
+    "EnvironmentInfo": "detect", "HostFacts": "detect",
+    "CommandInterrupted": "errors", "GvisorMagicError": "errors",
+    "InvalidRequestError": "errors", "IsolationUnavailable": "errors",
+    "SandboxStartError": "errors",
+    "Limits": "request", "SandboxSpec": "request",
+    "CommandResult": "result",
+    "detect_environment": "runner", "is_gvisor_available": "runner",
+    "run_command_isolated": "runner",
+    "IsolatedSession": "session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gvisor_magic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 # A library does not print: results carry every decision, and applications
 # (or `kubectl logs`) see the "gvisor" log lines once they configure logging.

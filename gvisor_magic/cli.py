@@ -1,4 +1,9 @@
-"""``gvisor-magic``: ``doctor`` says what works here and why; ``run`` runs one command."""
+"""``gvisor-magic``: ``doctor`` says what works here and why; ``run`` runs one command;
+``install`` installs runsc (and registers it with Docker).
+
+``install`` and ``--version`` import nothing beyond the standard library, so they work
+before the dependencies do.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,11 @@ from collections.abc import Sequence
 from . import __version__, registry
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
 from .request import MODES, Limits
-from .runner import detect_environment, run_command_isolated
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from .runner import detect_environment
+
     info = detect_environment(refresh=True, mode=args.mode)
     limits = Limits()
     if args.json:
@@ -36,6 +42,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .runner import run_command_isolated
+
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -128,10 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(handler=_run)
+
+    # Listed here for --help; its options are the installer's own (gvisor-magic install -h).
+    sub.add_parser("install", add_help=False,
+                   help="install runsc, and with --docker register it with Docker "
+                        "(see gvisor-magic install --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["install"]:
+        from .install import main as install
+
+        return install(argv[1:], prog="gvisor-magic install")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -198,7 +198,8 @@ def test_dockerfile_builds_on_docker_stacks_with_runsc_and_the_package():
     assert re.fullmatch(r"quay\.io/jupyter/[a-z-]+-notebook:python-3\.\d+", args["BASE_IMAGE"])
     runs = " && ".join(arg for kind, arg in steps if kind == "RUN")
     assert "apt-get install -y --no-install-recommends uidmap" in runs
-    assert "python3 /tmp/install_gvisor.py --method download --prefix /usr/local/bin" in runs
+    assert ('python3 -m gvisor_magic.install --method "${RUNSC_METHOD}" --prefix /usr/local/bin'
+            in runs) and args["RUNSC_METHOD"] == "download"
     assert 'echo "${NB_USER}:100000:65536" >> /etc/subuid' in runs
     assert 'echo "${NB_USER}:100000:65536" >> /etc/subgid' in runs
     assert "pip install --no-cache-dir /tmp/gvisor-magic" in runs
@@ -215,11 +216,11 @@ def test_dockerfile_builds_on_docker_stacks_with_runsc_and_the_package():
     # The steps that need root come before that.
     last_root = max(i for i, (kind, arg) in enumerate(steps) if (kind, arg) == ("USER", "root"))
     install = next(i for i, (kind, arg) in enumerate(steps)
-                   if kind == "RUN" and "install_gvisor.py" in arg)
+                   if kind == "RUN" and "gvisor_magic.install" in arg)
     assert last_root < install < kinds.index("USER", last_root + 1)
 
 
 def test_installer_accepts_the_dockerfiles_options():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "install_gvisor.py"), "--help"],
+    done = subprocess.run([sys.executable, "-m", "gvisor_magic.install", "--help"],
                           capture_output=True, text=True, timeout=60, check=True)
     assert "{auto,apt,download}" in done.stdout and "--prefix PREFIX" in done.stdout

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +32,8 @@ def test_missing_runsc_runtime_is_refused_with_the_fix(docker_works, tmp_path, m
     marker = tmp_path / "ran"
     with pytest.raises(IsolationUnavailable, match="no runtime named 'no-such-runtime'") as caught:
         run_command_isolated(f"touch {marker}", mode="docker")
-    assert "install_gvisor.py --docker" in caught.value.reasons["docker"]
+    assert f"sudo {sys.executable} -m gvisor_magic.install --docker" in \
+        caught.value.reasons["docker"]
     assert not marker.exists()
 
 

@@ -1,4 +1,5 @@
-"""Tests for scripts/install_gvisor.py.
+"""Tests for the installer: ``gvisor-magic install`` / ``python -m gvisor_magic.install``
+(and ``scripts/install_gvisor.py``, which runs it from a checkout).
 
 The download path runs the real script against a real HTTP server on 127.0.0.1; the apt
 source derivation runs on copies of realistic apt configs in temp dirs. Nothing here
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,10 +19,11 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from user_switch import world_readable_copy
+
+import gvisor_magic.install.runsc as inst
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "install_gvisor.py"
@@ -30,16 +31,6 @@ MIRROR = "http://mirror.example/debian"
 FAKE_RUNSC = b"#!/bin/sh\necho 'runsc version 0.0~20240729.0'\necho 'spec: 1.0.2-dev'\n"
 
 
-def _load_installer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("install_gvisor", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-inst = _load_installer()
 ARCH = inst.machine_arch()
 
 
@@ -116,7 +107,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     clean = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     clean.update(PATH="/nonexistent/gvisor-magic-test", **(env or {}))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "gvisor_magic.install", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -259,18 +250,19 @@ needs_setpriv = pytest.mark.skipif(
 
 
 def _run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the script as uid/gid 65534 with the system python (pyenv lives under /root), from
-    a copy nobody can read (a clone in a private directory is not)."""
+    """Run ``python -m gvisor_magic.install`` as uid/gid 65534 with the system python (pyenv
+    lives under /root, and it has none of the package's dependencies: the installer needs
+    none), from a copy of the package nobody can read (a clone in a private directory is not)."""
     cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    readable = world_readable_copy(*sorted(SCRIPT.parent.glob("*.py")))
+    readable = world_readable_copy(ROOT / "gvisor_magic")
     try:
         return subprocess.run(
-            [*cmd, SYSTEM_PYTHON, os.path.join(readable, SCRIPT.name), *args],
+            [*cmd, SYSTEM_PYTHON, "-m", "gvisor_magic.install", *args],
             capture_output=True,
             text=True,
             timeout=30,
             check=False,
-            cwd="/",
+            cwd=readable,
             env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
         )
     finally:
@@ -469,17 +461,42 @@ def test_read_os_release_and_method(tmp_path: Path) -> None:
 # --- --check against the real machine ------------------------------------------------------------
 
 
-def test_check_on_this_machine() -> None:
+GVISOR_MAGIC = str(Path(sys.executable).with_name("gvisor-magic"))
+
+
+@pytest.mark.parametrize("command", [
+    [GVISOR_MAGIC, "install", "--check"],
+    [sys.executable, "-m", "gvisor_magic.install", "--check"],
+    [sys.executable, str(SCRIPT), "--check"],
+], ids=["gvisor-magic-install", "python-m-gvisor_magic.install", "scripts-install_gvisor.py"])
+def test_check_on_this_machine(command: list[str]) -> None:
+    """Each way in runs the same installer; the script works from any cwd."""
     if not any(os.access(p, os.X_OK) for p in ("/usr/bin/runsc", "/usr/local/bin/runsc")):
         pytest.skip("no runsc installed on this machine")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False,
+                            cwd="/")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "runsc version" in result.stdout and "[usable]" in result.stdout
     assert "newuidmap" in result.stdout
     assert "root:" in result.stdout
+
+
+def test_install_help_names_the_command_it_was_run_as() -> None:
+    for command, prog in (([GVISOR_MAGIC, "install", "--help"], "gvisor-magic install"),
+                          ([sys.executable, "-m", "gvisor_magic.install", "--help"],
+                           "python -m gvisor_magic.install")):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: {prog} "), \
+            result.stdout + result.stderr
+        assert "--docker" in result.stdout and "--method" in result.stdout
+
+
+def test_the_installer_imports_nothing_but_the_standard_library() -> None:
+    """It must run where the package's dependencies are not (yet) installed."""
+    probe = ("import sys\nimport gvisor_magic.install, gvisor_magic.cli\n"
+             "third = sorted(m for m in sys.modules if m.split('.')[0] in "
+             "{'psutil', 'docker', 'IPython', 'traitlets', 'ipywidgets', 'requests'})\n"
+             "print(third)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=30)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""Tests for ``scripts/install_gvisor.py --docker`` (and ``--check --docker``).
+"""Tests for ``gvisor-magic install --docker`` (and ``--check --docker``).
 
 daemon.json merging runs on temp copies of realistic files, both through the script (as a
 subprocess, ``--no-reload``) and through ``register_runtime`` directly. The rest talks to the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import importlib.util
 import json
 import os
 import shutil
@@ -22,25 +21,15 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+import gvisor_magic.install.runsc as inst
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "install_gvisor.py"
 SOCKET = "/var/run/docker.sock"
 
 
-def _load_installer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("install_gvisor", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-inst = _load_installer()
 dr = inst.docker_runtime
 _METHOD = inst.choose_method("auto", inst.read_os_release())
 _FOUND = inst.runsc_candidates(_METHOD, inst.DEFAULT_PREFIX)  # what the script will register
@@ -62,11 +51,11 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="editing /etc/docker n
 
 def _script(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [str(Path(sys.executable).with_name("gvisor-magic")), "install", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd="/",  # the script must find docker_runtime.py from any cwd
+        cwd="/",
         check=False,
     )
 

@@ -18,6 +18,7 @@ import threading
 import time
 
 from ..errors import CommandInterrupted, SandboxStartError
+from ..install import command as install_command
 from ..memory import ContainerOOMWatch
 from ..process import OutputCallback, kill_processes_mentioning, supervise
 from ..registry import Enforcement
@@ -35,7 +36,7 @@ ENV_IMAGE = "GVISOR_MAGIC_IMAGE"
 ENV_RUNTIME = "GVISOR_MAGIC_DOCKER_RUNTIME"
 LABEL = "io.github.gvisor-magic"
 RUNTIME_CACHE_SECONDS = 30.0
-REGISTER_HINT = "register runsc with Docker: sudo python3 scripts/install_gvisor.py --docker"
+REGISTER_HINT = f"register runsc with Docker: {install_command('--docker')}"
 #: Exit status when the container runtime itself failed (as ``docker run`` uses it).
 
 

@@ -24,6 +24,7 @@ import psutil
 
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..errors import CommandInterrupted, SandboxStartError
+from ..install import command as install_command
 from ..memory import OOM_RETURNCODE, MemoryGuard, mechanism, remove_orphan_cgroups
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..registry import Enforcement
@@ -39,7 +40,7 @@ log = logging.getLogger("gvisor_magic")
 ENV_RUNSC = "GVISOR_MAGIC_RUNSC"
 ENV_RUNSC_FLAGS = "GVISOR_MAGIC_RUNSC_FLAGS"
 ENV_STATE_DIR = "GVISOR_MAGIC_STATE_DIR"
-INSTALL_HINT = "install runsc: sudo python3 scripts/install_gvisor.py (from the gvisor-magic repo)"
+INSTALL_HINT = f"install runsc: {install_command()}"
 # Debian bookworm's own runsc (20221219) fails `ls /` (statx EINVAL); backports' 20240729 works.
 MIN_RELEASE = 20230601
 

@@ -1,6 +1,6 @@
 """Register gVisor's runsc as a Docker runtime, and check that Docker can use it.
 
-Used by ``install_gvisor.py --docker`` (stdlib only, Python >= 3.9). Talks to dockerd over
+Used by ``gvisor-magic install --docker`` (stdlib only, Python >= 3.9). Talks to dockerd over
 its unix socket with ``http.client`` so that no Docker SDK or CLI is needed.
 """
 
