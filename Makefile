@@ -8,6 +8,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := uidmap python3 docker.io
 # Debian's chromium: the browser test drives JupyterLab in it (Playwright, no browser download).
 APT_PACKAGES += chromium
+# debootstrap: tests/test_image.py builds the single-user image's base (scripts/build_image.py).
+APT_PACKAGES += debootstrap
 
 .PHONY: test test-unit system venv lint bench doctor clean
 
@@ -54,6 +56,13 @@ bench: system venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/latency.py && \
 	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py'
+
+# The single-user image of deploy/kubernetes/Dockerfile, built here (no registry needed):
+# a debootstrapped Debian base with the docker-stacks contract, then the Dockerfile on it.
+.PHONY: image
+image: system venv
+	$(SUDO) $(PYTHON) scripts/with_dockerd.py --start-only
+	$(SUDO) $(PY) scripts/build_image.py
 
 # The hostile-probe suite and the fault tests, as a table: probe x backend -> blocked / LEAKED.
 .PHONY: security-report

@@ -198,10 +198,11 @@ def test_dockerfile_builds_on_docker_stacks_with_runsc_and_the_package():
     assert re.fullmatch(r"quay\.io/jupyter/[a-z-]+-notebook:python-3\.\d+", args["BASE_IMAGE"])
     runs = " && ".join(arg for kind, arg in steps if kind == "RUN")
     assert "apt-get install -y --no-install-recommends uidmap" in runs
-    assert ('python3 -m gvisor_magic.install --method "${RUNSC_METHOD}" --prefix /usr/local/bin'
+    assert ('python3 -B -m gvisor_magic.install --method "${RUNSC_METHOD}" --prefix /usr/local/bin'
             in runs) and args["RUNSC_METHOD"] == "download"
-    assert 'echo "${NB_USER}:100000:65536" >> /etc/subuid' in runs
-    assert 'echo "${NB_USER}:100000:65536" >> /etc/subgid' in runs
+    assert 'for f in /etc/subuid /etc/subgid;' in runs
+    assert 'grep -q "^${NB_USER}:" "$f" 2>/dev/null || echo "${NB_USER}:100000:65536" >> "$f"' \
+        in runs
     assert "pip install --no-cache-dir /tmp/gvisor-magic" in runs
     assert 'c.InteractiveShellApp.extensions = ["gvisor_magic"]' in runs
     # Everything the image copies exists in the repository.

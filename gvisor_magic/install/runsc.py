@@ -245,7 +245,7 @@ def ensure_backports_source(
         return None
     base = debian_suite_source(sources, codename, lists_dir)
     lines = [
-        "# Written by gvisor_magic's scripts/install_gvisor.py: Debian's own runsc is too old,",
+        "# Written by gvisor-magic install: Debian's own runsc is too old,",
         f"# the {suite} build works. Mirror and keyring copied from {base.origin}.",
         "Types: deb",
         f"URIs: {' '.join(base.uris)}",

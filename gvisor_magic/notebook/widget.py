@@ -130,7 +130,7 @@ class IsolationState:
         if self.session:
             rows.append(("session", self.session, None))
         if self.limits:
-            rows.append(("limits", self.limits, None))
+            rows.append(("default limits", self.limits, None))
         if self.isolated:
             rows.append(("protected paths", "RELAXED for " + self.relaxed if self.relaxed
                          else "git, shell, IPython/Jupyter and Python start-up files read-only;"
