@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gvisor_magic"
 #: Lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
     {"sandboxed", "backends.reaper"},  # stdlib only, run as programs
+    {"install", "_version"},  # stdlib only: runs before the dependencies are installed
     {"registry", "errors", "result", "detect", "process", "setid", "stand_ins", "memory",
      "protected", "request", "postrun", "agent_channel"},
     {"backends"},
@@ -99,3 +100,15 @@ def test_what_runs_inside_a_sandbox_is_stdlib_only():
         outside = [t for t, ours in imports(path)
                    if ours or t.split(".")[0] not in sys.stdlib_module_names]
         assert outside == [], (name, outside)
+
+
+def test_the_installer_is_stdlib_only_and_self_contained():
+    """``python -m gvisor_magic.install`` runs where no dependency is installed yet."""
+    files = sorted((PACKAGE / "install").glob("*.py"))
+    assert {p.name for p in files} >= {"__init__.py", "__main__.py", "runsc.py",
+                                       "docker_runtime.py"}
+    for path in [*files, PACKAGE / "_version.py"]:
+        outside = [t for t, ours in imports(path)
+                   if (ours and not t.lstrip(".").startswith("install"))
+                   or (not ours and t.split(".")[0] not in sys.stdlib_module_names)]
+        assert outside == [], (module_name(path), outside)
