@@ -84,6 +84,31 @@ def test_each_command_sees_what_sh_c_would_give_it(session, tmp_path):
     assert session.run(long, stdin="fed-in").stdout == "fed-i\nend\n"
 
 
+@pytest.mark.parametrize("mode", ["runsc", "docker"])
+def test_a_bash_session_starts_bash_ahead_and_nothing_of_that_shows(mode, request, tmp_path):
+    """The magics run cells with bash: the agent keeps a bash started for them. A command
+    that must start its own (BASH_ENV is read at start-up) is the reference."""
+    import shutil
+
+    request.getfixturevalue(f"{mode}_works")
+    probe = ('echo "$0|$BASH_EXECUTION_STRING|$-|$SHLVL|$LINENO|$BASH_VERSION"; '
+             "shopt | md5sum; set -o | md5sum; env | grep -v '^BASH_ENV=' | sort; "
+             "trap | wc -l; ulimit -a | md5sum; exit 7")
+    with IsolatedSession(tmp_path, mode=mode, shell=shutil.which("bash")) as warm:
+        ahead = warm.run(probe, env={"NOTE": "it's"})
+        fresh = warm.run(probe, env={"NOTE": "it's", "BASH_ENV": "/dev/null"})
+        assert (ahead.returncode, fresh.returncode) == (7, 7)
+        assert ahead.stdout == fresh.stdout, (ahead.stdout, fresh.stdout)
+        assert ahead.stdout.startswith(f"{shutil.which('bash')}|{probe}|hBc|1|1|5.")
+        # What one command set stays out of the next one's bash.
+        warm.run("shopt -s extglob; set -o noclobber; export LEAK=1; alias ll=ls")
+        assert warm.run(probe, env={"NOTE": "it's"}).stdout == ahead.stdout
+        # Only the shell's own prefix of a syntax error differs.
+        broken = warm.run("echo 'unterminated")
+        assert broken.returncode == 2 and "unexpected EOF while looking for matching" in \
+            broken.stderr
+
+
 def test_output_streams_live(session, tmp_path):
     go = tmp_path / "go"
 

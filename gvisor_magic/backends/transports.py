@@ -118,7 +118,8 @@ class RunscTransport:
             # The agent starts as root of the sandbox and takes a uid of its own,
             # running commands as the caller (session_agent.seal).
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout,
-                            agent_argv("--caller", str(identity.uid)), spec.limits,
+                            agent_argv("--caller", str(identity.uid), "--shell", spec.shell),
+                            spec.limits,
                             spec.network, SEAL_CAPABILITIES, init_uid=0)
             bundle.write()
             self.guard = MemoryGuard(spec.limits.memory, kill=self._kill_sandbox)
@@ -231,7 +232,7 @@ class DockerTransport:
             ident = layout.identity
             self.cid = backend.create(spec, layout,
                                       agent_argv("--caller", str(ident.uid), "--hide",
-                                                 str(ident.gid)),
+                                                 str(ident.gid), "--shell", spec.shell),
                                       runtime, image, stdin_open=True,
                                       init_capabilities=HIDE_CAPABILITIES)
             self.sandbox_id = self.cid[:12]
