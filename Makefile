@@ -54,7 +54,8 @@ lint: venv
 # Figures, not tests: latency of every backend and peer, streaming throughput, density.
 bench: system venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/latency.py && \
+	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/programs.py && \
+	  $(PY) benchmarks/latency.py && \
 	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py'
 
 # The single-user image of deploy/kubernetes/Dockerfile, built here (no registry needed):

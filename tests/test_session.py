@@ -103,6 +103,15 @@ def test_a_bash_session_starts_bash_ahead_and_nothing_of_that_shows(mode, reques
         # What one command set stays out of the next one's bash.
         warm.run("shopt -s extglob; set -o noclobber; export LEAK=1; alias ll=ls")
         assert warm.run(probe, env={"NOTE": "it's"}).stdout == ahead.stdout
+        # A one-program line is exec'd in place of the shell, as `bash -c` does: no fork.
+        for line in ("grep PPid /proc/self/status", "ls /no-such-dir", "no-such-program x",
+                     "env -u NOTE sh -c 'exit 3'", "true", "cd /no/such"):
+            ahead = warm.run(line, env={"NOTE": "x"})
+            fresh = warm.run(line, env={"NOTE": "x", "BASH_ENV": "/dev/null"})
+            assert (ahead.returncode, ahead.stdout) == (fresh.returncode, fresh.stdout), line
+            assert ahead.stderr.split(":")[-1] == fresh.stderr.split(":")[-1], line
+        assert warm.run("grep PPid /proc/self/status").stdout == "PPid:\t1\n"
+        assert warm.run("sleep 30", timeout=1).timed_out
         # Only the shell's own prefix of a syntax error differs.
         broken = warm.run("echo 'unterminated")
         assert broken.returncode == 2 and "unexpected EOF while looking for matching" in \

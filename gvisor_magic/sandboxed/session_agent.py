@@ -49,6 +49,7 @@ cannot hold send a command the slow way (a direct spawn).
 import fcntl
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -489,6 +490,43 @@ def prestart():
     READY = started + (ctl_w, dict(ENV), os.getcwd(), NEXT_SHELL)
 
 
+#: A one-line script that is one program with plain words: ``sh -c``/``bash -c`` would exec
+#: it in place of the shell, and so does the started shell (``exec``), saving a fork.
+SIMPLE_COMMAND = re.compile(r"[A-Za-z0-9_./:@%+,-]+( +[A-Za-z0-9_./:@%+,=-]+)*")
+#: Words a shell runs itself (bash's builtins and keywords, dash's are among them):
+#: ``exec`` would look for a program of that name instead.
+SHELL_WORDS = frozenset((
+    ".", ":", "[", "alias", "bg", "bind", "break", "builtin", "caller", "cd", "command",
+    "compgen", "complete", "compopt", "continue", "declare", "dirs", "disown", "echo",
+    "enable", "eval", "exec", "exit", "export", "false", "fc", "fg", "getopts", "hash", "help",
+    "history", "jobs", "kill", "let", "local", "logout", "mapfile", "popd", "printf", "pushd",
+    "pwd", "read", "readarray", "readonly", "return", "set", "shift", "shopt", "source",
+    "suspend", "test", "times", "trap", "true", "type", "typeset", "ulimit", "umask",
+    "unalias", "unset", "wait", "if", "then", "else", "elif", "fi", "case", "esac", "for",
+    "select", "while", "until", "do", "done", "in", "function", "time", "coproc"))
+
+
+def as_exec(command, env):
+    """``exec COMMAND`` when the shell's own ``-c`` would exec it too, else COMMAND.
+
+    Only for a program found now on the PATH the command will search (a missing one keeps
+    the shell's own "not found" message)."""
+    if "PATH" not in env or not SIMPLE_COMMAND.fullmatch(command):
+        return command
+    first = command.split(" ", 1)[0]
+    if first in SHELL_WORDS or "=" in first:
+        return command
+    path = env["PATH"]
+    candidates = [first] if "/" in first else [
+        os.path.join(directory or ".", first) for directory in path.split(os.pathsep)]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return "exec " + command
+        if os.path.exists(candidate):  # found first but not runnable: the shell says why
+            return command
+    return command
+
+
 def shell_name(name):
     return name.isidentifier() and name.isascii()
 
@@ -508,7 +546,8 @@ def take_ready(spec):
     if ready is None:
         return None
     if is_script and program(argv[0]) == program(ready[7]):
-        command = argv[2]  # (a script longer than an argument may be only goes this way)
+        # (a script longer than an argument may be can only go this way)
+        command = as_exec(argv[2], env)
     elif not argv[0].startswith("-") and not is_script:  # dash's exec takes no "--"
         command = "exec " + " ".join(map(quote, argv))  # statuses stay exact
     else:
