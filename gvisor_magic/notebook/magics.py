@@ -301,8 +301,10 @@ class IsolatedMagics(Magics):
             target.flush()
 
         settings = self.settings
-        # A cell that picks its own backend says nothing about the kernel's default.
-        own_choice = mode is not None or require_isolation is not None
+        # A cell that picks another backend (or requirement) says nothing about the
+        # kernel's default.
+        own_choice = mode not in (None, settings.mode) or require_isolation not in (
+            None, settings.require_isolation)
         require = settings.require_isolation if require_isolation is None else require_isolation
         seconds = settings.timeout if timeout == "trait" else timeout
         effective = settings.effective_limits(limits)
@@ -341,7 +343,6 @@ class IsolatedMagics(Magics):
         if not own_choice:
             self.state.limits = settings.effective_limits().describe(
                 registry.enforcement((result.backend,)))
-        if not own_choice:
             self.state.session = self.sessions.describe() if settings.warm_session else \
                 "off (a fresh sandbox per command)"
         VIEWS.refresh(self.state)
