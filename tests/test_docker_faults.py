@@ -152,3 +152,36 @@ def test_a_container_that_fails_to_start_leaves_nothing(private_dockerd, tmp_pat
     import docker
 
     assert docker.DockerClient(base_url=host).containers.list(all=True) == []
+
+
+def test_a_container_created_for_a_caller_that_died_is_removed_later(docker_works):
+    """dockerd finishes a create even when its caller died during the call: the container is
+    never started, and the next run sweeps it away (never one whose owner lives, nor a young
+    one another process may be about to start)."""
+    import docker
+
+    from gvisor_magic.backends.docker import LABEL, remove_orphan_containers
+    from gvisor_magic.backends.docker_image import ensure_scratch_image
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    client = docker.from_env(timeout=30)
+    api = client.api
+    image = ensure_scratch_image(client)
+
+    def create(owner: int) -> str:
+        return api.create_container(image, command=["true"], labels={
+            LABEL: "1", f"{LABEL}.owner-pid": str(owner)})["Id"]
+
+    orphan, alive = create(gone.pid), create(os.getpid())
+    try:
+        assert remove_orphan_containers(api, min_age=3600, force=True) == []  # too young
+        removed = remove_orphan_containers(api, min_age=0, force=True)
+        assert orphan in removed and alive not in removed
+        left = {c["Id"] for c in api.containers(all=True, filters={"label": f"{LABEL}=1"})}
+        assert orphan not in left and alive in left
+    finally:
+        for cid in (orphan, alive):
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(cid, force=True)
+        client.close()

@@ -17,6 +17,8 @@ import tempfile
 import threading
 import time
 
+import psutil
+
 from ..errors import CommandInterrupted, SandboxStartError
 from ..install import command as install_command
 from ..memory import ContainerOOMWatch
@@ -283,6 +285,7 @@ class DockerBackend:
         own, never the host's) and takes the caller's identity itself (a warm session's
         relay, see ``session_agent.hide``); otherwise it starts as the caller."""
         api = self.client().api
+        remove_orphan_containers(api)
         user = ("0:0" if init_capabilities
                 else f"{layout.identity.uid}:{layout.identity.gid}")
         try:
@@ -351,6 +354,45 @@ def docker_identity() -> Identity:
     ident = caller_identity()
     return Identity(os.getuid(), os.getgid(), ident.user if ident.uid == os.getuid() else
                     f"u{os.getuid()}", ident.home)
+
+
+#: A never-started container whose owner is gone and that is older than this is an orphan.
+ORPHAN_AGE = 60.0
+#: Seconds between two sweeps for orphans by one process.
+SWEEP_INTERVAL = 60.0
+_last_sweep = [0.0]
+
+
+def remove_orphan_containers(api, min_age: float = ORPHAN_AGE, force: bool = False) -> list[str]:
+    """Remove containers this package created that were never started and whose owner
+    process is gone: dockerd finishes a create even when the caller died during the call
+    (a kernel killed mid-cell), and nothing would start or remove such a container.
+
+    Only never-started ones, and only after ``min_age`` seconds, so a container another
+    process (in another pid namespace, sharing the daemon) is about to start is left alone.
+    Runs at most every ``SWEEP_INTERVAL`` seconds per process unless ``force``; returns
+    the ids removed."""
+    now = time.time()
+    if not force and now - _last_sweep[0] < SWEEP_INTERVAL:
+        return []
+    _last_sweep[0] = now
+    removed = []
+    try:
+        found = api.containers(all=True, filters={"label": f"{LABEL}=1", "status": "created"})
+    except Exception as exc:  # the create that follows reports a daemon problem itself
+        log.info("gvisor: could not list containers to sweep orphans (%s)", exc)
+        return removed
+    for container in found:
+        owner = (container.get("Labels") or {}).get(f"{LABEL}.owner-pid", "")
+        if not owner.isdigit() or psutil.pid_exists(int(owner)):
+            continue
+        if now - container.get("Created", now) < min_age:
+            continue
+        log.info("gvisor: removing container %s, never started, its owner %s is gone",
+                 container["Id"][:12], owner)
+        remove_container(api, container["Id"])
+        removed.append(container["Id"])
+    return removed
 
 
 def remove_container(api, cid: str) -> None:
