@@ -453,12 +453,15 @@ def is_posix_shell(path):
     return os.path.basename(path) in POSIX_SHELLS
 
 
-def program(name, found={}):  # noqa: B006 (a cache)
+PROGRAMS = {}  # program()'s answers, by name
+
+
+def program(name):
     """What ``name`` runs: (its name, size, mtime), PATH searched and links followed.
 
     ``sh`` and ``/bin/sh`` are one program even where ``/bin`` and ``/usr/bin`` are two
     bind mounts of one directory (Docker's layout), which paths alone would not show."""
-    if name not in found:
+    if name not in PROGRAMS:
         path = name
         if "/" not in name:
             for directory in ENV.get("PATH", os.defpath).split(os.pathsep):
@@ -468,11 +471,11 @@ def program(name, found={}):  # noqa: B006 (a cache)
                     break
         try:
             info = os.stat(path)
-            found[name] = (os.path.basename(os.path.realpath(path)), info.st_size,
-                           info.st_mtime_ns)
+            PROGRAMS[name] = (os.path.basename(os.path.realpath(path)), info.st_size,
+                              info.st_mtime_ns)
         except OSError:
-            found[name] = (name,)
-    return found[name]
+            PROGRAMS[name] = (name,)
+    return PROGRAMS[name]
 
 
 def prestart():
@@ -572,6 +575,19 @@ def take_ready(spec):
     return ready, ("; ".join(line) + "; " + command).encode(errors="surrogateescape")
 
 
+def feed(fd, data):
+    """Write what ``fd`` takes now of ``data``; (fd, the rest), or (None, b"") once all
+    went (or the reader is gone) and ``fd`` is closed."""
+    try:
+        data = data[os.write(fd, data[:65536]):]
+    except OSError:
+        data = b""
+    if data:
+        return fd, data
+    os.close(fd)
+    return None, b""
+
+
 def run(request):
     spec = json.loads(request)
     send(ACCEPTED)
@@ -611,24 +627,11 @@ def run(request):
         if ctl_w is not None:
             writers.append(ctl_w)
         ready_r, ready_w, _ = select.select(readers, writers, [], 0.5)
+        # A long script goes in pieces: the shell runs it while reading.
         if ctl_w is not None and ctl_w in ready_w:
-            try:  # a long script goes in pieces: the shell runs it while reading
-                written = os.write(ctl_w, script[:65536])
-                script = script[written:]
-            except OSError:
-                script = b""
-            if not script:
-                os.close(ctl_w)
-                ctl_w = None
+            ctl_w, script = feed(ctl_w, script)
         if in_w is not None and in_w in ready_w:
-            try:
-                written = os.write(in_w, pending[:65536])
-                pending = pending[written:]
-            except OSError:
-                pending = b""
-            if not pending:
-                os.close(in_w)
-                in_w = None
+            in_w, pending = feed(in_w, pending)
         for fd in ready_r:
             if fd == WAKE[0]:
                 try:
