@@ -80,9 +80,8 @@ def pip_settings(tree: Path) -> dict[str, str]:
     The CA bundle stays in the base (``PIP_CERT``): the Dockerfile's own ``pip install``
     must reach the same index, as a site's base image carries the site's CA."""
     env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
-    for name in ("/etc/pip.conf",):
-        if os.path.isfile(name):
-            shutil.copy2(name, tree / name.lstrip("/"))
+    if os.path.isfile("/etc/pip.conf"):
+        shutil.copy2("/etc/pip.conf", tree / "etc/pip.conf")
     bundle = env.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
     if os.path.isfile(bundle):
         shutil.copy2(bundle, tree / SITE_CA.lstrip("/"))

@@ -62,7 +62,7 @@ class ShellRouter:
         self.shell.getoutput = self.getoutput
         line_magics = self.shell.magics_manager.magics["line"]
         for name in HOST_MAGICS:
-            magic = self._resolve(name, line_magics[name]) if name in line_magics else None
+            magic = self._resolve("line", name, line_magics[name]) if name in line_magics else None
             if magic is not None:
                 self._wrapped[name] = magic
                 line_magics[name] = self._on_host(magic)
@@ -75,17 +75,8 @@ class ShellRouter:
         manager = self.shell.magics_manager
         cells = manager.magics["cell"]
         if "script" in cells:
-            self._resolve_cell("script", cells["script"])
+            self._resolve("cell", "script", cells["script"])
         return manager.registry.get("ScriptMagics")
-
-    def _resolve_cell(self, name: str, magic: Any) -> Any:
-        find = getattr(self.shell.magics_manager, "find", None)
-        if find is None or type(magic).__name__ != "LazyMagic":
-            return magic
-        try:
-            return find("cell", name)
-        except Exception:
-            return None
 
     def _wrap_script_cells(self) -> None:
         script = self._script_magics()
@@ -94,7 +85,7 @@ class ShellRouter:
         cells = self.shell.magics_manager.magics["cell"]
         parser = script.shebang.parser
         for name in ("script", *script.script_magics):
-            magic = self._resolve_cell(name, cells[name]) if name in cells else None
+            magic = self._resolve("cell", name, cells[name]) if name in cells else None
             if magic is None:
                 continue
             program = None if name == "script" else script.script_paths.get(name, name)
@@ -123,8 +114,9 @@ class ShellRouter:
         routed.__wrapped__ = original  # type: ignore[attr-defined]
         return routed
 
-    def _resolve(self, name: str, magic: Any) -> Callable[..., Any] | None:
-        """The real magic behind a lazy placeholder (IPython 9.x declares %pip lazily).
+    def _resolve(self, kind: str, name: str, magic: Any) -> Callable[..., Any] | None:
+        """The real magic behind a lazy placeholder (IPython 9.x declares %pip and the
+        script cells lazily).
 
         A placeholder looks itself up in the table when called, so once wrapped
         it would find the wrapper and recurse forever; and restoring the
@@ -134,7 +126,7 @@ class ShellRouter:
         if find is None or type(magic).__name__ != "LazyMagic":
             return magic
         try:
-            return find("line", name)
+            return find(kind, name)
         except Exception:  # a broken provider: the untouched placeholder reports it
             return None
 
