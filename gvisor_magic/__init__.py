@@ -13,6 +13,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .detect import EnvironmentInfo, HostFacts
+    from .egress.policy import NetworkPolicy
     from .errors import (
         CommandInterrupted,
         GvisorMagicError,
@@ -32,7 +33,7 @@ _LAZY = {
     "CommandInterrupted": "errors", "GvisorMagicError": "errors",
     "InvalidRequestError": "errors", "IsolationUnavailable": "errors",
     "SandboxStartError": "errors",
-    "Limits": "request", "SandboxSpec": "request",
+    "Limits": "request", "SandboxSpec": "request", "NetworkPolicy": "egress.policy",
     "CommandResult": "result",
     "detect_environment": "runner", "is_gvisor_available": "runner",
     "run_command_isolated": "runner",
@@ -67,6 +68,7 @@ __all__ = [
     "IsolatedSession",
     "IsolationUnavailable",
     "Limits",
+    "NetworkPolicy",
     "SandboxSpec",
     "SandboxStartError",
     "__version__",

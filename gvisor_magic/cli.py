@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, registry
+from .egress.policy import NetworkPolicy, PolicyError
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
 from .request import MODES, Limits
 
@@ -71,11 +72,16 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         env[key] = value
     try:
+        network = NetworkPolicy.parse(args.network or False).combined(args.allow_host)
+    except PolicyError as exc:
+        print(f"gvisor-magic run: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = run_command_isolated(
             command[0] if args.shell else command, limits=Limits.parse(limits),
             working_dir=args.workdir,
             repo_path=args.repo, timeout=args.timeout, env=env, mode=args.mode,
-            require_isolation=True if args.require_isolation else None, network=args.network,
+            require_isolation=True if args.require_isolation else None, network=network,
             on_output=None if args.json else stream, protected_paths=args.protect)
     except IsolationUnavailable as exc:
         print(f"gvisor-magic: {exc}", file=sys.stderr)
@@ -122,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "temporary directory)")
     run.add_argument("--repo", default=None, help="host directory mounted read-only")
     run.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
-    run.add_argument("--network", action="store_true", help="allow network access")
+    run.add_argument("--network", nargs="?", const="public", default=None, metavar="POLICY",
+                     help="the sandbox's network: a preset (pypi, npm, github, huggingface, "
+                          "conda), hosts (comma-separated, host or host:port), 'public' (the "
+                          "default with no value: public addresses through the host's "
+                          "filtering proxy) or 'host' (the host's own network, unfiltered); "
+                          "off when not given")
+    run.add_argument("--allow-host", action="append", metavar="HOST[:PORT]", default=[],
+                     help="also allow this destination (repeatable); implies an allowlist")
     run.add_argument("--require-isolation", action="store_true",
                      help="fail (exit 125) rather than run without gVisor")
     run.add_argument("--limit", action="append", metavar="NAME=VALUE",

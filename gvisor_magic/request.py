@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .egress.policy import NetworkPolicy, PolicyError
 from .errors import InvalidRequestError
 from .protected import PathPolicy, ProtectionPlan
 from .registry import NAMES as BACKEND_NAMES
@@ -26,6 +27,8 @@ ENV_REQUIRE = "GVISOR_MAGIC_REQUIRE_ISOLATION"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
 DEFAULT_SHELL = "/bin/sh"
+#: What ``network=`` takes (see ``check_network``).
+NetworkSetting = bool | str | Sequence[str] | NetworkPolicy
 
 # Host variables worth keeping: they change how text is rendered, never what a
 # command may access. Everything else (tokens, cloud keys, proxies) stays out.
@@ -175,7 +178,7 @@ class SandboxSpec:
 
     working_dir: str | None = None
     repo_path: str | None = None
-    network: bool = False
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     limits: Limits = field(default_factory=Limits)
     #: The user's changes to the protected-paths policy (``gvisor_magic.protected``).
     protection: PathPolicy = field(default_factory=PathPolicy)
@@ -189,21 +192,19 @@ class SandboxSpec:
         working_dir: str | os.PathLike[str] | None = None,
         repo_path: str | os.PathLike[str] | None = None,
         *,
-        network: bool = False,
+        network: NetworkSetting = False,
         limits: Limits | None = None,
         shell: str = DEFAULT_SHELL,
         protected_paths: Sequence[str] | PathPolicy | None = None,
     ) -> SandboxSpec:
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be a gvisor_magic.Limits, got {type(limits).__name__}")
-        if not isinstance(network, bool):
-            raise TypeError(f"network must be True or False, got {network!r}")
         if not isinstance(shell, str) or not shell:
             raise InvalidRequestError(f"shell must be a program name or path, got {shell!r}")
         return cls(
             working_dir=_check_dir(working_dir, "working_dir"),
             repo_path=_check_dir(repo_path, "repo_path"),
-            network=network,
+            network=check_network(network),
             limits=limits or Limits(),
             protection=protected_paths if isinstance(protected_paths, PathPolicy)
             else PathPolicy.parse(protected_paths),
@@ -235,7 +236,7 @@ class CommandRequest:
         repo_path: str | os.PathLike[str] | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         env: Mapping[str, str] | None = None,
-        network: bool = False,
+        network: NetworkSetting = False,
         stdin: str | bytes | None = None,
         limits: Limits | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
@@ -272,7 +273,7 @@ class CommandRequest:
         return self.spec.repo_path
 
     @property
-    def network(self) -> bool:
+    def network(self) -> NetworkPolicy:
         return self.spec.network
 
     @property
@@ -290,6 +291,15 @@ class CommandRequest:
     def with_spec(self, **changes: object) -> CommandRequest:
         """The same command in a sandbox that differs by ``changes`` (``plan=``, say)."""
         return dataclasses.replace(self, spec=dataclasses.replace(self.spec, **changes))
+
+
+def check_network(value: object) -> NetworkPolicy:
+    """``network=``: False, True (public, through the host's filtering proxy), ``"host"``,
+    a preset (``"pypi"``), hosts, or a list of them (``gvisor_magic.egress.policy``)."""
+    try:
+        return NetworkPolicy.parse(value)
+    except PolicyError as exc:
+        raise InvalidRequestError(f"network: {exc}") from None
 
 
 def _check_command(command: object, shell: str) -> tuple[tuple[str, ...], str]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .egress.policy import Blocked, NetworkPolicy
 
 if TYPE_CHECKING:
     from .process import Capture
@@ -60,7 +63,12 @@ class CommandResult:
     duration: float = 0.0
     fallback_reason: str | None = None
     truncated: bool = False
+    #: Whether the command could reach any network (see ``network_policy`` for which).
     network: bool = False
+    #: The sandbox's network, in words: "off", "allowlist: pypi, example.com:8443"...
+    network_policy: str = "off"
+    #: Destinations the command tried and was refused (host, port, reason, how to allow).
+    blocked: tuple[Blocked, ...] = ()
     #: Set when the sandbox itself failed under the command (crashed, lost its
     #: daemon); the command may have partly run and was not retried.
     error: str | None = None
@@ -69,14 +77,18 @@ class CommandResult:
 
     @classmethod
     def from_streams(cls, stdout: Capture, stderr: Capture, *, returncode: int, backend: str,
-                     isolated: bool, network: bool, timed_out: bool = False,
+                     isolated: bool, network: NetworkPolicy | bool, timed_out: bool = False,
                      duration: float = 0.0, error: str | None = None,
-                     details: dict[str, str] | None = None) -> CommandResult:
+                     details: dict[str, str] | None = None,
+                     blocked: Iterable[Blocked] = ()) -> CommandResult:
         """The one way a backend or a session turns what it captured into a result."""
+        policy = network if isinstance(network, NetworkPolicy) else NetworkPolicy.parse(
+            "host" if network else False)
         return cls(returncode=returncode, stdout=stdout.text(), stderr=stderr.text(),
                    backend=backend, isolated=isolated, timed_out=timed_out,
                    duration=duration, truncated=stdout.truncated or stderr.truncated,
-                   network=network, error=error, details=dict(details or {}))
+                   network=policy.enabled, network_policy=policy.describe(),
+                   blocked=tuple(blocked), error=error, details=dict(details or {}))
 
     @property
     def success(self) -> bool:
@@ -104,7 +116,7 @@ class CommandResult:
             end = f"exit {self.returncode}"
         text = f"{where}: {end} in {self.duration:.2f}s"
         if self.network:
-            text += ", network ON"
+            text += f", network: {self.network_policy}"
         if self.truncated:
             text += ", output truncated"
         if self.error:
@@ -116,6 +128,10 @@ class CommandResult:
     def warnings(self) -> list[str]:
         """Sentences about what needs the user's attention beyond the exit status."""
         notes = []
+        if self.blocked:
+            notes.append("network: the command tried to reach what this sandbox may not "
+                         f"(network {self.network_policy}):\n  - "
+                         + "\n  - ".join(item.describe() for item in self.blocked))
         quarantined = self.details.get("quarantined")
         if quarantined:
             notes.append("the command left files that a host tool would run later; they were "

@@ -27,6 +27,7 @@ from .detect import (
     inside_gvisor,
     preferred_backends,
 )
+from .egress.policy import NetworkPolicy
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .postrun import check_after_run
 from .process import OutputCallback
@@ -37,6 +38,7 @@ from .request import (
     DEFAULT_TIMEOUT,
     CommandRequest,
     Limits,
+    NetworkSetting,
     resolve_mode,
     resolve_require_isolation,
 )
@@ -159,9 +161,24 @@ def is_gvisor_available(*, refresh: bool = False) -> bool:
                for name in order if name != "subprocess")
 
 
-def check_mode_can_isolate(mode: str, require_isolation: bool) -> None:
+def isolation_required(require_isolation: bool, network: NetworkPolicy) -> bool:
+    """Whether only gVisor may run the command: asked for, or a network only a sandbox's
+    proxy can enforce (an allowlist, or ``True``). Never the host with its whole network."""
+    return require_isolation or network.proxied
+
+
+def check_mode_can_isolate(mode: str, require_isolation: bool,
+                           network: NetworkPolicy | None = None) -> None:
     """Refuse at once a mode that never isolates when isolation is required."""
-    if require_isolation and mode == "subprocess":
+    if mode != "subprocess":
+        return
+    if network is not None and network.proxied:
+        raise IsolationUnavailable(
+            f"network {network.describe()!r} is enforced only in a gVisor sandbox (through "
+            "the host's filtering proxy), and mode='subprocess' never isolates: it would "
+            "run with the host's whole network",
+            {"subprocess": "runs on the host without gVisor; use mode='runsc'"})
+    if require_isolation:
         raise IsolationUnavailable(
             "isolation is required, but mode='subprocess' never isolates",
             {"subprocess": "runs on the host without gVisor"})
@@ -175,7 +192,7 @@ def run_command_isolated(
     env: Mapping[str, str] | None = None,
     mode: str | None = None,
     require_isolation: bool | None = None,
-    network: bool = False,
+    network: NetworkSetting = False,
     on_output: OutputCallback | None = None,
     stdin: str | bytes | None = None,
     *,
@@ -199,8 +216,8 @@ def run_command_isolated(
         network=network, stdin=stdin, limits=limits, max_output=max_output, shell=shell,
         protected_paths=protected_paths)
     mode = resolve_mode(mode)
-    require = resolve_require_isolation(require_isolation)
-    check_mode_can_isolate(mode, require)
+    check_mode_can_isolate(mode, resolve_require_isolation(require_isolation), request.network)
+    require = isolation_required(resolve_require_isolation(require_isolation), request.network)
     names, why = plan(mode, require)
     scratch = None
     if request.working_dir is None:

@@ -24,6 +24,7 @@ from . import registry
 from .agent_channel import AgentClient, SessionBroken
 from .backends.base import Transport
 from .backends.layout import plan_for, protection_details
+from .egress.sandbox import agent_attempts
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .memory import OOM_RETURNCODE
 from .postrun import check_after_run
@@ -35,6 +36,7 @@ from .request import (
     DEFAULT_TIMEOUT,
     CommandRequest,
     Limits,
+    NetworkSetting,
     SandboxSpec,
     check_max_output,
     resolve_mode,
@@ -42,7 +44,7 @@ from .request import (
     sandbox_env,
 )
 from .result import KILLED, CommandResult
-from .runner import check_mode_can_isolate, plan, run_command_isolated
+from .runner import check_mode_can_isolate, isolation_required, plan, run_command_isolated
 
 START_TIMEOUT = 60.0
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
@@ -70,7 +72,7 @@ class IsolatedSession:
 
     def __init__(self, working_dir: str | os.PathLike[str] | None = None,
                  repo_path: str | os.PathLike[str] | None = None, *, mode: str | None = None,
-                 require_isolation: bool | None = None, network: bool = False,
+                 require_isolation: bool | None = None, network: NetworkSetting = False,
                  limits: Limits | None = None, max_output: int | None = DEFAULT_MAX_OUTPUT,
                  idle_timeout: float | None = None, shell: str = DEFAULT_SHELL,
                  protected_paths: Sequence[str] | PathPolicy | None = None) -> None:
@@ -82,7 +84,7 @@ class IsolatedSession:
         self.max_output = check_max_output(max_output)
         self.mode = resolve_mode(mode)
         self.require_isolation = resolve_require_isolation(require_isolation)
-        check_mode_can_isolate(self.mode, self.require_isolation)
+        check_mode_can_isolate(self.mode, self.require_isolation, self.spec.network)
         self.idle_timeout = idle_timeout
         self._warm: _Warm | None = None
         self._lock = threading.RLock()
@@ -149,7 +151,8 @@ class IsolatedSession:
         if self.mode == "subprocess":
             self.cold_reason = "mode 'subprocess': commands run on the host, one by one"
             return
-        names = [name for name in plan(self.mode, self.require_isolation)[0]
+        require = isolation_required(self.require_isolation, self.spec.network)
+        names = [name for name in plan(self.mode, require)[0]
                  if registry.transport_class(name) is not None]
         reasons: dict[str, str] = {}
         self._starting = True
@@ -311,6 +314,7 @@ class IsolatedSession:
         out, err = Capture("stdout", request.max_output), Capture("stderr", request.max_output)
         start = time.monotonic()
         memory_before = warm.transport.memory_events()
+        network_mark = warm.transport.network.mark()
         run = warm.client.run(
             {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
              "stdin": request.stdin.hex() if request.stdin else None},
@@ -339,10 +343,12 @@ class IsolatedSession:
             # The OOM killer ended the command's process; the sandbox lives on.
             memory_note = error = warm.transport.memory_note()
         returncode = OOM_RETURNCODE if memory_note else run.returncode(failed=bool(error))
+        blocked = warm.transport.network.blocked(
+            network_mark, agent_attempts((run.status or {}).get("blocked")))
         result = CommandResult.from_streams(
             out, err, returncode=returncode, backend=warm.backend, isolated=True,
             timed_out=run.timed_out, duration=time.monotonic() - start,
-            network=request.network, error=error,
+            network=request.network, error=error, blocked=blocked,
             details={"session": warm.transport.sandbox_id,
                      **({"session_note": note} if note else {}),
                      **({"memory_limit": memory_note} if memory_note else {})})

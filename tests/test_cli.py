@@ -58,3 +58,27 @@ def test_run_json_and_bad_input(runsc_works):
     assert json.loads(done.stdout)["returncode"] == -9
     bad = run_cli("run", "--timeout", "-1", "--", "true")
     assert bad.returncode == 2 and "timeout must be > 0" in bad.stderr
+
+
+def test_run_takes_a_network_allowlist_and_reports_what_it_refused(runsc_works, tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from egress_servers import plain_server
+
+    with plain_server(b"allowed\n") as allowed, plain_server() as other:
+        fetch = ("import sys, urllib.request as u\n"
+                 "for url in sys.argv[1:]:\n"
+                 "    try: print(u.urlopen(url, timeout=10).read().decode().strip())\n"
+                 "    except OSError as e: print('refused')\n")
+        done = run_cli("run", "--mode", "runsc", "--allow-host", allowed.authority,
+                       "--json", "--", sys.executable, "-I", "-c", fetch,
+                       allowed.url, other.url)
+        assert other.hits == []
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["stdout"].split() == ["allowed", "refused"]
+    assert result["network_policy"] == f"allowlist: {allowed.authority}"
+    assert [(b["host"], b["port"]) for b in result["blocked"]] == [("127.0.0.1", other.port)]
+    bad = run_cli("run", "--network", "http://pypi.org/", "--", "true")
+    assert bad.returncode == 2 and "not a URL" in bad.stderr
+    host = run_cli("run", "--mode", "subprocess", "--network", "pypi", "--", "true")
+    assert host.returncode == 125 and "never isolates" in host.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ HOST_RELEASE = os.uname().release
 GREEN, AMBER, RED = "#1a7f37", "#b26b00", "#cf222e"
 RUNSC_OK = "[gvisor-magic] runsc (gVisor): exit 0"
 STATUS = re.compile(r"^\[gvisor-magic\] .*$", re.M)
-OPTIONS = ("--mode", "--timeout", "--workdir", "--repo", "--env", "--network",
+OPTIONS = ("--mode", "--timeout", "--workdir", "--repo", "--env", "--network", "--allow-host",
            "--require-isolation", "--out", "--err", "--result", "--no-raise-error", "--quiet")
 
 
@@ -596,7 +597,8 @@ def test_widget_keeps_the_default_apart_from_the_last_cell(ip, runsc_works):
     assert f"border-left:6px solid {GREEN}" in widget.value
     assert "<td>none (runs on the host)</td>" not in widget.value
     assert re.search(r"subprocess: exit 2 in \d+\.\d\ds — NOT isolated \(this cell&#x27;s "
-                     r"own --mode\), network ON for this cell</td>", widget.value)
+                     r"own --mode\), network HOST NETWORK \(unfiltered, as the host itself\) "
+                     r"for this cell</td>", widget.value)
     assert f"color:{AMBER};font-weight:600" in widget.value
     # It ran one-shot on the host: the kernel's warm sandbox is still there, unreplaced.
     assert "<td>warm (runsc)</td>" in widget.value
@@ -715,3 +717,49 @@ def test_a_cell_that_needs_another_sandbox_says_its_tmp_is_gone(ip, capfd, runsc
     assert "/tmp and HOME" in err
     run(ip, "%%isolated --quiet --limit max_open_files=1000\ntrue\n")
     assert "another sandbox" not in capfd.readouterr().err
+
+
+# -- the network ----------------------------------------------------------------------------
+
+FETCH = ("python3 -c \"import sys, urllib.request as u\n"
+         "for url in sys.argv[1:]:\n"
+         "    try: print(u.urlopen(url, timeout=10).read().decode().strip())\n"
+         "    except OSError as e: print('refused', e)\" ")
+
+
+def test_a_cell_names_its_network_and_is_told_what_was_refused(ip, capfd, runsc_works):
+    from egress_servers import plain_server
+
+    with plain_server(b"allowed\n") as allowed, plain_server(b"other\n") as other:
+        run(ip, f"%%isolated --network 127.0.0.1:{allowed.port} --result r\n"
+                f"{FETCH}{allowed.url}/a {other.url}/b\n")
+        out, err = capfd.readouterr()
+        assert other.hits == []
+        assert out.splitlines()[0] == "allowed" and "refused" in out.splitlines()[1]
+        # Loud, on stderr: where it ran, the policy, and the refused destination with its fix.
+        assert f"network: allowlist: 127.0.0.1:{allowed.port}" in err
+        assert ("WARNING: network: the command tried to reach what this sandbox may not"
+                in err), err
+        assert f"127.0.0.1:{other.port}: port {other.port} is not allowed" in err
+        assert f"--allow-host 127.0.0.1:{other.port} allows it" in err
+        # --allow-host adds to it; the widget shows the cell's own network and what it refused.
+        run(ip, f"%%isolated --quiet --allow-host 127.0.0.1:{allowed.port} "
+                f"--allow-host {other.authority}\n{FETCH}{allowed.url}/c {other.url}/d\n")
+        assert capfd.readouterr().out == "allowed\nother\n"
+    widget = gvisor_magic.status_widget()
+    assert repr(widget).startswith("gvisor-magic: isolated by gVisor (runsc) | network off")
+    assert (f"network allowlist: 127.0.0.1:{allowed.port}, {other.authority} for this cell"
+            in html.unescape(widget.value))
+
+
+def test_the_network_setting_is_checked_and_shown(ip, caplog, runsc_works):
+    run(ip, "%config Isolation.network = 'https://pypi.org/simple'")
+    assert "Isolation.network: 'https://pypi.org/simple': name a host" in caplog.text
+    assert magics(ip).settings.network is False
+    run(ip, "%config Isolation.network = 'pypi'")
+    widget = gvisor_magic.status_widget()
+    assert repr(widget) == "gvisor-magic: isolated by gVisor (runsc) | network allowlist: pypi"
+    with pytest.raises(UsageError, match="not a URL"):
+        run(ip, "%%isolated --network http://x/\ntrue\n")
+    with pytest.raises(UsageError, match="non-canonical"):
+        run(ip, "%isolated --allow-host 2130706433 true")

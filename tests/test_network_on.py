@@ -1,6 +1,7 @@
-"""``network=True`` is the host's network on every backend that accepts it, and a clear
+"""``network="host"`` is the host's network on every backend that accepts it, and a clear
 refusal where a backend cannot give it: a server on the host's 127.0.0.1 answers, and the
-sandbox sees the host's interfaces, not only ``lo``. (Never aimed anywhere but this machine.)"""
+sandbox sees the host's interfaces, not only ``lo``. (Never aimed anywhere but this machine.)
+Allowlists and ``network=True`` go through the host's proxy: ``test_network_allowlist.py``."""
 
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ def host_server():
 def test_network_on_reaches_the_host_and_off_does_not(flavour, host_server, runsc_works):
     argv = [sys.executable, "-I", "-c", PROBE, host_server]
     if flavour == "session":
-        with IsolatedSession(mode="runsc", network=True) as session:
+        with IsolatedSession(mode="runsc", network="host") as session:
             on = session.run(argv, timeout=60)
         with IsolatedSession(mode="runsc") as session:
             off = session.run(argv, timeout=60)
     else:
-        on = run_command_isolated(argv, mode="runsc", network=True, timeout=60)
+        on = run_command_isolated(argv, mode="runsc", network="host", timeout=60)
         off = run_command_isolated(argv, mode="runsc", timeout=60)
     assert on.success and on.isolated and on.network, on.describe() + on.stderr[-500:]
     assert "answer host-server-says-hi" in on.stdout
@@ -60,8 +61,8 @@ def test_network_on_reaches_the_host_and_off_does_not(flavour, host_server, runs
 
 
 def test_docker_refuses_network_on_and_says_why(docker_works, host_server):
-    """Docker's runsc runtime is registered with --network=none: network=True there is an
+    """Docker's runsc runtime is registered with --network=none: network="host" there is an
     error naming the reason, never a run that pretends to have the network."""
     with pytest.raises(IsolationUnavailable) as raised:
-        run_command_isolated(["true"], mode="docker", network=True, timeout=60)
+        run_command_isolated(["true"], mode="docker", network="host", timeout=60)
     assert "--network=none" in str(raised.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from ..detect import BackendStatus
+from ..egress.sandbox import SandboxNetwork
 from ..process import OutputCallback
 from ..registry import Enforcement
 from ..request import CommandRequest, SandboxSpec
@@ -57,6 +58,8 @@ class Transport(Protocol):
     stdout_fd: int
     #: The sandbox's base environment (``HOME``, ``PATH``, ``USER``...).
     env: dict[str, str]
+    #: Its network: the proxy's record, what was refused (``egress.sandbox``).
+    network: SandboxNetwork
 
     def __init__(self, spec: SandboxSpec) -> None:
         """Start a sandbox made to ``spec``; raise ``SandboxStartError`` if it cannot."""

@@ -19,6 +19,8 @@ import time
 
 import psutil
 
+from ..egress.policy import NetworkPolicy
+from ..egress.sandbox import relay_attempts, relay_setting
 from ..errors import CommandInterrupted, SandboxStartError
 from ..install import command as install_command
 from ..memory import ContainerOOMWatch
@@ -28,7 +30,7 @@ from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 from .docker_process import DockerProcess
-from .init import init_argv, read_status, started_in
+from .init import init_argv, read_attempts, read_status, started_in
 from .layout import Identity, SandboxLayout, build_layout, caller_identity
 from .runsc import make_run_dir
 
@@ -179,11 +181,7 @@ class DockerBackend:
     def run(self, request: CommandRequest, on_output: OutputCallback | None = None
             ) -> CommandResult:
         runtime, config = self.find_runtime()
-        if request.network and "--network=none" in (config.get("runtimeArgs") or []):
-            raise SandboxStartError(self.name, f"the Docker runtime {runtime!r} is registered "
-                                    "with --network=none, so network=True cannot work with it",
-                                    fix="use the runsc backend for network=True",
-                                    unsupported=True)
+        self.check_network(request.network, runtime, config)
         try:
             image = self.image()
         except Exception as exc:
@@ -196,6 +194,25 @@ class DockerBackend:
             raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def check_network(self, policy: NetworkPolicy, runtime: str, config: dict) -> None:
+        """Docker's sandboxes have no network: the runtime is registered with
+        ``--network=none`` and without ``--host-uds``, so neither the host's network nor
+        the host's filtering proxy can be given to them. Anything but "off" is refused
+        (never run with less, or more, than asked)."""
+        if not policy.enabled:
+            return
+        if policy.proxied:
+            raise SandboxStartError(
+                self.name, f"network {policy.describe()!r} needs the host's filtering proxy, "
+                f"which Docker's runtime {runtime!r} cannot reach (runsc runs there without "
+                "--host-uds)", fix="use the runsc backend (mode='runsc') for network "
+                "allowlists and network=True", unsupported=True)
+        if "--network=none" in (config.get("runtimeArgs") or []):
+            raise SandboxStartError(self.name, f"the Docker runtime {runtime!r} is registered "
+                                    "with --network=none, so network='host' cannot work "
+                                    "with it", fix="use the runsc backend for network='host'",
+                                    unsupported=True)
 
     def _run(self, request: CommandRequest, on_output: OutputCallback | None, runtime: str,
              image: str, scratch: str) -> CommandResult:
@@ -215,7 +232,9 @@ class DockerBackend:
                        runtime: str, image: str, layout: SandboxLayout, status_dir: str,
                        host_system: bool) -> CommandResult:
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
-        argv = init_argv(marker, request.argv, request.timeout) if marker else list(request.argv)
+        # The relay answers tools' proxy requests with "the network is off" and notes them.
+        argv = (init_argv(marker, request.argv, request.timeout,
+                          relay_setting(request.network)) if marker else list(request.argv))
         api = self.client().api
         cid = self.create(request.spec, layout, argv, runtime, image,
                           stdin_open=request.stdin is not None)
@@ -238,6 +257,7 @@ class DockerBackend:
                 # sandbox processes running, unknown to Docker's own list.
                 kill_processes_mentioning(cid, "container")
         status = read_status(os.path.join(status_dir, "status"))
+        blocked = relay_attempts(read_attempts(status_dir), request.network)
         if marker and not outcome.gate_seen and started_in(status_dir):
             # It may have run (see sandbox_init): report it, never try elsewhere.
             outcome.stderr.add(outcome.pre_gate.replace(marker.encode(), b"", 1))
@@ -269,7 +289,7 @@ class DockerBackend:
         result = CommandResult.from_streams(
             outcome.stdout, outcome.stderr, returncode=returncode, backend=self.name,
             isolated=True, timed_out=outcome.timed_out, duration=outcome.duration,
-            network=request.network, error=error,
+            network=request.network, error=error, blocked=blocked,
             details={"container_id": cid[:12], "runtime": runtime, "image": image,
                      **layout.details()})
         if outcome.interrupted:

@@ -11,19 +11,34 @@ from pathlib import Path
 
 from .layout import STATUS_DIR, init_python
 
-_INIT_SOURCE = (Path(__file__).resolve().parent.parent / "sandboxed" / "sandbox_init.py"
-                ).read_text()
+_SANDBOXED = Path(__file__).resolve().parent.parent / "sandboxed"
+#: The relay defines names only; the init, after it, uses them (see sandbox_init).
+RELAY_SOURCE = (_SANDBOXED / "egress_relay.py").read_text()
+_INIT_SOURCE = RELAY_SOURCE + "\n" + (_SANDBOXED / "sandbox_init.py").read_text()
+_ATTEMPTS_MAX = 16 * 1024
 
 
 #: How long after its timeout a sandbox ends itself if its caller did not (a dead caller).
 DEADLINE_GRACE = 5.0
 
 
-def init_argv(marker: str, argv: tuple[str, ...], timeout: float | None = None) -> list[str]:
-    """The sandbox's PID 1: our init (see sandboxed/sandbox_init.py) wrapping the command."""
+def init_argv(marker: str, argv: tuple[str, ...], timeout: float | None = None,
+              egress: str = "") -> list[str]:
+    """The sandbox's PID 1: our init (see sandboxed/sandbox_init.py) wrapping the command;
+    ``egress``: its relay's setting (``SandboxNetwork.relay_setting``)."""
     deadline = 0.0 if timeout is None else timeout + DEADLINE_GRACE
     return [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker, f"{STATUS_DIR}/status",
-            f"{deadline:.3f}", *argv]
+            f"{deadline:.3f}", egress, *argv]
+
+
+def read_attempts(status_dir: str) -> str:
+    """What the init's relay says was tried while the network was off (written inside the
+    sandbox: bounded here, parsed by ``egress.sandbox.relay_attempts``)."""
+    try:
+        with open(os.path.join(status_dir, "egress"), encoding="ascii", errors="replace") as f:
+            return f.read(_ATTEMPTS_MAX)
+    except OSError:
+        return ""
 
 
 def started_in(status_dir: str) -> bool:

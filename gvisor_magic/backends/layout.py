@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..egress import EGRESS_DIR
 from ..protected import (
     HIDDEN,
     READ_ONLY,
@@ -171,13 +172,16 @@ class SandboxLayout:
 
 
 def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, scratch: str,
-                 *, host_system: bool = True, status_dir: str | None = None) -> SandboxLayout:
+                 *, host_system: bool = True, status_dir: str | None = None,
+                 egress_dir: str | None = None) -> SandboxLayout:
     """Build the layout of a sandbox for ``spec``, whose processes start in its working dir
     with ``env`` over the allowlisted base; the generated ``/etc`` and stand-in files go
     under ``scratch``.
 
     ``host_system=False`` is for a real image that brings its own system
     directories: then only the private and user mounts are added.
+    ``egress_dir``: the host directory of the network proxy's socket, shown read-only
+    at ``EGRESS_DIR``.
     """
     path_dirs = [os.path.dirname(sys.executable)] if host_system else []
     path_dirs += ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -195,7 +199,8 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
         for prefix in python_prefixes():
             mounts.append(MountSpec(prefix, "bind", prefix))
         etc = os.path.join(scratch, "etc")
-        for directory in write_etc(etc, identity, spec.network, layout.hostname):
+        for directory in write_etc(etc, identity, spec.network.mode == "host",
+                                   layout.hostname):
             mounts.append(MountSpec(directory, "bind", directory))
         mounts.append(MountSpec("/etc", "bind", etc))
     size = f"size={spec.limits.tmp_size}"
@@ -204,6 +209,8 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
                             ("mode=0700", f"uid={identity.uid}", f"gid={identity.gid}", size)))
     if status_dir is not None:
         mounts.append(MountSpec(STATUS_DIR, "bind", status_dir, read_only=False))
+    if egress_dir is not None:
+        mounts.append(MountSpec(EGRESS_DIR, "bind", egress_dir))
     wanted = []
     if spec.working_dir:
         wanted.append((spec.working_dir, False))
@@ -278,7 +285,7 @@ def _protect(layout: SandboxLayout, scratch: str) -> None:
             layout.mounts.append(MountSpec(item.path, "bind", item.path))
 
 
-def write_etc(etc: str, identity: Identity, network: bool, hostname: str) -> list[str]:
+def write_etc(etc: str, identity: Identity, host_network: bool, hostname: str) -> list[str]:
     """Write the sandbox's ``/etc`` into ``etc``; return host /etc dirs to bind into it."""
     os.makedirs(etc, exist_ok=True)
     directories = []
@@ -311,7 +318,7 @@ def write_etc(etc: str, identity: Identity, network: bool, hostname: str) -> lis
         "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n",
         "resolv.conf": "",
     }
-    if network and os.path.isfile("/etc/resolv.conf"):
+    if host_network and os.path.isfile("/etc/resolv.conf"):
         with open("/etc/resolv.conf") as handle:
             files["resolv.conf"] = handle.read()
     for name, text in files.items():

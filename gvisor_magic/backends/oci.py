@@ -32,7 +32,8 @@ class Bundle:
     layout: SandboxLayout
     process_args: list[str]
     limits: Limits
-    network: bool = False
+    #: The host's own network (``network="host"``): no network namespace of its own.
+    host_network: bool = False
     #: Capabilities (in gVisor's kernel) the init process starts with; a warm session's
     #: agent needs a few to seal itself off and drops them all before any command runs.
     init_capabilities: tuple[str, ...] = ()
@@ -77,9 +78,9 @@ class Bundle:
 
     def spec(self, mounts: list[dict[str, object]]) -> dict[str, object]:
         layout, ident = self.layout, self.layout.identity
-        # network=True: no network namespace of its own, so runsc's --network=host
+        # network="host": no network namespace of its own, so runsc's --network=host
         # really is the host's network (with one, it would see an empty namespace).
-        kinds = ("pid", "mount", "uts", "ipc") + (() if self.network else ("network",))
+        kinds = ("pid", "mount", "uts", "ipc") + (() if self.host_network else ("network",))
         namespaces = [{"type": t} for t in kinds]
         linux: dict[str, object] = {"namespaces": namespaces, "seccomp": no_setid_seccomp()}
         if ident.rootless:

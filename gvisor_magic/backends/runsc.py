@@ -19,10 +19,13 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 
 import psutil
 
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
+from ..egress.policy import Blocked
+from ..egress.sandbox import SandboxNetwork
 from ..errors import CommandInterrupted, SandboxStartError
 from ..install import command as install_command
 from ..memory import OOM_RETURNCODE, MemoryGuard, mechanism, remove_orphan_cgroups
@@ -31,7 +34,7 @@ from ..registry import Enforcement
 from ..request import CommandRequest
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
-from .init import init_argv, read_status, started_in
+from .init import init_argv, read_attempts, read_status, started_in
 from .layout import Identity, build_layout, caller_identity, init_python
 from .oci import Bundle
 
@@ -263,13 +266,16 @@ class RunscBackend:
                     "unprivileged pod); /tmp and HOME are size-capped in-memory tmpfs; "
                     f"memory: {memory}; cpus: NOT enforced (the timeout bounds CPU time)")
 
-    def flags(self, state_dir: str, network: bool) -> list[str]:
+    def flags(self, state_dir: str, network: SandboxNetwork) -> list[str]:
         # --directfs=false: with directfs, runsc 20240729 truncates a host file on
         # a *read-only* bind mount when the sandbox opens it with O_TRUNC (the
         # open itself then fails with EROFS). Through the gofer, read-only holds.
         # --oci-seccomp: apply the bundle's filter, which refuses set-ID file modes.
-        flags = ["--root", state_dir, f"--network={'host' if network else 'none'}",
-                 "--overlay2=none", "--directfs=false", "--oci-seccomp"]
+        # --host-uds=open (with a proxied network only): the sandbox may connect to the
+        # proxy's socket on a bind mount, never create one on the host.
+        flags = ["--root", state_dir, f"--network={network.runsc_network}",
+                 *network.runsc_flags(), "--overlay2=none", "--directfs=false",
+                 "--oci-seccomp"]
         if "--ignore-cgroups" not in self.extra_flags and "--rootless" not in self.extra_flags:
             # Limits are rlimits enforced by gVisor itself, so no host cgroup is needed.
             flags.append("--ignore-cgroups")
@@ -333,21 +339,24 @@ class RunscBackend:
                                     "directory") from exc
         state = os.path.join(run_dir, "state")
         status_dir = os.path.join(run_dir, "status")
-        flags = self.flags(state, request.network)
+        network = SandboxNetwork(request.network, run_dir, sandbox_id)
+        flags = self.flags(state, network)
         outcome: Outcome | None = None
         proc: subprocess.Popen[bytes] | None = None
-        status, started = "", False
+        status, started, tried = "", False, ""
         layout = None
         guard: MemoryGuard | None = None
         try:
             try:
                 os.mkdir(state, 0o700)
                 os.mkdir(status_dir, 0o700)
+                network.start()
                 layout = build_layout(request.spec, request.env, identity, run_dir,
-                                      status_dir=status_dir)
+                                      status_dir=status_dir, egress_dir=network.mount_source())
                 bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
-                                init_argv(marker, request.argv, request.timeout), request.limits,
-                                request.network)
+                                init_argv(marker, request.argv, request.timeout,
+                                          network.relay_setting()),
+                                request.limits, network.runsc_network == "host")
                 bundle.write()
             except OSError as exc:  # e.g. a full disk: the command has not started
                 raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
@@ -374,17 +383,21 @@ class RunscBackend:
             abnormal = proc is not None and (
                 outcome is None or outcome.timed_out or outcome.interrupted
                 or not outcome.gate_seen or outcome.returncode >= 128)
-            status, started = self._cleanup(runsc, flags, sandbox_id, state, run_dir, abnormal)
+            network.close()
+            status, started, tried = self._cleanup(runsc, flags, sandbox_id, state, run_dir,
+                                                   abnormal)
             if layout is not None:
                 layout.release()
             if guard is not None:
                 guard.close()
+        blocked = network.blocked(relay_text=tried)
         if guard is not None and guard.breached():
-            return self._memory_killed(request, outcome, guard, sandbox_id, layout)
+            return self._memory_killed(request, outcome, guard, sandbox_id, layout, blocked)
         try:
             # noexec matters only inside a user namespace (see state_base).
             result = self._result(request, outcome, status, sandbox_id, started,
-                                  marker.encode(), base if identity.rootless else None)
+                                  marker.encode(), base if identity.rootless else None,
+                                  blocked)
         except CommandInterrupted as exc:
             exc.result.details.update(layout.details())
             raise
@@ -392,7 +405,7 @@ class RunscBackend:
         return result
 
     def _memory_killed(self, request: CommandRequest, outcome: Outcome, guard: MemoryGuard,
-                       sandbox_id: str, layout) -> CommandResult:
+                       sandbox_id: str, layout, blocked: list[Blocked]) -> CommandResult:
         """The sandbox crossed ``Limits.memory`` and was killed (even before the command
         started: that is this command's error, never a reason to try another backend)."""
         details = {"sandbox_id": sandbox_id, "memory_limit": guard.describe_breach(),
@@ -400,14 +413,15 @@ class RunscBackend:
         result = CommandResult.from_streams(
             outcome.stdout, outcome.stderr, returncode=OOM_RETURNCODE, backend=self.name,
             isolated=True, duration=outcome.duration, network=request.network,
-            details=details, error=guard.describe_breach())
+            details=details, error=guard.describe_breach(), blocked=blocked)
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result
 
     def _result(self, request: CommandRequest, outcome: Outcome, status: str,
                 sandbox_id: str, started: bool = False, marker: bytes = b"",
-                state_dir: str | None = None) -> CommandResult:
+                state_dir: str | None = None, blocked: Sequence[Blocked] = ()
+                ) -> CommandResult:
         if not outcome.gate_seen and started:
             # The command may have run, whatever came first on stderr (a wrapper's line,
             # runsc's --debug-log=/dev/stderr): report it, never try elsewhere.
@@ -433,7 +447,7 @@ class RunscBackend:
         result = CommandResult.from_streams(
             outcome.stdout, outcome.stderr, returncode=returncode, backend=self.name,
             isolated=True, timed_out=outcome.timed_out, duration=outcome.duration,
-            network=request.network, details=details, error=error)
+            network=request.network, details=details, error=error, blocked=blocked)
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result
@@ -455,15 +469,17 @@ class RunscBackend:
             kill_processes_mentioning(sandbox_id, "sandbox")
 
     def _cleanup(self, runsc: str, flags: list[str], sandbox_id: str, state: str,
-                 run_dir: str, abnormal: bool) -> tuple[str, bool]:
-        """Remove the sandbox, its processes and files; return the init's status report
-        and whether the init recorded the command's start.
+                 run_dir: str, abnormal: bool) -> tuple[str, bool, str]:
+        """Remove the sandbox, its processes and files; return the init's status report,
+        whether the init recorded the command's start, and what its relay says was tried
+        while the network was off.
 
         The status file is written by code inside the sandbox, so it is read
         with a size bound and only trusted to refine ``128 + N`` into a signal.
         """
         status = read_status(os.path.join(run_dir, "status", "status"))
         started = started_in(os.path.join(run_dir, "status"))
+        tried = read_attempts(os.path.join(run_dir, "status"))
         # `runsc run` removes a sandbox whose init exited and leaves its state dir
         # empty; anything else (a kill, a crash, a start-up failure) gets the
         # full treatment: delete, then hunt for stray runsc processes.
@@ -479,6 +495,6 @@ class RunscBackend:
         shutil.rmtree(run_dir, ignore_errors=True)
         if os.path.exists(run_dir):
             log.warning("gvisor: could not remove the sandbox directory %s", run_dir)
-        return status, started
+        return status, started, tried
 
 

@@ -22,10 +22,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..egress.sandbox import SandboxNetwork
 from ..errors import SandboxStartError
 from ..memory import ContainerOOMWatch, MemoryGuard
 from ..process import kill_processes_mentioning
 from ..request import SandboxSpec
+from .init import RELAY_SOURCE
 from .layout import build_layout, caller_identity, init_python
 from .oci import Bundle
 from .runsc import (
@@ -39,8 +41,8 @@ from .runsc import (
     state_fix,
 )
 
-AGENT_SOURCE = (Path(__file__).resolve().parent.parent / "sandboxed" / "session_agent.py"
-                ).read_text()
+AGENT_SOURCE = RELAY_SOURCE + "\n" + (
+    Path(__file__).resolve().parent.parent / "sandboxed" / "session_agent.py").read_text()
 _STDERR_KEEP = 64 * 1024
 
 
@@ -102,6 +104,7 @@ class RunscTransport:
         self.proc: subprocess.Popen[bytes] | None = None
         self.layout = None
         self.guard: MemoryGuard | None = None
+        self.network: SandboxNetwork | None = None
         self._channel, self._errors = socket_pair(), socket_pair()
         try:
             self.run_dir = make_run_dir(base)
@@ -110,17 +113,21 @@ class RunscTransport:
                                     fix=f"point {ENV_STATE_DIR} at a writable directory"
                                     ) from exc
         state = os.path.join(self.run_dir, "state")
-        self._flags = backend.flags(state, spec.network)
+        self.network = network = SandboxNetwork(spec.network, self.run_dir, self.sandbox_id)
+        self._flags = backend.flags(state, network)
         try:
             os.mkdir(state, 0o700)
-            self.layout = layout = build_layout(spec, {}, identity, self.run_dir)
+            network.start()
+            self.layout = layout = build_layout(spec, {}, identity, self.run_dir,
+                                                egress_dir=network.mount_source())
             self.env = layout.env
             # The agent starts as root of the sandbox and takes a uid of its own,
             # running commands as the caller (session_agent.seal).
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout,
-                            agent_argv("--caller", str(identity.uid), "--shell", spec.shell),
-                            spec.limits,
-                            spec.network, SEAL_CAPABILITIES, init_uid=0)
+                            agent_argv("--caller", str(identity.uid), "--shell", spec.shell,
+                                       "--egress", network.relay_setting()),
+                            spec.limits, network.runsc_network == "host", SEAL_CAPABILITIES,
+                            init_uid=0)
             bundle.write()
             self.guard = MemoryGuard(spec.limits.memory, kill=self._kill_sandbox)
             try:
@@ -188,6 +195,8 @@ class RunscTransport:
             self.proc = None
         if self.guard is not None:
             self.guard.close()
+        if self.network is not None:
+            self.network.close()
         _release(self)
         if getattr(self, "run_dir", None):
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -216,11 +225,11 @@ class DockerTransport:
             raise SandboxStartError("docker", "warm sessions need the host-tools image "
                                     "(GVISOR_MAGIC_IMAGE is set)")
         runtime, config = backend.find_runtime()
-        if spec.network and "--network=none" in (config.get("runtimeArgs") or []):
-            raise SandboxStartError("docker", f"the Docker runtime {runtime!r} has no network",
-                                    unsupported=True)
+        backend.check_network(spec.network, runtime, config)
         image = backend.image()
         self.run_dir = make_run_dir(tempfile.gettempdir())
+        #: Always off here (``check_network``): the agent's relay notes what was tried.
+        self.network = SandboxNetwork(spec.network, self.run_dir)
         self.process = None
         self.layout = None
         self.oom: ContainerOOMWatch | None = None
@@ -232,7 +241,8 @@ class DockerTransport:
             ident = layout.identity
             self.cid = backend.create(spec, layout,
                                       agent_argv("--caller", str(ident.uid), "--hide",
-                                                 str(ident.gid), "--shell", spec.shell),
+                                                 str(ident.gid), "--shell", spec.shell,
+                                                 "--egress", self.network.relay_setting()),
                                       runtime, image, stdin_open=True,
                                       init_capabilities=HIDE_CAPABILITIES)
             self.sandbox_id = self.cid[:12]

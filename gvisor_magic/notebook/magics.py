@@ -21,10 +21,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.text import DollarFormatter, SList
-from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 from traitlets.config import Config, Configurable
 
 from .. import registry
+from ..egress.policy import NetworkPolicy, PolicyError
 from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
 from ..protected import PathPolicy
 from ..request import MODES, Limits, SandboxSpec
@@ -57,7 +58,14 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--repo", {"help": "host directory mounted read-only at the same path"}),
     ("--env", {"action": "append", "default": [], "metavar": "KEY=VALUE",
                "help": "environment variable for the command (repeatable)"}),
-    ("--network", {"action": "store_true", "help": "allow network access"}),
+    ("--network", {"metavar": "POLICY",
+                   "help": "the sandbox's network: a preset (pypi, npm, github, huggingface, "
+                           "conda), hosts (comma-separated host or host:port), 'public' "
+                           "(public addresses through the host's filtering proxy), 'host' (the "
+                           "host's own network, unfiltered) or 'off' (default: "
+                           "Isolation.network)"}),
+    ("--allow-host", {"action": "append", "default": [], "metavar": "HOST[:PORT]",
+                      "help": "also allow this destination (repeatable)"}),
     ("--require-isolation", {"action": "store_true",
                              "help": "raise IsolationUnavailable rather than run without gVisor"}),
     ("--out", {"metavar": "VAR", "help": "store stdout in VAR instead of printing it"}),
@@ -140,7 +148,11 @@ class Isolation(Configurable):
                     ).tag(config=True)
     require_isolation = Bool(None, allow_none=True, help="Refuse to run without gVisor "
                              "(None: $GVISOR_MAGIC_REQUIRE_ISOLATION).").tag(config=True)
-    network = Bool(False, help="Allow network access inside the sandbox.").tag(config=True)
+    network = Union([Bool(), Unicode(), List(Unicode())], default_value=False,
+                    help="The sandbox's network: False (off), a preset ('pypi', 'npm', "
+                    "'github', 'huggingface', 'conda'), hosts (['pypi.org', "
+                    "'example.com:8443']), True (public addresses through the host's filtering "
+                    "proxy) or 'host' (the host's own network, unfiltered).").tag(config=True)
     route_bang = Bool(False, help="Route !cmd, !!cmd, x = !cmd and %sx through the sandbox "
                       "(%pip/%conda/%uv stay on the host).").tag(config=True)
     # A static default, not a @default method: when %config's value is rejected,
@@ -202,6 +214,17 @@ class Isolation(Configurable):
         except (InvalidRequestError, TypeError) as exc:
             raise TraitError(f"Isolation.protected_paths: {exc}") from None
         return proposal["value"]
+
+    @validate("network")
+    def _check_network(self, proposal):
+        try:
+            NetworkPolicy.parse(proposal["value"])
+        except PolicyError as exc:
+            raise TraitError(f"Isolation.network: {exc}") from None
+        return proposal["value"]
+
+    def network_policy(self) -> NetworkPolicy:
+        return NetworkPolicy.parse(self.network)
 
     def effective_limits(self, overrides: dict[str, str] | None = None) -> Limits:
         """The defaults, then ``Isolation.limits``, then a cell's ``--limit`` options."""
@@ -265,12 +288,12 @@ class IsolatedMagics(Magics):
             self.sessions.prewarm(self._spec(os.getcwd(), None, None),
                                   self.settings.mode, self.settings.require_isolation)
 
-    def _spec(self, workdir: str, repo: str | None, network: bool | None,
+    def _spec(self, workdir: str, repo: str | None, network: NetworkPolicy | None,
               limits: Limits | None = None) -> SandboxSpec:
         settings = self.settings
         return SandboxSpec.build(
             os.path.realpath(workdir), repo and os.path.realpath(repo),
-            network=settings.network if network is None else network,
+            network=settings.network_policy() if network is None else network,
             limits=limits or settings.effective_limits(), shell=settings.shell,
             protected_paths=list(settings.protected_paths))
 
@@ -286,7 +309,7 @@ class IsolatedMagics(Magics):
             quiet: bool | None = None, stdin: str | None = None,
             mode: str | None = None, timeout: float | str | None = "trait",
             workdir: str | None = None, repo: str | None = None,
-            env: dict[str, str] | None = None, network: bool | None = None,
+            env: dict[str, str] | None = None, network: NetworkPolicy | None = None,
             require_isolation: bool | None = None, show_stdout: bool = True,
             show_stderr: bool = True, fresh: bool = False,
             limits: dict[str, str] | None = None) -> CommandResult:
@@ -323,7 +346,8 @@ class IsolatedMagics(Magics):
                     command, working_dir=workdir or os.getcwd(), repo_path=repo,
                     timeout=seconds, env=env, mode=mode or settings.mode,
                     require_isolation=require,
-                    network=settings.network if network is None else network, on_output=stream,
+                    network=settings.network_policy() if network is None else network,
+                    on_output=stream,
                     stdin=stdin, max_output=settings.max_output, shell=settings.shell,
                     limits=effective,
                     protected_paths=list(settings.protected_paths))
@@ -339,7 +363,7 @@ class IsolatedMagics(Magics):
             report(exc.result, self._quiet(quiet), "interrupted")
             raise
         self.state.record(result, own_choice=own_choice)
-        self.state.network = settings.network
+        self.state.network = settings.network_policy().describe()
         if not own_choice:
             self.state.limits = settings.effective_limits().describe(
                 registry.enforcement((result.backend,)))
@@ -413,12 +437,23 @@ class IsolatedMagics(Magics):
             command, capture=capture, mode=args.mode,
             timeout=args.timeout if args.timeout is not None else "trait",
             workdir=args.workdir, repo=args.repo, env=env,
-            network=True if args.network else None,
+            network=self._network(args.network, args.allow_host),
             require_isolation=True if args.require_isolation else None, fresh=args.fresh,
             quiet=True if args.quiet else None,
             show_stdout=not args.out, show_stderr=not args.err, limits=limits)
         self._store(result, out=args.out, err=args.err, keep=args.result)
         return result
+
+    def _network(self, setting: str | None, hosts: list[str]) -> NetworkPolicy | None:
+        """``--network`` and ``--allow-host``: None when neither is given (the setting's)."""
+        if setting is None and not hosts:
+            return None
+        try:
+            base = (self.settings.network_policy() if setting is None
+                    else NetworkPolicy.parse(setting))
+            return base.combined(hosts)
+        except PolicyError as exc:
+            raise UsageError(f"--network/--allow-host: {exc}") from None
 
     # -- magics -------------------------------------------------------------------------
 
@@ -498,7 +533,7 @@ class IsolatedMagics(Magics):
         runsc = info.backends.get("runsc")
         self.state.runsc_version = runsc.version if runsc is not None else None
         self.state.require_isolation = info.require_isolation
-        self.state.network = self.settings.network
+        self.state.network = self.settings.network_policy().describe()
         self.state.pod_gvisor = info.pod_runs_gvisor
         self.state.limits = self.settings.effective_limits().describe(
             registry.enforcement((info.auto_backend,)) if info.auto_backend else None)

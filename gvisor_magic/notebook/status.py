@@ -47,7 +47,7 @@ def plain(result: CommandResult, note: str = "") -> str:
     where = f"{result.backend} ({'gVisor' if result.isolated else 'NOT isolated'})"
     text = f"{PREFIX} {where}: exit {result.returncode}"
     if result.network:
-        text += ", network ON"
+        text += f", network: {result.network_policy}"
     return text + (f" ({note})" if note else "")
 
 

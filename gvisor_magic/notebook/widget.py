@@ -25,6 +25,10 @@ class LastRun:
     duration: float
     outcome: str  # "exit 0", "timed out", "interrupted", "blocked"
     network: bool = False
+    #: Its network in words (``CommandResult.network_policy``).
+    network_policy: str = "off"
+    #: Destinations it tried and was refused, one line each.
+    blocked_destinations: tuple[str, ...] = ()
     #: Why it did not run under gVisor, when it did not.
     fallback_reason: str | None = None
     #: The cell chose its own backend (``--mode``) or requirement, so this run says
@@ -45,7 +49,8 @@ class IsolationState:
     isolated: bool = False
     fallback_reason: str | None = None
     runsc_version: str | None = None
-    network: bool = False
+    #: The default network in words ("off", "allowlist: pypi", ...).
+    network: str = "off"
     require_isolation: bool = False
     blocked: str | None = None
     session: str | None = None
@@ -88,7 +93,7 @@ class IsolationState:
     def summary(self) -> str:
         """One line, no timings, under 110 characters (ipywidgets cuts longer text)."""
         parts = [f"gvisor-magic: {self.headline}",
-                 f"network {'ON' if self.network else 'off'}"]
+                 f"network {self.network}"]
         if self.last is not None:
             parts.append(f"last: {self._last_words()}")
         text = " | ".join(parts)
@@ -109,6 +114,8 @@ class IsolationState:
                 else f"exit {result.returncode}")
         self.last = LastRun(result.backend, result.isolated, result.returncode, result.duration,
                             outcome, network=result.network,
+                            network_policy=result.network_policy,
+                            blocked_destinations=tuple(b.describe() for b in result.blocked),
                             fallback_reason=result.fallback_reason, own_choice=own_choice)
 
     def record_blocked(self, reason: str, own_choice: bool = False) -> None:
@@ -124,7 +131,7 @@ class IsolationState:
                 ("isolation", "gVisor" if self.isolated else (
                     "the pod's gVisor sandbox, shared with the kernel" if self.pod_gvisor
                     else "none (runs on the host)"), None),
-                ("network", "ON" if self.network else "off", None)]
+                ("network", self.network, RED if self.network.startswith("HOST") else None)]
         if self.runsc_version:
             rows.append(("runsc", self.runsc_version, None))
         if self.session:
@@ -151,9 +158,12 @@ class IsolationState:
                 words += " — NOT isolated" + (" (this cell's own --mode)" if last.own_choice
                                               else "")
                 alarm = AMBER
-            if last.network and not self.network:
-                words += ", network ON for this cell"
+            if last.network_policy != self.network:
+                words += f", network {last.network_policy} for this cell"
             rows.append(("last command", words, alarm))
+            if last.blocked_destinations:
+                rows.append(("network refused", "; ".join(last.blocked_destinations[:5]),
+                             AMBER))
         body = "".join(
             f"<tr><td style='padding-right:1em;color:{GREY};vertical-align:top'>{esc(k)}</td>"
             + (f"<td style='color:{c};font-weight:600'>" if c else "<td>") +

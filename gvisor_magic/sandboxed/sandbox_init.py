@@ -17,7 +17,13 @@ A backstop for a caller that died (SIGKILL, say): at ``DEADLINE`` seconds (0:
 none) the init kills every process of the sandbox and ends it, so a sandbox
 never outlives its timeout by more than the host's grace.
 
-argv: MARKER STATUS_FILE DEADLINE PROGRAM [ARGS...]
+The network: with EGRESS set (see ``egress_relay.parse_egress``, whose source
+is put in front of this one) a relay serves an HTTP proxy on the sandbox's
+loopback before the command starts, and the command's environment points at
+it. Destinations asked for while the network is off are written to
+``egress`` next to the status file.
+
+argv: MARKER STATUS_FILE DEADLINE EGRESS PROGRAM [ARGS...]
 """
 
 import os
@@ -26,13 +32,21 @@ import sys
 
 
 def main() -> None:
-    marker, status_path, deadline, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    marker, status_path, deadline, egress = sys.argv[1:5]
+    argv = sys.argv[5:]
     home = os.environ.get("HOME")
     if home:
         try:
             os.makedirs(home, 0o700, exist_ok=True)
         except OSError:
             pass
+    egress = parse_egress(egress)  # noqa: F821 (defined by egress_relay.py, put in front)
+    if egress is not None:
+        try:
+            os.environ.update(start_relay(egress))  # noqa: F821
+        except OSError as exc:
+            os.write(2, f"gvisor-magic init: cannot start the network relay: {exc}\n".encode())
+            os._exit(125)
     try:
         os.close(os.open(os.path.join(os.path.dirname(status_path), "started"),
                          os.O_WRONLY | os.O_CREAT, 0o600))
@@ -71,14 +85,23 @@ def main() -> None:
     else:
         code = os.WEXITSTATUS(status)
         report = f"exit {code}"
+    if egress is not None and not egress.get("socket"):
+        tried = take_attempts()  # noqa: F821
+        if tried:
+            _write(os.path.join(os.path.dirname(status_path), "egress"),
+                   attempts_text(tried))  # noqa: F821
     if code < 128:
         os._exit(code)  # unambiguous: no status file needed
+    _write(status_path, report)
+    os._exit(code)
+
+
+def _write(path, text):
     try:
-        with open(status_path, "w") as handle:
-            handle.write(report)
+        with open(path, "w") as handle:
+            handle.write(text)
     except OSError:
         pass
-    os._exit(code)
 
 
 def _deadline(*_: object) -> None:

@@ -13,6 +13,8 @@ import pytest
 from gvisor_magic import IsolatedSession, IsolationUnavailable, registry, run_command_isolated
 from gvisor_magic import runner as runner_module
 from gvisor_magic.detect import BackendStatus
+from gvisor_magic.egress import NetworkPolicy
+from gvisor_magic.egress.sandbox import SandboxNetwork
 from gvisor_magic.errors import SandboxStartError
 from gvisor_magic.result import RUNTIME_FAILURE, CommandResult
 
@@ -107,6 +109,7 @@ class ScriptedTransport:
         self.stdout_fd = self.host.fileno()
         self.sandbox_id = f"fake-{len(self.started)}"
         self.env = {"HOME": "/home/u", "PATH": "/usr/bin", "USER": "u"}
+        self.network = SandboxNetwork(NetworkPolicy(), "/nonexistent")  # off: no proxy
         self.requests: list[dict] = []
         self.started.append(self)
         self.agent.sendall(frame(b"H", b'{"pid": 1}'))

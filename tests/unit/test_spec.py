@@ -24,8 +24,10 @@ def test_equal_specs_are_one_sandbox_and_any_setting_makes_another(tmp_path):
 def test_a_spec_is_checked_where_it_is_made(tmp_path):
     with pytest.raises(InvalidRequestError, match="working_dir"):
         SandboxSpec.build(tmp_path / "missing")
-    with pytest.raises(TypeError, match="network"):
-        SandboxSpec.build(tmp_path, network="yes")
+    with pytest.raises(InvalidRequestError, match="network"):
+        SandboxSpec.build(tmp_path, network=42)
+    with pytest.raises(InvalidRequestError, match="not a URL"):
+        SandboxSpec.build(tmp_path, network="https://pypi.org/simple")
     with pytest.raises(TypeError, match="limits"):
         SandboxSpec.build(tmp_path, limits={"memory": 1})
 
@@ -37,7 +39,7 @@ def test_a_request_runs_in_its_spec_or_in_its_own_cwd(tmp_path):
     there = CommandRequest.build("ls", spec=spec, cwd=tmp_path / "sub")
     assert here.working_dir == str(tmp_path) and there.working_dir == str(tmp_path / "sub")
     assert here.argv == ("/bin/bash", "-c", "ls")  # the spec's shell
-    assert there.spec is spec and there.network is False
+    assert there.spec is spec and not there.network.enabled
     with pytest.raises(InvalidRequestError, match="cwd"):
         CommandRequest.build("ls", spec=spec, cwd=tmp_path / "missing")
 

@@ -1,0 +1,132 @@
+"""``SandboxNetwork``: what one sandbox needs of the policy and the proxy, for every
+backend and session (see the package's docstring)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+from . import EGRESS_DIR, SOCKET_NAME
+from .policy import Blocked, NetworkPolicy, summarize
+
+if TYPE_CHECKING:
+    from .proxy import EgressProxy
+#: ``sockaddr_un`` holds 108 bytes, with its terminating NUL.
+_SOCKET_PATH_MAX = 107
+#: What is kept of one command's attempts while the network is off.
+_ATTEMPTS_READ_MAX = 16 * 1024
+_LOOPBACK = "localhost,127.0.0.1,::1"
+#: Where a proxy's socket goes when the sandbox's own directory is too deep for one.
+_SHORT_BASE = "/tmp"
+
+
+def relay_attempts(text: str, policy: NetworkPolicy) -> list[Blocked]:
+    """What the sandbox's relay says was tried while the network was off (``host port``
+    lines). It comes from inside the sandbox: only well-formed lines are kept, and only
+    to be shown."""
+    found = []
+    for line in text[:_ATTEMPTS_READ_MAX].splitlines()[:64]:
+        match = re.fullmatch(r"([A-Za-z0-9._:-]{1,253}) (\d{1,5})", line.strip())
+        if match and 0 < int(match.group(2)) < 65536:
+            host, port = match.group(1).lower(), int(match.group(2))
+            found.append(Blocked(host, port, "the network is off", policy.hint(host, port)))
+    return summarize(found)
+
+
+def agent_attempts(items: object) -> str:
+    """A warm sandbox's agent reports attempts as JSON ``[[host, port]...]``: the same
+    ``host port`` lines as the init's file, whatever shape the list really has."""
+    if not isinstance(items, list):
+        return ""
+    return "".join(f"{item[0]} {item[1]}\n" for item in items[:64]
+                   if isinstance(item, list) and len(item) == 2
+                   and isinstance(item[0], str) and isinstance(item[1], int))
+
+
+def relay_setting(policy: NetworkPolicy) -> str:
+    """What a sandbox's PID 1 is told (``egress_relay.parse_egress``): no relay for the
+    host's network; else the proxy's socket (none: the network is off) and ``NO_PROXY``.
+
+    Loopback stays the sandbox's own (a server a command starts inside) unless the policy
+    names a loopback address: then proxied tools reach the host's.
+    """
+    if policy.mode == "host":
+        return ""
+    socket_path = f"{EGRESS_DIR}/{SOCKET_NAME}" if policy.proxied else ""
+    return f"{socket_path}\t{'' if policy.names_loopback() else _LOOPBACK}"
+
+
+class SandboxNetwork:
+    """One sandbox's network on the host: its proxy (when it has one), the mount that
+    shows the proxy's socket inside, the setting its PID 1 gets, and runsc's flags.
+
+    Use: ``start()`` before the sandbox starts, ``close()`` after it ended.
+    """
+
+    def __init__(self, policy: NetworkPolicy, run_dir: str, label: str = "") -> None:
+        self.policy = policy
+        self.run_dir = run_dir
+        self.host_dir = os.path.join(run_dir, "egress")
+        self.proxy: EgressProxy | None = None
+        self.label = label
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.host_dir, SOCKET_NAME)
+
+    def start(self) -> SandboxNetwork:
+        if not self.policy.proxied:
+            return self
+        from .proxy import EgressProxy  # asyncio: imported only when a proxy is needed
+
+        if len(self.socket_path) > _SOCKET_PATH_MAX:
+            # A deep TMPDIR or state dir: the socket goes to a short private directory,
+            # named like a run dir (a later run removes it if this process dies).
+            self.host_dir = tempfile.mkdtemp(prefix=f"gvisor-magic-{os.getpid()}-",
+                                             dir=_SHORT_BASE)
+        else:
+            os.mkdir(self.host_dir, 0o700)
+        self.proxy = EgressProxy(self.policy, self.socket_path, self.label).start()
+        return self
+
+    def close(self) -> None:
+        """Stop the proxy and remove its socket (idempotent); its record stays readable."""
+        if self.proxy is not None:
+            self.proxy.close()
+        if not self.host_dir.startswith(self.run_dir + os.sep):
+            shutil.rmtree(self.host_dir, ignore_errors=True)
+
+    # -- what the sandbox is given ----------------------------------------------
+
+    @property
+    def runsc_network(self) -> str:
+        """runsc's ``--network``: the host's stack only for ``host``."""
+        return "host" if self.policy.mode == "host" else "none"
+
+    def runsc_flags(self) -> list[str]:
+        """``--host-uds=open`` (connect only, never create) when a proxy serves it."""
+        return ["--host-uds=open"] if self.policy.proxied else []
+
+    def mount_source(self) -> str | None:
+        """The host directory to show read-only at ``EGRESS_DIR``, if any."""
+        return self.host_dir if self.policy.proxied else None
+
+    def relay_setting(self) -> str:
+        """The PID 1's setting (``egress_relay.parse_egress``)."""
+        return relay_setting(self.policy)
+
+    # -- what happened ----------------------------------------------------------
+
+    def mark(self) -> int:
+        return self.proxy.mark() if self.proxy is not None else 0
+
+    def blocked(self, mark: int = 0, relay_text: str = "") -> list[Blocked]:
+        """What was refused since ``mark``: the proxy's record, or the relay's report."""
+        if self.proxy is not None:
+            return self.proxy.blocked_since(mark)
+        if relay_text and self.policy.mode == "off":
+            return relay_attempts(relay_text, self.policy)
+        return []
