@@ -29,6 +29,7 @@ def _doctor(args: argparse.Namespace) -> int:
         data = info.to_dict()
         data["limits"] = {**dataclasses.asdict(limits), "enforcement": {
             name: how.summary for name, how in registry.enforcement().items()}}
+        data["network"] = {name: how.network for name, how in registry.enforcement().items()}
         print(json.dumps(data, indent=2, default=str))
     else:
         print(f"gvisor-magic {__version__}")
@@ -37,6 +38,9 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"\ndefault limits: {limits.describe(registry.enforcement(here))}")
         for name, how in registry.enforcement().items():
             print(f"  {name}: {how.summary}")
+        print("\nnetwork (network=...):")
+        for name, how in registry.enforcement().items():
+            print(f"  {name}: {how.network}")
     if args.require_isolation and not info.isolated:
         return 1
     return 0

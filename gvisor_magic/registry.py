@@ -42,6 +42,8 @@ class Enforcement:
     cpus: str
     #: Every limit on this backend, one paragraph.
     summary: str
+    #: Which ``network=`` settings it can enforce, and how.
+    network: str = ""
 
 
 TABLE = (

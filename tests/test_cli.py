@@ -24,6 +24,10 @@ def test_doctor_json_says_what_works(runsc_works):
     assert data["backends"]["runsc"]["available"] is True
     assert data["isolated"] is True
     assert data["auto_backend"] in ("runsc", "docker")
+    # What each backend can do with network=..., as the allowlist tests check it.
+    assert "filtering proxy" in data["network"]["runsc"]
+    assert "refused" in data["network"]["docker"] and "NOT enforced" in data["network"][
+        "subprocess"]
 
 
 def test_doctor_text_gives_the_fix_for_a_missing_runsc():

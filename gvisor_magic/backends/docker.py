@@ -67,7 +67,9 @@ class DockerBackend:
             summary="the same rlimits (as Docker ulimits, enforced by gVisor) and tmpfs caps, "
                     "plus cgroups: memory (+swap) and cpus for the whole container, and pids "
                     "(2 x processes + 256, since gVisor's own threads and per-process stubs "
-                    "count there too)")
+                    "count there too)",
+            network="off only: the runtime runs with --network=none and without --host-uds, "
+                    "so allowlists, network=True and 'host' are refused (use runsc)")
 
     @property
     def custom_image(self) -> str | None:

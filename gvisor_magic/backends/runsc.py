@@ -264,7 +264,10 @@ class RunscBackend:
             summary="processes, open files, file size and address space are rlimits enforced "
                     "by gVisor's own kernel (no host cgroups needed, so they hold in an "
                     "unprivileged pod); /tmp and HOME are size-capped in-memory tmpfs; "
-                    f"memory: {memory}; cpus: NOT enforced (the timeout bounds CPU time)")
+                    f"memory: {memory}; cpus: NOT enforced (the timeout bounds CPU time)",
+            network="off by default (--network=none); allowlists and network=True through the "
+                    "host's filtering proxy (--host-uds=open); 'host': the host's network, "
+                    "unfiltered")
 
     def flags(self, state_dir: str, network: SandboxNetwork) -> list[str]:
         # --directfs=false: with directfs, runsc 20240729 truncates a host file on

@@ -46,7 +46,9 @@ class SubprocessBackend:
             memory="NOT enforced on the host", cpus="NOT enforced on the host",
             summary="rlimits set on the host process (RLIMIT_NPROC counts all of the user's "
                     "processes and does not apply to root); no /tmp cap, memory and cpus NOT "
-                    "enforced: this fallback isolates nothing")
+                    "enforced: this fallback isolates nothing",
+            network="the host's whole network, whatever is asked (NOT enforced); allowlists "
+                    "and network=True are refused")
 
     def probe(self) -> BackendStatus:
         return BackendStatus(self.name, True, False,
