@@ -216,8 +216,9 @@ def run_command_isolated(
         network=network, stdin=stdin, limits=limits, max_output=max_output, shell=shell,
         protected_paths=protected_paths)
     mode = resolve_mode(mode)
-    check_mode_can_isolate(mode, resolve_require_isolation(require_isolation), request.network)
-    require = isolation_required(resolve_require_isolation(require_isolation), request.network)
+    asked = resolve_require_isolation(require_isolation)
+    check_mode_can_isolate(mode, asked, request.network)
+    require = isolation_required(asked, request.network)
     names, why = plan(mode, require)
     scratch = None
     if request.working_dir is None:
