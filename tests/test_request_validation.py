@@ -47,7 +47,9 @@ CASES = [
     ({"env": {"OK": "a\0b"}}, InvalidRequestError, "NUL byte"),
     ({"env": ["A=B"]}, TypeError, "env must be a mapping"),
     ({"stdin": 5}, TypeError, "stdin must be str, bytes or None"),
-    ({"network": "yes"}, TypeError, "network must be True or False"),
+    ({"network": 42}, InvalidRequestError, "network must be False, True, 'host', a preset"),
+    ({"network": "https://pypi.org/simple"}, InvalidRequestError, "not a URL"),
+    ({"network": ["pypi", "host"]}, InvalidRequestError, "cannot be combined"),
     ({"max_output": 0}, InvalidRequestError, "max_output must be a positive"),
     ({"require_isolation": "yes"}, TypeError, "require_isolation must be"),
 ]
