@@ -45,6 +45,11 @@ def returncode_of(raw: int | None, *, init_status: str = "", timed_out: bool = F
     return KILLED if raw is None else raw
 
 
+def network_fields(policy: NetworkPolicy) -> dict[str, object]:
+    """A result's ``network`` and ``network_policy``, from its sandbox's policy."""
+    return {"network": policy.enabled, "network_policy": policy.describe()}
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """What happened when a command ran.
@@ -77,18 +82,16 @@ class CommandResult:
 
     @classmethod
     def from_streams(cls, stdout: Capture, stderr: Capture, *, returncode: int, backend: str,
-                     isolated: bool, network: NetworkPolicy | bool, timed_out: bool = False,
+                     isolated: bool, network: NetworkPolicy, timed_out: bool = False,
                      duration: float = 0.0, error: str | None = None,
                      details: dict[str, str] | None = None,
                      blocked: Iterable[Blocked] = ()) -> CommandResult:
         """The one way a backend or a session turns what it captured into a result."""
-        policy = network if isinstance(network, NetworkPolicy) else NetworkPolicy.parse(
-            "host" if network else False)
         return cls(returncode=returncode, stdout=stdout.text(), stderr=stderr.text(),
                    backend=backend, isolated=isolated, timed_out=timed_out,
                    duration=duration, truncated=stdout.truncated or stderr.truncated,
-                   network=policy.enabled, network_policy=policy.describe(),
-                   blocked=tuple(blocked), error=error, details=dict(details or {}))
+                   **network_fields(network), blocked=tuple(blocked), error=error,
+                   details=dict(details or {}))
 
     @property
     def success(self) -> bool:

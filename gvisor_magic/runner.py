@@ -42,7 +42,7 @@ from .request import (
     resolve_mode,
     resolve_require_isolation,
 )
-from .result import RUNTIME_FAILURE, CommandResult
+from .result import RUNTIME_FAILURE, CommandResult, network_fields
 
 log = logging.getLogger("gvisor_magic")
 
@@ -278,7 +278,7 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
 def _not_started(name: str, reason: str, request: CommandRequest) -> CommandResult:
     return CommandResult(
         returncode=RUNTIME_FAILURE, stdout="", stderr="", backend=name, isolated=True,
-        network=request.network, details={"not_started": reason},
+        **network_fields(request.network), details={"not_started": reason},
         error=(f"the sandbox could not start for this command, which did not run: {reason}. "
                f"{name} itself works here (a probe sandbox just ran), so it was not tried on "
                "another backend"))

@@ -43,7 +43,7 @@ from .request import (
     resolve_require_isolation,
     sandbox_env,
 )
-from .result import KILLED, CommandResult
+from .result import KILLED, CommandResult, network_fields
 from .runner import check_mode_can_isolate, isolation_required, plan, run_command_isolated
 
 START_TIMEOUT = 60.0
@@ -324,7 +324,7 @@ class IsolatedSession:
             self._stop_locked()  # it may have started: the whole sandbox goes
             raise CommandInterrupted(CommandResult(
                 KILLED, "", "", warm.backend, True, duration=time.monotonic() - start,
-                network=request.network))
+                **network_fields(request.network)))
         if run.broken is not None:
             # Read before the sandbox (and its cgroup) goes: was this its memory limit?
             if warm.transport.memory_events() > memory_before:

@@ -22,15 +22,18 @@ from pathlib import Path
 
 import psutil
 
+from ..egress.policy import NetworkPolicy
 from ..errors import CommandInterrupted, SandboxStartError
 from ..process import OutputCallback, supervise
 from ..registry import Enforcement
 from ..request import CommandRequest, sandbox_env
-from ..result import CommandResult, returncode_of
+from ..result import CommandResult, network_fields, returncode_of
 from .base import BackendStatus
 
 _POSIX = os.name == "posix"
 _LINUX = sys.platform.startswith("linux")
+#: What a command on the host can reach, whatever was asked: everything the host can.
+HOST_NETWORK = NetworkPolicy("host")
 _REAPER_SOURCE = (Path(__file__).resolve().parent / "reaper.py").read_text() if _LINUX else ""
 
 
@@ -95,14 +98,14 @@ class SubprocessBackend:
         result = CommandResult.from_streams(
             outcome.stdout, outcome.stderr, returncode=returncode, backend=self.name,
             isolated=False, timed_out=outcome.timed_out, duration=outcome.duration,
-            network=True)
+            network=HOST_NETWORK)
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result
 
     def _no_program(self, request: CommandRequest, code: int, message: str) -> CommandResult:
         return CommandResult(returncode=code, stdout="", stderr=message, backend=self.name,
-                             isolated=False, network=True)
+                             isolated=False, **network_fields(HOST_NETWORK))
 
 
 class _Tree:

@@ -32,7 +32,6 @@ import os
 import re
 import socket
 import threading
-import time
 from urllib.parse import urlsplit
 
 from .policy import Blocked, NetworkPolicy, PolicyError, canonical_host, summarize
@@ -83,6 +82,7 @@ class EgressProxy:
         self.socket_path = socket_path
         self.label = label or os.path.basename(os.path.dirname(socket_path))
         self.attempts: list[Blocked] = []
+        #: Connections made, by ``host:port``.
         self.allowed: dict[str, int] = {}
         self._server: asyncio.base_events.Server | None = None
         self._active: set[asyncio.Task[None]] = set()
@@ -167,7 +167,7 @@ class EgressProxy:
                 await writer.drain()
                 await _pipe_both(reader, writer, up_reader, upstream)
             else:
-                await _forward_one(method, path, version, headers, host, port, target,
+                await _forward_one(method, path, version, headers, host, port,
                                    reader, up_reader, upstream, writer)
         except _Refusal as refusal:
             if refusal.record and host:
@@ -242,11 +242,7 @@ async def _read_head(reader: asyncio.StreamReader
         if len(exc.partial) >= MAX_HEAD:
             raise _Refusal(431, f"request head over {MAX_HEAD} bytes", record=False) from None
         raise
-    try:
-        text = raw.decode("latin-1")
-    except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
-        raise _Refusal(400, "unreadable request", record=False) from None
-    lines = text[:-4].split("\r\n")
+    lines = raw.decode("latin-1")[:-4].split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise _Refusal(400, "not an HTTP/1.x request line", record=False)
@@ -329,7 +325,7 @@ async def _pipe_both(client_r: asyncio.StreamReader, client_w: asyncio.StreamWri
 
 
 async def _forward_one(method: str, path: str, version: str, headers: list[tuple[str, str]],
-                       host: str, port: int, target: str, client_r: asyncio.StreamReader,
+                       host: str, port: int, client_r: asyncio.StreamReader,
                        up_r: asyncio.StreamReader, up_w: asyncio.StreamWriter,
                        client_w: asyncio.StreamWriter) -> None:
     lengths = {v for k, v in headers if k.lower() == "content-length"}
@@ -381,16 +377,3 @@ async def _forward_chunked(client_r: asyncio.StreamReader, up_w: asyncio.StreamW
         data = await asyncio.wait_for(client_r.readexactly(size + 2), IDLE_TIMEOUT)
         up_w.write(data)
         await up_w.drain()
-
-
-def wait_for_socket(path: str, timeout: float = 5.0) -> bool:
-    """Whether something listens on ``path`` within ``timeout`` (for tests and doctor)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return True
-            except OSError:
-                time.sleep(0.02)
-    return False
