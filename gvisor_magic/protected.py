@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import os
 import re
 import stat
@@ -310,12 +311,22 @@ def default_homes() -> list[str]:
     """Home directories on this machine: ``$HOME``, the caller's and every passwd entry's."""
     homes = {os.path.expanduser("~"), os.environ.get("HOME", "")}
     try:
+        # Looked up again only when the user database changes (a warm session scans before
+        # every command; reading and resolving every entry was a third of that scan).
+        homes.update(_passwd_homes(os.stat("/etc/passwd").st_mtime_ns))
+    except OSError:
+        homes.update(_passwd_homes(None))
+    return sorted(os.path.realpath(h) for h in homes if h and h not in ("/", "/nonexistent"))
+
+
+@functools.lru_cache(maxsize=4)
+def _passwd_homes(_version: int | None) -> frozenset[str]:
+    try:
         import pwd
 
-        homes.update(entry.pw_dir for entry in pwd.getpwall())
+        return frozenset(entry.pw_dir for entry in pwd.getpwall())
     except (ImportError, KeyError):  # pragma: no cover - not on Linux
-        pass
-    return sorted(os.path.realpath(h) for h in homes if h and h not in ("/", "/nonexistent"))
+        return frozenset()
 
 
 def _inside(path: str, roots: Iterable[str]) -> str | None:
@@ -351,6 +362,8 @@ class _Planner:
         #: Where sandboxes keep their state (mounted only when the working dir holds it).
         self.state_dir = os.path.realpath(tempfile.gettempdir())
         self.entries = 0
+        #: Real paths of the directories looked at, once per scan (most candidates share one).
+        self.real_dirs: dict[str, str] = {}
 
     # -- adding -------------------------------------------------------------------
 
@@ -375,7 +388,11 @@ class _Planner:
                 return  # it points outside every mount: nothing inside to see or change
             path, info = target, os.lstat(target)
         elif info is None:
-            path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+            parent = os.path.dirname(path)
+            real = self.real_dirs.get(parent)
+            if real is None:
+                real = self.real_dirs[parent] = os.path.realpath(parent)
+            path = os.path.join(real, os.path.basename(path))
         if not _inside(path, self.mounts):
             return
         text = None
