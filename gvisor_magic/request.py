@@ -23,6 +23,8 @@ from .registry import Enforcement
 MODES = ("auto", *BACKEND_NAMES)
 ENV_MODE = "GVISOR_MAGIC_MODE"
 ENV_REQUIRE = "GVISOR_MAGIC_REQUIRE_ISOLATION"
+#: ``0``/``off`` stops one-shot calls from reusing warm sandboxes (on by default).
+ENV_REUSE = "GVISOR_MAGIC_REUSE"
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
@@ -431,6 +433,21 @@ def resolve_require_isolation(require: bool | None) -> bool:
     if raw in _FALSE:
         return False
     raise InvalidRequestError(f"{ENV_REQUIRE}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def resolve_reuse(reuse: bool | None) -> bool:
+    """Whether a one-shot call may reuse a warm sandbox of the same spec: the argument,
+    else ``$GVISOR_MAGIC_REUSE``, else True."""
+    if reuse is not None:
+        if not isinstance(reuse, bool):
+            raise TypeError(f"reuse must be True, False or None, got {reuse!r}")
+        return reuse
+    raw = os.environ.get(ENV_REUSE, "").strip().lower()
+    if raw == "" or raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InvalidRequestError(f"{ENV_REUSE}={raw!r} is not a boolean (use 1/0, on/off)")
 
 
 def sandbox_env(given: Mapping[str, str], *, home: str, path: str, user: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from . import registry
 from .backends.base import Backend, BackendStatus
-from .backends.layout import plan_for
+from .backends.layout import plan_for, protection_details
 from .backends.runsc import make_run_dir
 from .detect import (
     POD_GVISOR_NOTE,
@@ -41,8 +41,10 @@ from .request import (
     NetworkSetting,
     resolve_mode,
     resolve_require_isolation,
+    resolve_reuse,
 )
 from .result import RUNTIME_FAILURE, CommandResult, network_fields
+from .warm import POOL, WarmSandbox
 
 log = logging.getLogger("gvisor_magic")
 
@@ -102,10 +104,12 @@ class _Registry:
             self._status[status.name] = (status, time.monotonic())
 
     def forget(self) -> None:
-        """Drop cached probes and backend instances (after installing runsc, say)."""
+        """Drop cached probes and backend instances (after installing runsc, say), and the
+        warm sandboxes they made."""
         with self._lock:
             self._status.clear()
             self._backends.clear()
+        POOL.reset()
 
 
 REGISTRY = _Registry()
@@ -200,6 +204,7 @@ def run_command_isolated(
     max_output: int | None = DEFAULT_MAX_OUTPUT,
     shell: str = DEFAULT_SHELL,
     protected_paths: Sequence[str] | PathPolicy | None = None,
+    reuse: bool | None = None,
 ) -> CommandResult:
     """Run ``command`` once, in the best sandbox available, and say where it ran.
 
@@ -209,6 +214,10 @@ def run_command_isolated(
     command that cannot run under gVisor raises ``IsolationUnavailable``.
     ``protected_paths`` adds read-only paths or relaxes built-in ones (``"-.bashrc"``);
     see ``gvisor_magic.protected``.
+    ``reuse`` (default ``$GVISOR_MAGIC_REUSE``, on): a call that repeats the sandbox of a
+    recent call (same working dir, repo, network, limits, protected paths, shell) runs in
+    a warm sandbox kept for it, emptied of the last call's processes, ``/tmp`` and
+    ``HOME`` (see ``gvisor_magic.warm.WarmPool``).
     See the README for the sandbox policy (mounts, environment, limits, protected paths).
     """
     request = CommandRequest.build(
@@ -218,8 +227,26 @@ def run_command_isolated(
     mode = resolve_mode(mode)
     asked = resolve_require_isolation(require_isolation)
     check_mode_can_isolate(mode, asked, request.network)
-    require = isolation_required(asked, request.network)
+    declined = None
+    if resolve_reuse(reuse) and request.working_dir is not None:
+        names, why = plan(mode, isolation_required(asked, request.network))
+        reused, declined = _run_reused(request, names, why, mode, on_output)
+        if reused is not None:
+            return reused
+    result = run_fresh(request, mode=mode, require_isolation=asked, on_output=on_output)
+    if declined:
+        result.details["not_reused"] = declined
+    return result
+
+
+def run_fresh(request: CommandRequest, *, mode: str, require_isolation: bool,
+              on_output: OutputCallback | None = None) -> CommandResult:
+    """Run ``request`` in a sandbox of its own, made for it and removed after it."""
+    check_mode_can_isolate(mode, require_isolation, request.network)
+    require = isolation_required(require_isolation, request.network)
     names, why = plan(mode, require)
+    if request.cwd is not None:
+        request = dataclasses.replace(request.with_spec(working_dir=request.cwd), cwd=None)
     scratch = None
     if request.working_dir is None:
         # Named after this process, so the next run removes it if we are killed.
@@ -233,6 +260,64 @@ def run_command_isolated(
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
+                on_output: OutputCallback | None) -> tuple[CommandResult | None, str | None]:
+    """Run ``request`` in a warm sandbox of the pool: (its result, None), or (None, why not
+    when worth saying) to run it fresh. Never a result unless the command ran there.
+
+    Only on the backend a fresh run would use (the first of ``names`` not known to be
+    unusable), and only if it keeps warm sandboxes.
+    """
+    name = next((n for n in names if REGISTRY.backend(n) is not None
+                 and getattr(REGISTRY.cached(n), "available", True)), None)
+    if name is None or registry.transport_class(name) is None:
+        return None, None
+    plan_now = plan_for(request.spec)
+    stand_ins = [p.path for p in plan_now.protections if not p.exists]
+    if stand_ins:
+        # Missing protected paths (a home's .ssh, .ipython...) get stand-ins mounted over
+        # them while a sandbox runs; kept between calls, they would stay visible on the host.
+        return None, ("a fresh sandbox, as the working dir needs stand-ins for missing "
+                      f"protected paths ({', '.join(stand_ins[:3])}...), which must not stay "
+                      "on the host after the call")
+    sandbox = POOL.take(name, request.spec)
+    if sandbox is None:
+        return None, None
+    if sandbox.protection != plan_now.key():
+        # A credential or repository appeared since it started: its mounts miss it.
+        sandbox.retire()
+        POOL.give_back(sandbox)
+        return None, None
+    request = request.with_spec(plan=plan_now)
+    log.info("gvisor: running %r in warm sandbox %s (%s)", request.display[:200],
+             sandbox.sandbox_id, why)
+    started, wall = time.monotonic(), time.time()
+    try:
+        result = sandbox.run(request, on_output, fresh=True)
+    except SandboxStartError as exc:
+        # Never accepted, so it did not run: a fresh sandbox runs it, once.
+        log.info("gvisor: warm sandbox %s did not take the command (%s)", sandbox.sandbox_id,
+                 exc.reason)
+        return None, None
+    except CommandInterrupted as exc:
+        exc.result.details.update(_reuse_details(sandbox))
+        _after_run(REGISTRY.backend(name), request, wall, exc.result)
+        exc.result = _with_reason(exc.result, {}, mode, time.monotonic() - started)
+        raise
+    finally:
+        POOL.give_back(sandbox)
+    result.details.update(_reuse_details(sandbox))
+    _after_run(REGISTRY.backend(name), request, wall, result)
+    return _with_reason(result, {}, mode, time.monotonic() - started), None
+
+
+def _reuse_details(sandbox: WarmSandbox) -> dict[str, object]:
+    """What a fresh sandbox's result says about its mounts, and which sandbox it was."""
+    return {**protection_details(sandbox.spec.plan), "sandbox_id": sandbox.sandbox_id,
+            "reused": f"call {sandbox.commands} of a warm sandbox kept for this spec (each "
+                      "call starts with an empty /tmp and HOME and no process of another)"}
 
 
 def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, mode: str,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import os
 import threading
 import time
@@ -21,14 +20,10 @@ from collections.abc import Mapping, Sequence
 from types import EllipsisType
 
 from . import registry
-from .agent_channel import AgentClient, SessionBroken
-from .backends.base import Transport
 from .backends.layout import plan_for, protection_details
-from .egress.sandbox import agent_attempts
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
-from .memory import OOM_RETURNCODE
 from .postrun import check_after_run
-from .process import Capture, OutputCallback
+from .process import OutputCallback
 from .protected import PathPolicy
 from .request import (
     DEFAULT_MAX_OUTPUT,
@@ -41,23 +36,12 @@ from .request import (
     check_max_output,
     resolve_mode,
     resolve_require_isolation,
-    sandbox_env,
 )
-from .result import KILLED, CommandResult, network_fields
-from .runner import check_mode_can_isolate, isolation_required, plan, run_command_isolated
+from .result import CommandResult
+from .runner import check_mode_can_isolate, isolation_required, plan, run_fresh
+from .warm import WarmSandbox
 
-START_TIMEOUT = 60.0
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
-
-
-@dataclasses.dataclass
-class _Warm:
-    transport: Transport
-    client: AgentClient
-    backend: str
-    started: float
-    #: The protected paths this sandbox's mounts were made for (``ProtectionPlan.key``).
-    protection: frozenset
 
 
 class IsolatedSession:
@@ -86,7 +70,7 @@ class IsolatedSession:
         self.require_isolation = resolve_require_isolation(require_isolation)
         check_mode_can_isolate(self.mode, self.require_isolation, self.spec.network)
         self.idle_timeout = idle_timeout
-        self._warm: _Warm | None = None
+        self._warm: WarmSandbox | None = None
         self._lock = threading.RLock()
         self._idle_timer: threading.Timer | None = None
         self._note: str | None = None  # told to the next result (e.g. a restart)
@@ -113,7 +97,7 @@ class IsolatedSession:
     @property
     def sandbox_id(self) -> str | None:
         warm = self._warm
-        return warm.transport.sandbox_id if warm is not None else None
+        return warm.sandbox_id if warm is not None else None
 
     @property
     def state(self) -> str:
@@ -159,7 +143,7 @@ class IsolatedSession:
         try:
             for name in names:
                 try:
-                    self._warm = self._launch(name)
+                    self._warm = WarmSandbox.launch(name, self.spec)
                     self.backend, self.cold_reason = name, None
                     return
                 except SandboxStartError as exc:
@@ -170,21 +154,6 @@ class IsolatedSession:
             raise IsolationUnavailable(f"cannot start a warm {self.mode} sandbox", reasons)
         self.cold_reason = "no warm sandbox: " + "; ".join(f"{k}: {v}" for k, v in
                                                            reasons.items())
-
-    def _launch(self, name: str) -> _Warm:
-        spec = dataclasses.replace(self.spec, plan=plan_for(self.spec))
-        transport: Transport = registry.transport_class(name)(spec)
-        client = AgentClient(transport)
-        try:
-            ready = client.hello(time.monotonic() + START_TIMEOUT)
-        except SessionBroken as exc:
-            transport.close()
-            raise SandboxStartError(name, str(exc)) from exc
-        if not ready:
-            transport.close()
-            raise SandboxStartError(name, "the sandbox agent did not say hello within "
-                                    f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
-        return _Warm(transport, client, name, time.monotonic(), spec.plan.key())
 
     def close(self) -> None:
         """Stop the sandbox; idempotent, and also done at interpreter exit."""
@@ -204,7 +173,7 @@ class IsolatedSession:
             self._idle_timer = None
         warm, self._warm = self._warm, None
         if warm is not None:
-            warm.transport.close()
+            warm.close()
 
     def _arm_idle_timer(self) -> None:
         if self.idle_timeout is None:
@@ -293,12 +262,8 @@ class IsolatedSession:
 
     def _run_cold(self, request: CommandRequest, on_output: OutputCallback | None
                   ) -> CommandResult:
-        result = run_command_isolated(
-            list(request.argv), working_dir=request.working_dir, repo_path=self.spec.repo_path,
-            timeout=request.timeout, env=dict(request.env), mode=self.mode,
-            require_isolation=self.require_isolation, network=self.spec.network,
-            on_output=on_output, stdin=request.stdin, limits=self.spec.limits,
-            max_output=request.max_output, protected_paths=self.spec.protection)
+        result = run_fresh(request, mode=self.mode, require_isolation=self.require_isolation,
+                           on_output=on_output)
         result.details["session"] = f"one-shot ({self.cold_reason})"
         return result
 
@@ -307,63 +272,19 @@ class IsolatedSession:
         warm = self._warm
         assert warm is not None
         note, self._note = self._note, None
-        env = sandbox_env(request.env, home=warm.transport.env["HOME"],
-                          path=warm.transport.env["PATH"], user=warm.transport.env["USER"])
-        if "HOSTNAME" in warm.transport.env:
-            env.setdefault("HOSTNAME", warm.transport.env["HOSTNAME"])
-        out, err = Capture("stdout", request.max_output), Capture("stderr", request.max_output)
-        start = time.monotonic()
-        memory_before = warm.transport.memory_events()
-        network_mark = warm.transport.network.mark()
-        run = warm.client.run(
-            {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
-             "stdin": request.stdin.hex() if request.stdin else None},
-            out, err, on_output, None if request.timeout is None else start + request.timeout)
-        error = memory_note = None
-        if run.interrupted and not run.accepted:
-            self._stop_locked()  # it may have started: the whole sandbox goes
-            raise CommandInterrupted(CommandResult(
-                KILLED, "", "", warm.backend, True, duration=time.monotonic() - start,
-                **network_fields(request.network)))
-        if run.broken is not None:
-            # Read before the sandbox (and its cgroup) goes: was this its memory limit?
-            if warm.transport.memory_events() > memory_before:
-                memory_note = warm.transport.memory_note()
-            error = f"{memory_note or run.broken}; the session will start a fresh sandbox"
-            self._stop_locked()
-            self._note = ("the previous sandbox of this session was killed for crossing its "
-                          "memory limit and was replaced (fresh /tmp and HOME)" if memory_note
-                          else "the previous sandbox of this session failed and was replaced")
-            if not run.accepted:
-                # The request never reached a working agent: safe to say it did not run.
-                raise SandboxStartError(warm.backend, str(run.broken)) from run.broken
-        elif run.lost:
-            self._stop_locked()  # interrupted again while the agent was killing the command
-        if memory_note is None and warm.transport.memory_events() > memory_before:
-            # The OOM killer ended the command's process; the sandbox lives on.
-            memory_note = error = warm.transport.memory_note()
-        returncode = OOM_RETURNCODE if memory_note else run.returncode(failed=bool(error))
-        blocked = warm.transport.network.blocked(
-            network_mark, agent_attempts((run.status or {}).get("blocked")))
-        result = CommandResult.from_streams(
-            out, err, returncode=returncode, backend=warm.backend, isolated=True,
-            timed_out=run.timed_out, duration=time.monotonic() - start,
-            network=request.network, error=error, blocked=blocked,
-            details={"session": warm.transport.sandbox_id,
-                     **({"session_note": note} if note else {}),
-                     **({"memory_limit": memory_note} if memory_note else {})})
-        if run.status is not None and run.status.get("tainted"):
-            # The agent could not undo what this command changed: the next command gets a
-            # fresh sandbox, and its result says why.
-            self._stop_locked()
-            self._note = (f"the sandbox was replaced (fresh /tmp and HOME): "
-                          f"{str(run.status['tainted'])[:200]}")
-        if run.interrupted:
-            raise CommandInterrupted(result, (
-                "command interrupted; its processes were killed and the warm sandbox was kept"
-                if self._warm is not None else
-                "command interrupted; its sandbox was killed (the next command starts a "
-                "fresh one)"))
+        details = {"session": warm.sandbox_id, **({"session_note": note} if note else {})}
+        try:
+            result = warm.run(request, on_output)
+        except CommandInterrupted as exc:
+            exc.result.details.update(details)
+            raise
+        finally:
+            if warm.retired is not None:  # failed, tainted or interrupted mid-start
+                self._stop_locked()
+                if warm.retired:
+                    self._note = warm.retired.replace("the previous sandbox",
+                                                      "the previous sandbox of this session")
+        result.details.update(details)
         return result
 
 

@@ -89,7 +89,7 @@ def no_leaks(monkeypatch: pytest.MonkeyPatch):
     """Every test starts from fresh probes and must leave no sandbox or scratch dir behind."""
     for name in ("GVISOR_MAGIC_MODE", "GVISOR_MAGIC_REQUIRE_ISOLATION", "GVISOR_MAGIC_RUNSC",
                  "GVISOR_MAGIC_RUNSC_FLAGS", "GVISOR_MAGIC_DOCKER_RUNTIME", "GVISOR_MAGIC_IMAGE",
-                 "GVISOR_MAGIC_STATE_DIR"):
+                 "GVISOR_MAGIC_STATE_DIR", "GVISOR_MAGIC_REUSE"):
         monkeypatch.delenv(name, raising=False)
     REGISTRY.forget()
     before = scratch_dirs()

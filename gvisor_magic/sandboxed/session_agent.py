@@ -7,7 +7,9 @@ so it uses only built-in modules.
 Protocol, over the agent's stdin (host -> agent) and stdout (agent -> host),
 both one Unix socket: every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes, big-endian) + payload.
 
-  host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null}   run a command
+  host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null, "fresh": bool}
+                                              run a command ("fresh": empty /tmp and HOME
+                                              after it, see ``empty_private_dirs``)
                   G  (empty)                  go: run the command just accepted
                   K  (empty)                                               kill the command
   agent -> host   H  JSON {"pid"}             ready (sent once, at start)
@@ -398,6 +400,104 @@ def clean_between():
     return tainted
 
 
+def mount_points():
+    """{mount point: its filesystem type}, the last mount on a point winning (the one seen),
+    or None when the sandbox's mount table cannot be read."""
+    points = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
+            for line in table:
+                fields = line.split()
+                if "-" not in fields[6:]:
+                    continue
+                kind = fields[fields.index("-", 6) + 1]
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                points[point] = kind
+    except (OSError, IndexError, ValueError):
+        return None
+    return points
+
+
+def _remove_tree(path, device):
+    """Remove ``path`` (a link itself, never its target), making the caller's own read-only
+    or unreadable directories writable on the way (the caller owns all a command made),
+    and never leaving the filesystem ``device``."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if info.st_dev != device:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        try:
+            os.chmod(path, 0o700)
+            names = os.listdir(path)
+        except OSError:
+            names = []
+        for name in names:
+            _remove_tree(os.path.join(path, name), device)
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _empty(directory, points, device):
+    """Remove what is in ``directory`` on the filesystem ``device``, never entering a mount
+    point (a working dir or repo bound below /tmp or HOME is the host's own files)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        path = entry.path
+        if path in points:
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_dev != device:
+                continue
+        except OSError:
+            continue
+        if any(point.startswith(path + "/") for point in points):
+            if entry.is_dir(follow_symlinks=False):
+                _empty(path, points, device)  # a parent the runtime made for a mount
+            continue
+        _remove_tree(path, device)
+
+
+def empty_private_dirs():
+    """Empty ``/tmp`` and ``HOME`` (their tmpfs only) for the next caller of a reused
+    sandbox; why the sandbox can no longer be trusted, or ""."""
+    try:
+        return _empty_private_dirs()
+    except (OSError, RecursionError, ValueError) as exc:  # a tree too deep, say
+        return f"/tmp and HOME could not be emptied between calls ({exc.__class__.__name__})"
+
+
+def _empty_private_dirs():
+    points = mount_points()
+    if points is None:
+        return "the sandbox's mount table could not be read to empty /tmp and HOME"
+    for directory in ("/tmp", ENV.get("HOME") or "/tmp"):
+        if points.get(directory) != "tmpfs":
+            continue  # not the private tmpfs (HOME is the working dir, say): keep it
+        try:
+            device = os.lstat(directory).st_dev
+        except OSError:
+            continue
+        _empty(directory, points, device)
+        left = [e.path for e in os.scandir(directory) if e.path not in points
+                and not any(p.startswith(e.path + "/") for p in points)]
+        if left:
+            return f"{left[0]} could not be removed between calls"
+    return ""
+
+
 def reap():
     """Collect every ended child, keeping their statuses (the command's is read later)."""
     while True:
@@ -680,6 +780,8 @@ def run(request):
     if killed:
         report["killed"] = True
     tainted = clean_between()
+    if spec.get("fresh") and not tainted:
+        tainted = empty_private_dirs()
     if tainted:
         report["tainted"] = tainted
     if EGRESS_ENV:

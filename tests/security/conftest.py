@@ -1,4 +1,6 @@
-"""The hostile-probe harness: every probe on every backend, one-shot and in a warm session.
+"""The hostile-probe harness: every probe on every backend, one-shot (a fresh sandbox per
+call), reused (repeated one-shot calls in the warm sandbox the pool keeps for them) and in a
+warm session.
 
 A probe runs something an attacker would try and then decides, from evidence
 gathered on the host, whether it got through. ``Probe.verdict`` records that
@@ -28,10 +30,14 @@ import psutil
 import pytest
 
 from gvisor_magic import CommandResult, IsolatedSession, Limits, run_command_isolated
+from gvisor_magic.warm import POOL
 
 GVISOR_RELEASE = "4.4.0"
 BACKENDS = ("runsc", "docker", "subprocess")
-FLAVOURS = ("one-shot", "session")
+FLAVOURS = ("one-shot", "reused", "session")
+#: Where each flavour exists: only gVisor backends keep warm sandboxes for one-shot calls.
+CASES = [(b, f) for b in BACKENDS for f in FLAVOURS
+         if not (b == "subprocess" and f == "reused")]
 PYTHON = sys.executable
 CANARY_ARG = "--canary-token="
 #: Before a bomb: proves that this very sandbox runs on gVisor's kernel, or stops.
@@ -74,9 +80,21 @@ class Probe:
                                                limits=self.limits, max_output=self.max_output)
             result = self.session.run(command, timeout=timeout, **kwargs)
         else:
+            reused = self.flavour == "reused"
+            if reused:
+                # The first call of a spec runs fresh; from the second, the pool's sandbox
+                # (a cheap call when it is already warm).
+                same = {k: v for k, v in kwargs.items()
+                        if k in ("protected_paths", "network", "repo_path", "shell")}
+                run_command_isolated("true", working_dir=self.workdir, mode=self.backend,
+                                     limits=self.limits, **same)
             result = run_command_isolated(command, working_dir=self.workdir, mode=self.backend,
                                           timeout=timeout, limits=self.limits,
-                                          max_output=self.max_output, **kwargs)
+                                          max_output=self.max_output, reuse=reused, **kwargs)
+            if reused:
+                assert {"reused", "not_reused", "not_started"} & set(result.details), (
+                    "a reused call ran in a fresh sandbox without saying why: "
+                    + result.describe())
         self.results.append(result)
         for key in ("sandbox_id", "container_id", "session"):
             if key in result.details:
@@ -156,8 +174,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "limits(**kw): the Limits a security probe runs with")
 
 
-@pytest.fixture(params=[(b, f) for b in BACKENDS for f in FLAVOURS],
-                ids=[f"{b}-{f}" for b in BACKENDS for f in FLAVOURS])
+@pytest.fixture(params=CASES, ids=[f"{b}-{f}" for b, f in CASES])
 def probe(request, tmp_path) -> Iterator[Probe]:
     """A probe bound to one backend and flavour; checks the host afterwards."""
     backend, flavour = request.param
@@ -175,6 +192,7 @@ def probe(request, tmp_path) -> Iterator[Probe]:
     finally:
         if instance.session is not None:
             instance.session.close()
+        POOL.reset()  # the reused flavour's sandbox: it must go when the pool lets it go
         strays = tagged_processes(instance.tag)
         for process in strays:
             with contextlib.suppress(psutil.Error):

@@ -16,6 +16,7 @@ LAYERS = [
     {"registry", "errors", "result", "detect", "process", "setid", "stand_ins", "memory", "egress",
      "protected", "request", "postrun", "agent_channel"},
     {"backends"},
+    {"warm"},
     {"runner"},
     {"session"},
     {"notebook"},

@@ -1,0 +1,298 @@
+"""A warm sandbox: a running gVisor sandbox whose PID 1 agent runs one command at a time.
+
+``IsolatedSession`` keeps one for its commands; ``WarmPool`` keeps them for one-shot
+calls (``run_command_isolated``) that repeat the same sandbox spec. Both get the same
+``CommandResult`` from ``WarmSandbox.run``, and both replace a sandbox the moment it says
+why it can no longer be trusted (``retired``).
+
+Everything inside the sandbox is untrusted: the agent's frames, its reports and its
+silence are bounded and checked in ``agent_channel``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+
+from . import registry
+from .agent_channel import AgentClient, SessionBroken
+from .backends.base import Transport
+from .backends.layout import plan_for
+from .egress.sandbox import agent_attempts
+from .errors import CommandInterrupted, SandboxStartError
+from .memory import OOM_RETURNCODE
+from .process import Capture, OutputCallback
+from .request import CommandRequest, SandboxSpec, sandbox_env
+from .result import KILLED, CommandResult, network_fields
+
+log = logging.getLogger("gvisor_magic")
+
+#: How long a new sandbox's agent has to say hello.
+START_TIMEOUT = 60.0
+
+
+class WarmSandbox:
+    """One running sandbox made to ``spec`` on backend ``backend`` (runsc or docker)."""
+
+    def __init__(self, transport: Transport, client: AgentClient, backend: str,
+                 spec: SandboxSpec) -> None:
+        self.transport = transport
+        self.client = client
+        self.backend = backend
+        self.spec = spec
+        self.started = time.monotonic()
+        #: The protected paths its mounts were made for (``ProtectionPlan.key``).
+        self.protection: frozenset = spec.plan.key() if spec.plan is not None else frozenset()
+        #: Commands it has run.
+        self.commands = 0
+        #: Set when it must not run another command: why ("" when there is nothing to say).
+        self.retired: str | None = None
+
+    @classmethod
+    def launch(cls, backend: str, spec: SandboxSpec) -> WarmSandbox:
+        """Start a sandbox for ``spec`` and wait for its agent; ``SandboxStartError`` if not."""
+        spec = dataclasses.replace(spec, plan=plan_for(spec))
+        transport: Transport = registry.transport_class(backend)(spec)
+        client = AgentClient(transport)
+        try:
+            ready = client.hello(time.monotonic() + START_TIMEOUT)
+        except SessionBroken as exc:
+            transport.close()
+            raise SandboxStartError(backend, str(exc)) from exc
+        if not ready:
+            transport.close()
+            raise SandboxStartError(backend, "the sandbox agent did not say hello within "
+                                    f"{START_TIMEOUT:.0f}s: {transport.stderr_text()[-300:]}")
+        return cls(transport, client, backend, spec)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.transport.sandbox_id
+
+    def retire(self, why: str = "") -> None:
+        """Stop the sandbox; ``why`` is what the next command's result should say."""
+        if self.retired is None:
+            self.retired = why
+        self.transport.close()
+
+    close = retire
+
+    def run(self, request: CommandRequest, on_output: OutputCallback | None = None, *,
+            fresh: bool = False) -> CommandResult:
+        """Run ``request`` in this sandbox, once.
+
+        ``fresh``: the agent empties ``/tmp`` and ``HOME`` after the command, as well as
+        killing what it left, so the next command finds nothing of this one.
+        Raises ``SandboxStartError`` when the agent never accepted the command (it did not
+        run: the caller may run it elsewhere) and ``CommandInterrupted`` on an interrupt.
+        """
+        if self.retired is not None:
+            raise SandboxStartError(self.backend, "the warm sandbox was stopped")
+        transport = self.transport
+        env = sandbox_env(request.env, home=transport.env["HOME"], path=transport.env["PATH"],
+                          user=transport.env["USER"])
+        if "HOSTNAME" in transport.env:
+            env.setdefault("HOSTNAME", transport.env["HOSTNAME"])
+        out, err = Capture("stdout", request.max_output), Capture("stderr", request.max_output)
+        start = time.monotonic()
+        memory_before = transport.memory_events()
+        network_mark = transport.network.mark()
+        self.commands += 1
+        run = self.client.run(
+            {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
+             "stdin": request.stdin.hex() if request.stdin else None, "fresh": fresh},
+            out, err, on_output, None if request.timeout is None else start + request.timeout)
+        error = memory_note = None
+        if run.interrupted and not run.accepted:
+            self.retire()  # it may have started: the whole sandbox goes
+            raise CommandInterrupted(CommandResult(
+                KILLED, "", "", self.backend, True, duration=time.monotonic() - start,
+                **network_fields(request.network)))
+        if run.broken is not None:
+            # Read before the sandbox (and its cgroup) goes: was this its memory limit?
+            if transport.memory_events() > memory_before:
+                memory_note = transport.memory_note()
+            error = f"{memory_note or run.broken}; a fresh sandbox replaces it"
+            self.retire("the previous sandbox was killed for crossing its memory limit and "
+                        "was replaced (fresh /tmp and HOME)" if memory_note else
+                        "the previous sandbox failed and was replaced")
+            if not run.accepted:
+                # The request never reached a working agent: safe to say it did not run.
+                raise SandboxStartError(self.backend, str(run.broken)) from run.broken
+        elif run.lost:
+            self.retire()  # interrupted again while the agent was killing the command
+        if memory_note is None and transport.memory_events() > memory_before:
+            # The OOM killer ended the command's process; the sandbox lives on.
+            memory_note = error = transport.memory_note()
+        returncode = OOM_RETURNCODE if memory_note else run.returncode(failed=bool(error))
+        blocked = transport.network.blocked(
+            network_mark, agent_attempts((run.status or {}).get("blocked")))
+        result = CommandResult.from_streams(
+            out, err, returncode=returncode, backend=self.backend, isolated=True,
+            timed_out=run.timed_out, duration=time.monotonic() - start,
+            network=request.network, error=error, blocked=blocked,
+            details={"memory_limit": memory_note} if memory_note else {})
+        if run.status is not None and run.status.get("tainted"):
+            # The agent could not undo what this command changed: the next command gets a
+            # fresh sandbox, and its result says why.
+            self.retire(f"the sandbox was replaced (fresh /tmp and HOME): "
+                        f"{str(run.status['tainted'])[:200]}")
+        if run.interrupted:
+            raise CommandInterrupted(result, (
+                "command interrupted; its processes were killed and the warm sandbox was kept"
+                if self.retired is None else
+                "command interrupted; its sandbox was killed (the next command starts a "
+                "fresh one)"))
+        return result
+
+
+@dataclasses.dataclass
+class _Idle:
+    sandbox: WarmSandbox
+    since: float
+
+
+class WarmPool:
+    """Warm sandboxes that repeated one-shot calls reuse, keyed by everything a sandbox is
+    made of (backend and ``SandboxSpec``: working dir, repo, network, limits, protected
+    paths, shell).
+
+    A call takes an idle sandbox of its key, or, when its key was used within
+    ``idle_timeout``, starts one (the first call of a key runs in a fresh sandbox as
+    before and leaves nothing running). Each call gets its own environment, and after it
+    the agent kills everything the command left and empties ``/tmp`` and ``HOME``
+    (``fresh``). A sandbox idle for ``idle_timeout`` seconds is stopped; at most
+    ``max_sandboxes`` run at once (further calls start fresh sandboxes). A sandbox that
+    failed, was tainted or was interrupted mid-start is never handed out again.
+    """
+
+    def __init__(self, idle_timeout: float = 30.0, max_sandboxes: int = 4) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_sandboxes = max_sandboxes
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, SandboxSpec], list[_Idle]] = {}
+        self._busy = 0
+        self._last_use: dict[tuple[str, SandboxSpec], float] = {}
+        self._timer: threading.Timer | None = None
+        self.closed = False
+
+    def live(self) -> int:
+        """Sandboxes this pool runs now (idle and in use)."""
+        with self._lock:
+            return self._live_locked()
+
+    def take(self, backend: str, spec: SandboxSpec) -> WarmSandbox | None:
+        """A warm sandbox for ``spec`` (started now if its key is in use), or None: run the
+        call in a fresh sandbox. Give it back with ``give_back``."""
+        key = (backend, dataclasses.replace(spec, plan=None))
+        now = time.monotonic()
+        with self._lock:
+            if self.closed:
+                return None
+            expired = self._expire_locked(now)
+            recent = now - self._last_use.get(key, -1e9) < self.idle_timeout
+            self._last_use[key] = now
+            idle = self._idle.get(key)
+            found = idle.pop().sandbox if idle else None
+            if idle == []:
+                del self._idle[key]
+            launch = found is None and recent and self._live_locked() < self.max_sandboxes
+            if found is not None or launch:
+                self._busy += 1
+        for sandbox in expired:
+            sandbox.retire()
+        if found is not None or not launch:
+            return found
+        try:
+            sandbox = WarmSandbox.launch(backend, spec)
+        except SandboxStartError as exc:
+            # A fresh one-shot sandbox is tried next: it says what failed, if anything does.
+            log.info("gvisor: no warm sandbox to reuse (%s); running in a fresh one", exc.reason)
+            with self._lock:
+                self._busy -= 1
+            return None
+        log.debug("gvisor: started warm sandbox %s for repeated one-shot calls",
+                  sandbox.sandbox_id)
+        return sandbox
+
+    def give_back(self, sandbox: WarmSandbox) -> None:
+        """Keep ``sandbox`` for the next call of its key, unless it is retired or dead."""
+        key = (sandbox.backend, dataclasses.replace(sandbox.spec, plan=None))
+        with self._lock:
+            self._busy -= 1
+            if sandbox.retired is None and not self.closed and sandbox.transport.alive():
+                self._idle.setdefault(key, []).append(_Idle(sandbox, time.monotonic()))
+                self._arm_locked()
+                return
+        sandbox.close()
+
+    def close(self) -> None:
+        """Stop every idle sandbox (busy ones stop when their call gives them back)."""
+        with self._lock:
+            self.closed = True
+            idle = [entry.sandbox for entries in self._idle.values() for entry in entries]
+            self._idle.clear()
+            self._last_use.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        for sandbox in idle:
+            sandbox.close()
+
+    def reset(self) -> None:
+        """Stop every idle sandbox and forget every key; the pool stays usable."""
+        self.close()
+        with self._lock:
+            self.closed = False
+
+    def _live_locked(self) -> int:
+        return self._busy + sum(len(entries) for entries in self._idle.values())
+
+    def _expire_locked(self, now: float) -> list[WarmSandbox]:
+        """Take out what has been idle too long (the caller stops it, outside the lock)."""
+        expired = []
+        for key in list(self._idle):
+            keep = [e for e in self._idle[key] if now - e.since < self.idle_timeout]
+            expired += [e.sandbox for e in self._idle[key] if now - e.since >= self.idle_timeout]
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        for key, used in list(self._last_use.items()):
+            if now - used >= self.idle_timeout:
+                del self._last_use[key]
+        return expired
+
+    def _arm_locked(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        oldest = min((e.since for entries in self._idle.values() for e in entries), default=None)
+        if oldest is None:
+            return
+        wait = max(0.05, oldest + self.idle_timeout - time.monotonic())
+        self._timer = threading.Timer(wait, self._tick)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _tick(self) -> None:
+        with self._lock:
+            expired = self._expire_locked(time.monotonic())
+            self._arm_locked()
+        for sandbox in expired:
+            log.debug("gvisor: stopping warm sandbox %s after %gs idle", sandbox.sandbox_id,
+                      self.idle_timeout)
+            sandbox.retire()
+
+
+POOL = WarmPool()
+
+
+@atexit.register
+def _close_pool() -> None:
+    with contextlib.suppress(Exception):  # interpreter exit: best effort, no traceback
+        POOL.close()

@@ -1,0 +1,249 @@
+"""One-shot calls that repeat a sandbox spec reuse a warm sandbox: each call still finds no
+file, process or environment of the one before it, runs once, and nothing outlives the
+pool's idle timeout or its caller. Checked from the host and from the next call."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+
+from gvisor_magic import InvalidRequestError, Limits, run_command_isolated
+from gvisor_magic.warm import POOL
+
+
+def _sandbox_pids(sandbox_id: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(sandbox_id in part for part in process.info["cmdline"] or []):
+                found.append(process.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_gone(sandbox_id: str, seconds: float = 20) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := _sandbox_pids(sandbox_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.fixture(params=["runsc", "docker"])
+def mode(request):
+    request.getfixturevalue(f"{request.param}_works")
+    return request.param
+
+
+def _warm(work, mode, **kwargs):
+    """Two calls: the first runs fresh, the second starts the warm sandbox it runs in."""
+    first = run_command_isolated("true", working_dir=work, mode=mode, **kwargs)
+    assert first.success and "reused" not in first.details, first
+    second = run_command_isolated("uname -r", working_dir=work, mode=mode, **kwargs)
+    assert second.stdout == "4.4.0\n" and second.isolated and second.backend == mode
+    assert "reused" in second.details, second.details
+    return second.details["sandbox_id"]
+
+
+def test_a_repeated_call_runs_in_a_warm_sandbox_in_gvisor(mode, tmp_path):
+    sandbox = _warm(tmp_path, mode)
+    third = run_command_isolated("uname -r; pwd", working_dir=tmp_path, mode=mode)
+    assert third.stdout == f"4.4.0\n{tmp_path}\n" and third.details["sandbox_id"] == sandbox
+    assert third.fallback_reason is None and third.isolated
+    assert _sandbox_pids(sandbox), "the warm sandbox is kept for the next call"
+    POOL.reset()
+    assert not _wait_gone(sandbox)
+
+
+def test_each_call_finds_no_file_process_or_environment_of_the_last(mode, tmp_path):
+    sandbox = _warm(tmp_path, mode)
+    planted = run_command_isolated(
+        "echo s3cret > /tmp/left; echo s3cret > ~/left; mkdir -p /tmp/d/e ~/d; "
+        "echo x > /tmp/d/e/f; chmod 000 /tmp/d/e /tmp/d ~/d; ln -s /tmp/left ~/link; "
+        "mkfifo /tmp/fifo; (setsid sleep 300 &); (nohup sleep 301 >/dev/null 2>&1 &); "
+        "echo kept > kept.txt; echo $TOKEN",
+        working_dir=tmp_path, mode=mode, env={"TOKEN": "tok-s3cret"})
+    assert planted.success and planted.stdout == "tok-s3cret\n", planted
+    assert planted.details["sandbox_id"] == sandbox
+    after = run_command_isolated(
+        "echo TMP; ls -A /tmp; echo HOME; ls -A ~; echo PROCS; cat /proc/[0-9]*/comm; "
+        "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c s3cret; "
+        "echo TOKEN=${TOKEN:-unset}; cat kept.txt",
+        working_dir=tmp_path, mode=mode)
+    assert after.details["sandbox_id"] == sandbox, "the same sandbox served both calls"
+    out = after.stdout
+    tmp, home = out.split("TMP\n")[1].split("HOME\n")
+    home = home.split("PROCS\n")[0]
+    for name in ("left", "d", "fifo", "link"):
+        assert name not in tmp.split() and name not in home.split(), (tmp, home)
+    assert "sleep" not in out.split("PROCS\n")[1].split(), "a process of the last call survived"
+    assert "TOKEN=unset" in out and "\n0\n" in out, "the last call's environment is readable"
+    assert out.endswith("kept\n"), "the working dir is the caller's and keeps its files"
+    assert (tmp_path / "kept.txt").read_text() == "kept\n"
+    # /tmp holds only what the runtime made to mount the working dir below it.
+    assert all(tmp_path.as_posix().startswith(f"/tmp/{name}/") for name in tmp.split()), tmp
+
+
+def test_a_working_dir_below_the_private_dirs_keeps_its_files(runsc_works):
+    """The working dir (a host directory) is bound below /tmp or HOME inside: emptying them
+    between calls never enters it, however deep it is."""
+    home = os.path.expanduser("~")
+    for parent in (tempfile.gettempdir(), home):
+        work = tempfile.mkdtemp(prefix="gvm-reuse-", dir=parent)
+        try:
+            os.makedirs(os.path.join(work, "deep", "er"))
+            for name in ("a.txt", "deep/b.txt", "deep/er/c.txt"):
+                with open(os.path.join(work, name), "w") as handle:
+                    handle.write("host\n")
+            os.symlink("a.txt", os.path.join(work, "link"))
+            for _ in range(4):
+                result = run_command_isolated("cat a.txt deep/b.txt deep/er/c.txt",
+                                              working_dir=work, mode="runsc")
+                assert result.stdout == "host\n" * 3, result
+            assert "reused" in result.details
+            assert sorted(os.listdir(work)) == ["a.txt", "deep", "link"]
+            with open(os.path.join(work, "deep/er/c.txt")) as handle:
+                assert handle.read() == "host\n"
+        finally:
+            POOL.reset()
+            subprocess.run(["rm", "-rf", work], check=True)
+
+
+def test_a_call_in_a_sandbox_that_died_runs_once_elsewhere(mode, tmp_path):
+    sandbox = _warm(tmp_path, mode)
+    for pid in _sandbox_pids(sandbox):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not _wait_gone(sandbox)
+    log = tmp_path / "runs.log"
+    result = run_command_isolated(f"echo ran >> {log}; uname -r", working_dir=tmp_path,
+                                  mode=mode)
+    assert result.stdout == "4.4.0\n" and result.success, result
+    assert result.details.get("sandbox_id") != sandbox
+    assert log.read_text() == "ran\n", "the command ran more than once"
+
+
+def test_timeouts_kill_the_command_and_the_next_call_is_clean(runsc_works, tmp_path):
+    _warm(tmp_path, "runsc")
+    timed = run_command_isolated("sleep 30 & sleep 31", working_dir=tmp_path, mode="runsc",
+                                 timeout=1)
+    assert timed.timed_out and not timed.success and "reused" in timed.details
+    after = run_command_isolated("cat /proc/[0-9]*/comm", working_dir=tmp_path, mode="runsc")
+    assert "sleep" not in after.stdout.split() and "reused" in after.details
+
+
+def test_idle_sandboxes_stop_after_the_idle_timeout(runsc_works, tmp_path, monkeypatch):
+    monkeypatch.setattr(POOL, "idle_timeout", 1.5)
+    sandbox = _warm(tmp_path, "runsc")
+    assert POOL.live() == 1
+    assert not _wait_gone(sandbox, 15), "an idle sandbox outlived the idle timeout"
+    assert POOL.live() == 0
+    # After a pause longer than the timeout, a call runs fresh again and leaves nothing.
+    time.sleep(1.6)
+    again = run_command_isolated("true", working_dir=tmp_path, mode="runsc")
+    assert "reused" not in again.details and POOL.live() == 0
+
+
+def test_another_spec_gets_another_sandbox(runsc_works, tmp_path):
+    sandbox = _warm(tmp_path, "runsc")
+    limited = [run_command_isolated("ulimit -n", working_dir=tmp_path, mode="runsc",
+                                    limits=Limits(max_open_files=99)) for _ in range(2)]
+    assert [r.stdout for r in limited] == ["99\n", "99\n"]
+    assert limited[1].details["sandbox_id"] != sandbox
+    plain = run_command_isolated("ulimit -n", working_dir=tmp_path, mode="runsc")
+    assert plain.details["sandbox_id"] == sandbox and plain.stdout != "99\n"
+
+
+def test_a_repository_made_since_the_sandbox_started_is_protected(runsc_works, tmp_path):
+    """Mounts are fixed when a sandbox starts: a .git made later needs a new sandbox."""
+    sandbox = _warm(tmp_path, "runsc")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    config = (tmp_path / ".git" / "config").read_text()
+    result = run_command_isolated(
+        "git config core.fsmonitor 'touch /tmp/pwned' 2>&1; echo x >> .git/config",
+        working_dir=tmp_path, mode="runsc")
+    assert result.details.get("sandbox_id") != sandbox
+    assert (tmp_path / ".git" / "config").read_text() == config
+
+
+def test_reuse_off_leaves_nothing_running(runsc_works, tmp_path, monkeypatch):
+    for _ in range(3):
+        result = run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
+        assert "reused" not in result.details
+    assert POOL.live() == 0
+    monkeypatch.setenv("GVISOR_MAGIC_REUSE", "off")
+    for _ in range(3):
+        assert "reused" not in run_command_isolated("true", working_dir=tmp_path).details
+    assert POOL.live() == 0
+    monkeypatch.setenv("GVISOR_MAGIC_REUSE", "perhaps")
+    with pytest.raises(InvalidRequestError, match="GVISOR_MAGIC_REUSE"):
+        run_command_isolated("true", working_dir=tmp_path)
+
+
+def test_concurrent_calls_each_run_once(runsc_works, tmp_path):
+    _warm(tmp_path, "runsc")
+    log = tmp_path / "runs.log"
+    results = []
+
+    def call(index: int) -> None:
+        results.append(run_command_isolated(f"echo {index} >> {log}; sleep 0.3",
+                                            working_dir=tmp_path, mode="runsc"))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.success for r in results), results
+    assert sorted(log.read_text().split()) == [str(i) for i in range(6)]
+    assert POOL.live() <= POOL.max_sandboxes
+
+
+CALLER = """
+import sys
+from gvisor_magic import run_command_isolated
+for _ in range(3):
+    r = run_command_isolated("true", working_dir=sys.argv[1], mode="runsc")
+print(r.details["sandbox_id"], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_pooled_sandbox_never_outlives_a_killed_caller(runsc_works, tmp_path):
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        sandbox = caller.stdout.readline().decode().strip()
+        assert sandbox.startswith("gvisor-magic-") and _sandbox_pids(sandbox)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=10)
+        assert not _wait_gone(sandbox, 30), "the pooled sandbox outlived its caller"
+        # The next fresh run of the same user reclaims what the dead caller left on disk.
+        run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
+        left = [n for n in os.listdir(tempfile.gettempdir()) if f"-{caller.pid}-" in n]
+        assert not left, left
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+
+
+def test_a_home_that_needs_stand_ins_gets_a_fresh_sandbox_each_call(runsc_works, tmp_path,
+                                                                    monkeypatch):
+    """Missing protected paths of a home get stand-ins mounted while a sandbox runs; a kept
+    sandbox would leave them in the home after the call, so such calls are never reused."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the working dir is now a home
+    for _ in range(3):
+        result = run_command_isolated("echo hi > out.txt", working_dir=tmp_path, mode="runsc")
+        assert result.success and "reused" not in result.details
+        assert "stand-ins" in result.details["not_reused"], result.details
+        assert sorted(os.listdir(tmp_path)) == ["out.txt"], "marks left in the home"
+    assert POOL.live() == 0
