@@ -57,7 +57,6 @@ import os
 import re
 import resource
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -377,19 +376,12 @@ def clean_between():
     for directory, base in (("/dev/shm", BASE_SHM), ("/dev", BASE_DEV)):
         try:
             names = os.listdir(directory)
+            device = os.lstat(directory).st_dev
         except OSError:
             continue
         for name in names:
-            if name in base:
-                continue
-            path = os.path.join(directory, name)
-            try:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.unlink(path)
-            except OSError:
-                pass
+            if name not in base:
+                _remove_tree(os.path.join(directory, name), device)
     tainted = IPC.clean()
     for limit, value in BASE_LIMITS.items():
         try:
