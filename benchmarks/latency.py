@@ -55,14 +55,14 @@ def methods(command: str | list[str]) -> dict[str, Callable[[], None]]:
     }
     if runsc:
         table["runsc backend (one-shot)"] = lambda: check(run_command_isolated(
-            command, mode="runsc", working_dir=work))
+            command, mode="runsc", working_dir=work, reuse=False))
         table["runsc do"] = lambda: subprocess.run(
             [runsc, "--network=none", "--ignore-cgroups", "do", *shell_argv], check=True,
             stdout=subprocess.DEVNULL, cwd=work)
     docker_run = _docker_run_command(shell_argv)
     if docker_run:
         table["docker backend (one-shot)"] = lambda: check(run_command_isolated(
-            command, mode="docker", working_dir=work))
+            command, mode="docker", working_dir=work, reuse=False))
         table["docker run --rm --runtime=runsc"] = lambda: subprocess.run(
             docker_run, check=True, stdout=subprocess.DEVNULL)
     closers = [lambda: shutil.rmtree(work, ignore_errors=True)]

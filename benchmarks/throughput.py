@@ -137,7 +137,7 @@ def methods(command: str, size: int) -> tuple[dict[str, Method], Callable[[], No
 
     def one_shot(mode: str) -> Method:
         return lambda counter: check(run_command_isolated(
-            command, working_dir=work, mode=mode, on_output=counter), mode)
+            command, working_dir=work, mode=mode, on_output=counter, reuse=False), mode)
 
     table: dict[str, Method] = {HOST: host, SUBPROCESS: one_shot("subprocess")}
     statuses = detect_environment(refresh=True).backends
