@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 import psutil
@@ -35,6 +36,11 @@ log = logging.getLogger("gvisor_magic")
 
 ENV_MEMORY_GUARD = "GVISOR_MAGIC_MEMORY_GUARD"  # "auto" (default), "cgroup" or "watchdog"
 WATCH_INTERVAL = 0.1
+#: After an OOM kill in a warm sandbox, how long its memory may stay at the limit before the
+#: whole sandbox is killed. Seen here (runsc 20240729, cgroup v1): the OOM killer ended one
+#: stub process of a Python kernel, the memory stayed at the limit and the sandbox hung
+#: with its command still "running"; usually the command dies and the memory is freed.
+STUCK_GRACE = 2.0
 OOM_RETURNCODE = 137
 _V1 = "/sys/fs/cgroup/memory"
 _V2 = "/sys/fs/cgroup"
@@ -150,7 +156,7 @@ class MemoryGuard:
         elif whole_sandbox:
             target = self._watch_cgroup
         else:
-            return
+            target = self._watch_stuck
         self._thread = threading.Thread(target=target, args=(root_pid,), daemon=True,
                                         name="gvisor-magic-memory")
         self._thread.start()
@@ -163,6 +169,36 @@ class MemoryGuard:
                 with contextlib.suppress(Exception):
                     self._kill()
                 return
+
+    def _watch_stuck(self, root_pid: int) -> None:
+        """A warm sandbox lives on when the OOM killer ends one command; but if its memory
+        stays at the limit ``STUCK_GRACE`` after a kill, it is stuck, and is killed."""
+        del root_pid
+        seen = self.oom_kills()
+        stuck_since = None
+        while not self._stop.wait(WATCH_INTERVAL):
+            kills = self.oom_kills()
+            if kills > seen or stuck_since is not None:
+                seen = kills
+                if self._usage() < self.limit * 0.95:
+                    stuck_since = None
+                    continue
+                now = time.monotonic()
+                stuck_since = stuck_since or now
+                if now - stuck_since >= STUCK_GRACE:
+                    log.warning("gvisor: the sandbox stayed at its memory limit after an OOM "
+                                "kill: killing it")
+                    self.tripped = True
+                    with contextlib.suppress(Exception):
+                        self._kill()
+                    return
+
+    def _usage(self) -> int:
+        name = "memory.usage_in_bytes" if self.version == "v1" else "memory.current"
+        try:
+            return int(_read(self.cgroup, name).strip())
+        except (OSError, ValueError, TypeError):
+            return 0
 
     def _watch(self, root_pid: int) -> None:
         try:
