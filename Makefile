@@ -51,12 +51,14 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(PY) -m ruff check gvisor_magic tests scripts benchmarks
 
-# Figures, not tests: latency of every backend and peer, streaming throughput, density.
+# Figures, not tests: real programs and peers, latency of every backend, streaming
+# throughput, density, and the gVisor kernel against a normal one.
 bench: system venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/programs.py && \
 	  $(PY) benchmarks/latency.py && \
-	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py'
+	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py && \
+	  $(PY) benchmarks/kernel.py'
 
 # The single-user image of deploy/kubernetes/Dockerfile, built here (no registry needed):
 # a debootstrapped Debian base with the docker-stacks contract, then the Dockerfile on it.

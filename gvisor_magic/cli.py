@@ -25,8 +25,10 @@ def _doctor(args: argparse.Namespace) -> int:
 
     info = detect_environment(refresh=True, mode=args.mode)
     limits = Limits()
+    kernel = _kernel_readiness(info)
     if args.json:
         data = info.to_dict()
+        data["gvisor_kernel"] = kernel
         data["limits"] = {**dataclasses.asdict(limits), "enforcement": {
             name: how.summary for name, how in registry.enforcement().items()}}
         data["network"] = {name: how.network for name, how in registry.enforcement().items()}
@@ -41,9 +43,25 @@ def _doctor(args: argparse.Namespace) -> int:
         print("\nnetwork (network=...):")
         for name, how in registry.enforcement().items():
             print(f"  {name}: {how.network}")
+        can = "can start" if kernel["can_start"] else "CANNOT start"
+        print(f"\nPython 3 (gVisor) kernel: {can} here: {kernel['reason']}")
+        where = kernel["kernelspec"] or "not installed (gvisor-magic kernelspec install --user)"
+        print(f"  kernelspec: {where}")
     if args.require_isolation and not info.isolated:
         return 1
     return 0
+
+
+def _kernel_readiness(info) -> dict[str, object]:
+    from .kernel.kernelspec import installed, readiness
+
+    runsc = info.backends["runsc"]
+    ok, reason = readiness(runsc.available, runsc.reason)
+    try:
+        where = installed()
+    except ImportError:
+        where = None
+    return {"can_start": ok, "reason": reason, "kernelspec": where}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -108,6 +126,46 @@ def _run(args: argparse.Namespace) -> int:
     return result.returncode
 
 
+def _kernelspec(args: argparse.Namespace) -> int:
+    from .kernel import DISPLAY_NAME, KERNEL_NAME, kernelspec
+
+    if args.verb == "remove":
+        removed = kernelspec.remove()
+        print(f"removed {removed}" if removed else f"no {KERNEL_NAME} kernelspec installed")
+        return 0
+    config: dict[str, object] = {}
+    try:
+        if args.network is not None:
+            NetworkPolicy.parse(args.network)  # validated here, applied by the kernel
+            config["network"] = args.network
+        if args.allow_host:
+            NetworkPolicy().combined(args.allow_host)
+            config["allow_hosts"] = list(args.allow_host)
+        limits = {}
+        for item in args.limit or ():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--limit expects NAME=VALUE, got {item!r}")
+            limits[key.strip()] = value.strip()
+        if limits:
+            Limits.parse(limits)
+            config["limits"] = limits
+        if args.protect:
+            config["protected_paths"] = list(args.protect)
+    except (GvisorMagicError, ValueError) as exc:
+        print(f"gvisor-magic kernelspec: {exc}", file=sys.stderr)
+        return 2
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    try:
+        where = kernelspec.install(user=args.user, prefix=prefix, config=config)
+    except OSError as exc:
+        print(f"gvisor-magic kernelspec: cannot install: {exc} (try --user or --sys-prefix)",
+              file=sys.stderr)
+        return 1
+    print(f"installed {DISPLAY_NAME!r} ({KERNEL_NAME}) in {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gvisor-magic",
@@ -153,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(handler=_run)
+
+    spec = sub.add_parser("kernelspec", help="install or remove the 'Python 3 (gVisor)' kernel, "
+                          "whose every cell runs in gVisor")
+    spec.add_argument("verb", choices=("install", "remove"))
+    where = spec.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="in your Jupyter data dir")
+    where.add_argument("--sys-prefix", action="store_true",
+                       help="in this Python environment (sys.prefix)")
+    where.add_argument("--prefix", default=None, help="under PREFIX/share/jupyter/kernels")
+    spec.add_argument("--network", default=None, metavar="POLICY",
+                      help="the kernel's network, as for run (off when not given)")
+    spec.add_argument("--allow-host", action="append", metavar="HOST[:PORT]", default=[])
+    spec.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                      help="e.g. memory=2G (repeatable)")
+    spec.add_argument("--protect", action="append", metavar="RULE",
+                      help="a protected-path rule (repeatable)")
+    spec.set_defaults(handler=_kernelspec)
 
     # Listed here for --help; its options are the installer's own (gvisor-magic install -h).
     sub.add_parser("install", add_help=False,

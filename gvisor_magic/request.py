@@ -185,6 +185,12 @@ class SandboxSpec:
     #: The user's changes to the protected-paths policy (``gvisor_magic.protected``).
     protection: PathPolicy = field(default_factory=PathPolicy)
     shell: str = DEFAULT_SHELL
+    #: A host dir mounted read-write at its own path in which the sandbox may create Unix
+    #: sockets the host connects to (a gVisor kernel's ZMQ sockets); runsc only.
+    kernel_dir: str | None = None
+    #: Host dirs of the caller's PYTHONPATH, mounted read-only at their own paths, so a
+    #: Python started inside imports what the caller imports (a gVisor kernel's ipykernel).
+    python_path: tuple[str, ...] = ()
     #: The plan made for its mounts just before it starts (host state, not input).
     plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
 
@@ -198,6 +204,8 @@ class SandboxSpec:
         limits: Limits | None = None,
         shell: str = DEFAULT_SHELL,
         protected_paths: Sequence[str] | PathPolicy | None = None,
+        kernel_dir: str | os.PathLike[str] | None = None,
+        python_path: Sequence[str] = (),
     ) -> SandboxSpec:
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be a gvisor_magic.Limits, got {type(limits).__name__}")
@@ -211,6 +219,9 @@ class SandboxSpec:
             protection=protected_paths if isinstance(protected_paths, PathPolicy)
             else PathPolicy.parse(protected_paths),
             shell=shell,
+            kernel_dir=_check_dir(kernel_dir, "kernel_dir"),
+            python_path=tuple(d for d in (_check_dir(p, "python_path entry")
+                                          for p in python_path) if d),
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -87,10 +88,12 @@ class IsolatedSession:
                  max_output: int | None = DEFAULT_MAX_OUTPUT,
                  idle_timeout: float | None = None) -> IsolatedSession:
         """A session whose sandbox is made to ``spec``."""
-        return cls(spec.working_dir, spec.repo_path, mode=mode,
-                   require_isolation=require_isolation, network=spec.network,
-                   limits=spec.limits, max_output=max_output, idle_timeout=idle_timeout,
-                   shell=spec.shell, protected_paths=spec.protection)
+        session = cls(spec.working_dir, spec.repo_path, mode=mode,
+                      require_isolation=require_isolation, network=spec.network,
+                      limits=spec.limits, max_output=max_output, idle_timeout=idle_timeout,
+                      shell=spec.shell, protected_paths=spec.protection)
+        session.spec = dataclasses.replace(spec, plan=None)  # every field, kernel_dir too
+        return session
 
     # -- state ------------------------------------------------------------------
 

@@ -91,8 +91,17 @@ class LabServer:
         settings.mkdir(parents=True)
         # No "official Jupyter news?" prompt: nothing is fetched from outside this machine.
         (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+        # "Python 3 (gVisor)" in the launcher: its kernelspec in the private config too.
+        from gvisor_magic.kernel import KERNEL_NAME
+        from gvisor_magic.kernel.kernelspec import kernel_json
+
+        kernels = Path(self._config_dir, "data", "kernels", KERNEL_NAME)
+        kernels.mkdir(parents=True)
+        (kernels / "kernel.json").write_text(json.dumps(kernel_json(), indent=1))
+        path = os.pathsep.join(p for p in (str(kernels.parent.parent),
+                                           self.env.get("JUPYTER_PATH", "")) if p)
         env = dict(self.env, JUPYTER_CONFIG_DIR=self._config_dir,
-                   JUPYTERLAB_WORKSPACES_DIR=self._config_dir,
+                   JUPYTERLAB_WORKSPACES_DIR=self._config_dir, JUPYTER_PATH=path,
                    JUPYTERLAB_SETTINGS_DIR=str(settings.parent.parent))
         argv = [sys.executable, "-m", "jupyterlab", "--no-browser",
                 "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",

@@ -311,3 +311,37 @@ def test_make_lab_prints_a_token_url_on_localhost_and_stops_cleanly(stop):
             process.communicate()
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+
+def test_the_gvisor_kernel_from_the_launcher(browser, lab, runsc_works):
+    """A user picks "Python 3 (gVisor)" in the launcher and runs a cell: it runs in gVisor."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(lab.url)
+    card = page.locator(".jp-LauncherCard[title='Python 3 (gVisor)']").first
+    card.wait_for(timeout=120_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gvisor-kernel-launcher.png"))
+    card.click()
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    # The toolbar names the kernel, and it is up (in its sandbox) once it says Idle.
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-KernelName')].some("
+        "e => e.textContent.includes('Python 3 (gVisor)'))", timeout=180_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=180_000)
+    editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+    editor.click()
+    page.keyboard.type("import os, subprocess\nprint('python in', os.uname().release)\n"
+                       "print('subprocess in', subprocess.run(['uname', '-r'], "
+                       "capture_output=True, text=True).stdout.strip())")
+    page.keyboard.press("Control+Enter")
+    output = page.locator(".jp-Notebook .jp-Cell .jp-OutputArea-output").first
+    output.wait_for(timeout=CELL_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('.jp-Notebook .jp-OutputArea') && document"
+        ".querySelector('.jp-Notebook .jp-OutputArea').textContent.includes('subprocess in')",
+        timeout=CELL_TIMEOUT_MS)
+    text = page.locator(".jp-Notebook .jp-OutputArea").first.text_content()
+    assert "python in 4.4.0" in text and "subprocess in 4.4.0" in text, text
+    page.screenshot(path=str(ARTIFACTS / "gvisor-kernel-cell.png"))
+    page.close()

@@ -184,6 +184,7 @@ class DockerBackend:
             ) -> CommandResult:
         runtime, config = self.find_runtime()
         self.check_network(request.network, runtime, config)
+        self.check_kernel_dir(request.spec)
         try:
             image = self.image()
         except Exception as exc:
@@ -214,6 +215,14 @@ class DockerBackend:
             raise SandboxStartError(self.name, f"the Docker runtime {runtime!r} is registered "
                                     "with --network=none, so network='host' cannot work "
                                     "with it", fix="use the runsc backend for network='host'",
+                                    unsupported=True)
+
+    def check_kernel_dir(self, spec: SandboxSpec) -> None:
+        """A ``kernel_dir`` needs ``--host-uds=create``, which Docker's runtime lacks."""
+        if spec.kernel_dir is not None:
+            raise SandboxStartError(self.name, "a gVisor kernel's sockets need runsc's "
+                                    "--host-uds=create, which the Docker runtime does not have",
+                                    fix="use the runsc backend (mode='runsc')",
                                     unsupported=True)
 
     def _run(self, request: CommandRequest, on_output: OutputCallback | None, runtime: str,

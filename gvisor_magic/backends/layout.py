@@ -224,6 +224,13 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
     except BaseException:
         layout.release()
         raise
+    for path in spec.python_path:
+        if not any(path == m.destination or path.startswith(m.destination.rstrip("/") + "/")
+                   for m in mounts if m.kind == "bind"):
+            mounts.append(MountSpec(path, "bind", path))
+    if spec.kernel_dir:
+        # Last, so that it is mounted over whatever hides other sandboxes' state there.
+        mounts.append(MountSpec(spec.kernel_dir, "bind", spec.kernel_dir, read_only=False))
     return layout
 
 

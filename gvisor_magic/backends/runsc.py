@@ -269,16 +269,21 @@ class RunscBackend:
                     "host's filtering proxy (--host-uds=open); 'host': the host's network, "
                     "unfiltered")
 
-    def flags(self, state_dir: str, network: SandboxNetwork) -> list[str]:
+    def flags(self, state_dir: str, network: SandboxNetwork, *, sockets: bool = False
+              ) -> list[str]:
         # --directfs=false: with directfs, runsc 20240729 truncates a host file on
         # a *read-only* bind mount when the sandbox opens it with O_TRUNC (the
         # open itself then fails with EROFS). Through the gofer, read-only holds.
         # --oci-seccomp: apply the bundle's filter, which refuses set-ID file modes.
         # --host-uds=open (with a proxied network only): the sandbox may connect to the
         # proxy's socket on a bind mount, never create one on the host.
+        # --host-uds=create (a kernel_dir only): the sandbox may create sockets on its
+        # read-write mounts, which the host connects to (a gVisor kernel's ZMQ sockets).
+        host_uds = network.runsc_flags()
+        if sockets:
+            host_uds = ["--host-uds=all" if host_uds else "--host-uds=create"]
         flags = ["--root", state_dir, f"--network={network.runsc_network}",
-                 *network.runsc_flags(), "--overlay2=none", "--directfs=false",
-                 "--oci-seccomp"]
+                 *host_uds, "--overlay2=none", "--directfs=false", "--oci-seccomp"]
         if "--ignore-cgroups" not in self.extra_flags and "--rootless" not in self.extra_flags:
             # Limits are rlimits enforced by gVisor itself, so no host cgroup is needed.
             flags.append("--ignore-cgroups")
@@ -343,7 +348,7 @@ class RunscBackend:
         state = os.path.join(run_dir, "state")
         status_dir = os.path.join(run_dir, "status")
         network = SandboxNetwork(request.network, run_dir, sandbox_id)
-        flags = self.flags(state, network)
+        flags = self.flags(state, network, sockets=request.spec.kernel_dir is not None)
         outcome: Outcome | None = None
         proc: subprocess.Popen[bytes] | None = None
         status, started, tried = "", False, ""

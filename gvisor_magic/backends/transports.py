@@ -114,7 +114,7 @@ class RunscTransport:
                                     ) from exc
         state = os.path.join(self.run_dir, "state")
         self.network = network = SandboxNetwork(spec.network, self.run_dir, self.sandbox_id)
-        self._flags = backend.flags(state, network)
+        self._flags = backend.flags(state, network, sockets=spec.kernel_dir is not None)
         try:
             os.mkdir(state, 0o700)
             network.start()
@@ -226,6 +226,7 @@ class DockerTransport:
                                     "(GVISOR_MAGIC_IMAGE is set)")
         runtime, config = backend.find_runtime()
         backend.check_network(spec.network, runtime, config)
+        backend.check_kernel_dir(spec)
         image = backend.image()
         self.run_dir = make_run_dir(tempfile.gettempdir())
         #: Always off here (``check_network``): the agent's relay notes what was tried.

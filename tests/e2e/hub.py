@@ -227,10 +227,10 @@ class Hub:
 class Kernel:
     """A kernel of the user's server, driven through the hub's proxy over its websocket."""
 
-    def __init__(self, hub: Hub, prefix: str) -> None:
+    def __init__(self, hub: Hub, prefix: str, name: str = "python3") -> None:
         self.hub = hub
         self.prefix = prefix
-        response = hub.call("POST", prefix + "api/kernels", {"name": "python3"})
+        response = hub.call("POST", prefix + "api/kernels", {"name": name})
         self.id = response.json()["id"]
         self.session = uuid.uuid4().hex
 

@@ -15,6 +15,7 @@ is the user.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -25,6 +26,9 @@ from pathlib import Path
 import hub as hubs
 import psutil
 import pytest
+
+from gvisor_magic.kernel import KERNEL_NAME
+from gvisor_magic.kernel.kernelspec import kernel_json
 
 USER = "gvm-hub-user"
 GVISOR_RELEASE = "4.4.0"
@@ -120,8 +124,15 @@ def hub(hub_user):
     the_hub = None
     try:
         site = hubs.user_site(base)
+        # "Python 3 (gVisor)" for the user's servers, started with the user's Python.
+        kernels = base / "jupyter" / "kernels" / KERNEL_NAME
+        kernels.mkdir(parents=True)
+        (kernels / "kernel.json").write_text(json.dumps(kernel_json(python=python)))
+        for path in (base / "jupyter", kernels.parent, kernels):
+            os.chmod(path, 0o755)
         environment = dict(hubs.HUB_ENVIRONMENT, PYTHONPATH=str(site), TMPDIR=str(user_tmp),
-                           PYTHONDONTWRITEBYTECODE="1", E2E_USER_SECRET=USER_SECRET)
+                           PYTHONDONTWRITEBYTECODE="1", E2E_USER_SECRET=USER_SECRET,
+                           JUPYTER_PATH=str(base / "jupyter"))
         the_hub = hubs.Hub(state=state, user=USER, python=python, environment=environment)
         the_hub.start()
         the_hub.log_in()
@@ -139,11 +150,12 @@ def hub(hub_user):
     assert the_hub.process.returncode is not None
 
 
-def _cells(hub: hubs.Hub, server: str, cells: list[str]) -> list[dict]:
+def _cells(hub: hubs.Hub, server: str, cells: list[str], kernel_name: str = "python3"
+           ) -> list[dict]:
     """Start the server, run ``cells`` in one kernel, shut both down (kernel first)."""
     prefix = hub.start_server(server)
     try:
-        kernel = hubs.Kernel(hub, prefix)
+        kernel = hubs.Kernel(hub, prefix, kernel_name)
         try:
             return [kernel.execute(cell) for cell in cells]
         finally:
@@ -267,3 +279,45 @@ def test_without_usable_runsc_the_hub_setting_fails_closed(no_runsc_server):
     assert exists["stdout"].strip() == "False", exists
     assert "require isolation: yes" in doctor["stdout"], doctor
     assert "commands will run with: runsc -> ISOLATED" not in doctor["stdout"]
+
+
+GVISOR_KERNEL = """import os, subprocess, json
+secrets = {}
+for name in (".ssh/id_ed25519", ".aws/credentials", ".netrc"):
+    try:
+        secrets[name] = open(os.path.expanduser("~/" + name)).read()
+    except OSError as exc:
+        secrets[name] = type(exc).__name__
+print(json.dumps({"release": os.uname().release, "uid": os.getuid(), "cwd": os.getcwd(),
+                  "subprocess": subprocess.run(["uname", "-r"], capture_output=True,
+                                               text=True).stdout.strip(),
+                  "token": "JUPYTERHUB_API_TOKEN" in os.environ,
+                  "user_secret": "E2E_USER_SECRET" in os.environ, "secrets": secrets}))"""
+
+
+def test_the_gvisor_kernel_runs_as_the_user_in_gvisor(hub, hub_user, default_server):
+    """The user picks "Python 3 (gVisor)": its Python, subprocesses and files are in gVisor,
+    as the user, without the hub's token or the user's secrets."""
+    import json
+
+    cells = _cells(hub, "gvisor-kernel", [GVISOR_KERNEL], kernel_name=KERNEL_NAME)
+    assert cells[0]["status"] == "ok", cells[0]
+    seen = json.loads(cells[0]["stdout"])
+    assert seen["release"] == "4.4.0" and seen["subprocess"] == "4.4.0", seen
+    assert seen["uid"] == hub_user.pw_uid and seen["cwd"] == hub_user.pw_dir, seen
+    assert not seen["token"] and not seen["user_secret"], seen
+    assert FILE_SECRET not in json.dumps(seen["secrets"]), seen["secrets"]
+
+
+def test_the_gvisor_kernel_does_not_start_without_runsc(hub, no_runsc_server):
+    """Where runsc cannot run, the kernel is refused with the reason: no host kernel."""
+    prefix = hub.start_server(hubs.NO_RUNSC_SERVER)
+    try:
+        response = hub.call("POST", prefix + "api/kernels", {"name": KERNEL_NAME},
+                            expect=(500,))
+        assert "cannot start" in response.text and "never runs outside gVisor" in \
+            response.text, response.text[:500]
+        kernels = hub.call("GET", prefix + "api/kernels").json()
+        assert kernels == [], kernels
+    finally:
+        hub.stop_server(hubs.NO_RUNSC_SERVER)

@@ -1,0 +1,79 @@
+"""The ``python3-gvisor`` kernelspec: install, remove, and say where it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from . import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
+
+
+def kernel_json(config: Mapping[str, Any] | None = None,
+                python: str | None = None) -> dict[str, Any]:
+    """The kernelspec: this environment's ipykernel, started by the gVisor provisioner.
+
+    ``config`` becomes the provisioner's settings (``network``, ``allow_hosts``,
+    ``limits``, ``protected_paths``). Interrupts are messages on the control channel:
+    no signal has to reach a process inside the sandbox.
+    """
+    return {
+        "argv": [python or sys.executable, "-m", "ipykernel_launcher", "-f",
+                 "{connection_file}"],
+        "display_name": DISPLAY_NAME,
+        "language": "python",
+        "interrupt_mode": "message",
+        "env": {},
+        "metadata": {
+            "debugger": False,
+            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME,
+                                   "config": dict(config or {})},
+        },
+    }
+
+
+def install(*, user: bool = False, prefix: str | None = None,
+            config: Mapping[str, Any] | None = None) -> str:
+    """Install (or replace) the kernelspec; the directory it went to."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    with tempfile.TemporaryDirectory() as staging:
+        os.chmod(staging, 0o755)
+        with open(os.path.join(staging, "kernel.json"), "w") as handle:
+            json.dump(kernel_json(config), handle, indent=1)
+        return KernelSpecManager().install_kernel_spec(
+            staging, KERNEL_NAME, user=user, prefix=prefix, replace=True)
+
+
+def remove() -> str | None:
+    """Remove the kernelspec wherever Jupyter finds it; the directory removed, or None."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        return KernelSpecManager().remove_kernel_spec(KERNEL_NAME)
+    except (NoSuchKernel, KeyError):
+        return None
+
+
+def installed() -> str | None:
+    """Where Jupyter finds the kernelspec, or None."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KernelSpecManager().find_kernel_specs().get(KERNEL_NAME)
+
+
+def readiness(runsc_usable: bool, runsc_reason: str) -> tuple[bool, str]:
+    """Whether the gVisor kernel can start here, and why (for ``doctor``)."""
+    import importlib.util
+
+    missing = [name for name in ("ipykernel", "jupyter_client")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        return False, (f"{' and '.join(missing)} not installed "
+                       "(pip install 'gvisor-magic[kernel]')")
+    if not runsc_usable:
+        return False, f"runsc is not usable here ({runsc_reason}); it never runs elsewhere"
+    return True, "runsc works here, and ipykernel and jupyter_client are installed"

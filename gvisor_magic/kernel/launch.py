@@ -1,0 +1,168 @@
+"""The host process of a "Python 3 (gVisor)" kernel: ipykernel, run inside a gVisor sandbox.
+
+The provisioner (``provisioner.py``) starts it in place of the kernel::
+
+    python -m gvisor_magic.kernel.launch --sockets DIR --working-dir DIR
+        [--network POLICY] [--allow-host HOST]... [--limit NAME=VALUE]... [--protect RULE]...
+        -- python -m ipykernel_launcher -f DIR/connection.json
+
+It starts a warm runsc sandbox (``IsolatedSession``) with the layout of ``%%isolated``
+(the working dir read-write, protected paths, the environment an allowlist, the network
+off or an allowlist, limits including memory), plus ``DIR`` read-write at its own path,
+where the kernel's ZMQ IPC sockets are made (``runsc --host-uds=create``), and runs the
+kernel there as its one command. It ends the sandbox on SIGTERM or SIGHUP (shutdown,
+restart), and if it is killed, the sandbox's reaper ends the sandbox. The kernel's exit
+status is its own (137 after a memory kill), so Jupyter sees a dead kernel as it would.
+
+Fails closed: where no runsc sandbox can start, it says why on stderr and exits 1; it
+never runs the kernel anywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from ..egress.policy import NetworkPolicy, PolicyError
+from ..errors import CommandInterrupted, GvisorMagicError
+from ..request import Limits, SandboxSpec
+from ..session import IsolatedSession
+
+#: Exit status when the sandbox cannot start here (nothing ran).
+EXIT_UNAVAILABLE = 1
+#: Variables of the server's environment a kernel may see (the rest never enter).
+PASSED = ("JPY_SESSION_NAME",)
+#: Where ``%pip install`` puts packages: this environment is a read-only mount, so pip
+#: installs here instead (in the sandbox's private /tmp, gone with the kernel); the kernel
+#: and the programs it starts import from it.
+PACKAGES = "/tmp/kernel-packages"
+KERNEL_ENV = {"PIP_TARGET": PACKAGES, "PYTHONPATH": PACKAGES,
+              "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+#: Said by ``%pip`` before pip runs, when the kernel's network is off (pip itself only
+#: says it found no version: it hides the proxy's "the network is off").
+PIP_NOTE = ("gvisor-magic: this kernel's network is off, so %pip can install only files "
+            "already here (packages go to {packages}: this environment is read-only). To "
+            "download from PyPI: gvisor-magic kernelspec install --user --network pypi")
+#: ``python -m ipykernel_launcher`` after making ``PACKAGES`` (so it is on sys.path now),
+#: with ``%pip`` saying ``PIP_NOTE`` first where it is set.
+BOOT = ("import importlib, os, runpy, sys\n"
+        "os.makedirs(os.environ['PIP_TARGET'], exist_ok=True)\n"
+        "importlib.invalidate_caches()\n"
+        "note = os.environ.pop('GVISOR_MAGIC_PIP_NOTE', '')\n"
+        "if note:\n"
+        "    from IPython.core.magics import packaging\n"
+        "    plain = packaging.PackagingMagics.pip\n"
+        "    def pip(self, line, plain=plain):\n"
+        "        print(note, flush=True)\n"
+        "        return plain(self, line)\n"
+        "    pip.__doc__ = plain.__doc__\n"
+        "    packaging.PackagingMagics.pip = pip\n"
+        "sys.argv[0] = 'ipykernel_launcher'\n"
+        "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)\n")
+
+
+def kernel_argv(argv: list[str]) -> list[str]:
+    """The kernelspec's command, with ``-m ipykernel_launcher`` started through ``BOOT``."""
+    if argv[1:3] == ["-m", "ipykernel_launcher"]:
+        return [argv[0], "-c", BOOT, *argv[3:]]
+    return argv
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gvisor_magic.kernel.launch",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--sockets", required=True,
+                        help="the kernel's private dir: connection file and IPC sockets")
+    parser.add_argument("--working-dir", required=True, help="mounted read-write (the cwd)")
+    parser.add_argument("--network", default="off",
+                        help="off (default), a preset (pypi...), a host, or 'public'")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="a limit, as Isolation.limits: memory=2G, max_processes=100")
+    parser.add_argument("--protect", action="append", default=[], metavar="RULE",
+                        help="a protected-path rule, as Isolation.protected_paths")
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.argv[:1] == ["--"]:
+        args.argv = args.argv[1:]
+    if not args.argv:
+        parser.error("give the kernel's command after --")
+    return args
+
+
+def spec_of(args: argparse.Namespace) -> SandboxSpec:
+    """The sandbox the kernel runs in; bad settings raise ``InvalidRequestError``."""
+    limits = {}
+    for item in args.limit:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--limit {item!r}: expected NAME=VALUE")
+        limits[name.strip()] = value.strip()
+    network = args.network if args.network not in ("", "off") else False
+    return SandboxSpec.build(
+        args.working_dir, network=NetworkPolicy.parse(network).combined(args.allow_host),
+        limits=Limits.parse(limits), protected_paths=args.protect or None,
+        kernel_dir=args.sockets, python_path=python_path())
+
+
+def python_path() -> list[str]:
+    """This process's PYTHONPATH dirs (the kernel imports what the server imports)."""
+    found = []
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and os.path.isdir(entry):
+            found.append(os.path.realpath(entry))
+    return list(dict.fromkeys(found))
+
+
+def _forward(stream: str, text: str) -> None:
+    target = sys.stdout if stream == "stdout" else sys.stderr
+    target.write(text)
+    target.flush()
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        spec = spec_of(args)
+    except (GvisorMagicError, PolicyError, ValueError) as exc:
+        print(f"gvisor-magic: bad Python 3 (gVisor) kernel settings: {exc}", file=sys.stderr)
+        return 2
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
+    # The kernel is interrupted by a message ("interrupt_mode": "message"); a Ctrl-C meant
+    # for the server that started us is not for the kernel.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    session = IsolatedSession.for_spec(spec, mode="runsc", require_isolation=True)
+    try:
+        try:
+            session.start()
+        except GvisorMagicError as exc:
+            print(f"gvisor-magic: the Python 3 (gVisor) kernel cannot start here: {exc}",
+                  file=sys.stderr, flush=True)
+            return EXIT_UNAVAILABLE
+        env = {name: os.environ[name] for name in PASSED if name in os.environ}
+        env.update(KERNEL_ENV)
+        env["PYTHONPATH"] = os.pathsep.join([*spec.python_path, PACKAGES])
+        if not spec.network.enabled:
+            env["GVISOR_MAGIC_PIP_NOTE"] = PIP_NOTE.format(packages=PACKAGES)
+        result = session.run(kernel_argv(args.argv), timeout=None, env=env,
+                             on_output=_forward)
+        if result.error:
+            print(f"gvisor-magic: {result.error}", file=sys.stderr, flush=True)
+        code = result.returncode
+        return 128 - code if code < 0 else code
+    except (KeyboardInterrupt, CommandInterrupted):
+        return 0
+    finally:
+        session.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
