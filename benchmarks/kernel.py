@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +48,7 @@ def managers(specs: str) -> dict[str, KernelManager]:
 def one_round(km: KernelManager, work: str, cells: int) -> dict[str, list[float]]:
     got: dict[str, list[float]] = {}
     start = time.perf_counter()
-    km.start_kernel(cwd=work)
+    km.start_kernel(cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kc = km.client()
     kc.start_channels()
     try:
@@ -77,10 +79,14 @@ def main() -> int:
     specs = tempfile.mkdtemp(prefix="gvm-bench-kernels-")
     work = tempfile.mkdtemp(prefix="gvm-bench-kernel-work-")
     samples: dict[str, dict[str, list[float]]] = {}
-    for _ in range(args.rounds):
-        for name, km in managers(specs).items():
-            for label, values in one_round(km, work, args.cells).items():
-                samples.setdefault(name, {}).setdefault(label, []).extend(values)
+    try:
+        for _ in range(args.rounds):
+            for name, km in managers(specs).items():
+                for label, values in one_round(km, work, args.cells).items():
+                    samples.setdefault(name, {}).setdefault(label, []).extend(values)
+    finally:
+        shutil.rmtree(specs, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     medians = {name: {label: statistics.median(v) for label, v in got.items()}
                for name, got in samples.items()}
     if args.json:
