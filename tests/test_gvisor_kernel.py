@@ -278,3 +278,18 @@ def test_doctor_says_whether_the_gvisor_kernel_can_start(runsc_works, tmp_path):
                           capture_output=True, text=True, timeout=120).stdout
     assert "Python 3 (gVisor) kernel: CANNOT start here: runsc is not usable" in text, text
     assert "kernelspec: not installed (gvisor-magic kernelspec install --user)" in text
+
+
+def test_a_killed_server_leaves_no_sandbox_running(runsc_works, tmp_path):
+    """SIGKILL the kernel's host process (as when the server dies): the sandbox goes too."""
+    with running(tmp_path) as (km, kc):
+        assert execute(kc, "x = 1").reply["status"] == "ok"
+        family = sandbox_of(km)
+        assert family
+        km.provisioner.process.kill()
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"the sandbox outlived its kernel's host process: {alive}"
+    # The next run of the same user reclaims what the killed process left on disk.
+    from gvisor_magic import run_command_isolated
+
+    run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
