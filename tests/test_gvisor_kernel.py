@@ -293,3 +293,51 @@ def test_a_killed_server_leaves_no_sandbox_running(runsc_works, tmp_path):
     from gvisor_magic import run_command_isolated
 
     run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
+
+
+SERVER = """
+import json, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name=sys.argv[2],
+                   kernel_spec_manager=KernelSpecManager(kernel_dirs=[sys.argv[1]]))
+km.start_kernel(cwd=sys.argv[3])
+kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=120)
+print(km.provisioner.process.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_server_takes_its_gvisor_kernel_with_it(runsc_works, tmp_path):
+    """SIGKILL the server (here a process holding a KernelManager): the kernel's host process
+    notices it was orphaned and ends its sandbox, as ipykernel's parent poller would."""
+    make_manager(tmp_path)  # writes the kernelspec
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path / "kernels"),
+                               KERNEL_NAME, str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = b""
+        while not line.strip().isdigit():  # the kernel's own output shares the pipe
+            line = server.stdout.readline()
+            assert line, "the server ended before its kernel was ready"
+        launcher = psutil.Process(int(line))
+        family = [launcher, *launcher.children(recursive=True)]
+        assert any("runsc" in p.name() for p in family)
+        server.kill()
+        server.wait(timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"the kernel outlived its server: {alive}"
+    finally:
+        if server.poll() is None:
+            server.kill()
+    # What the server left (its kernel's private dir) is the server's; the next run of the
+    # same user reclaims the sandbox's own state.
+    from gvisor_magic import run_command_isolated
+
+    run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
+    import shutil
+    import tempfile
+
+    for name in os.listdir(tempfile.gettempdir()):
+        if name.startswith("gvisor-magic-kernel-"):
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)

@@ -11,7 +11,8 @@ It starts a warm runsc sandbox (``IsolatedSession``) with the layout of ``%%isol
 off or an allowlist, limits including memory), plus ``DIR`` read-write at its own path,
 where the kernel's ZMQ IPC sockets are made (``runsc --host-uds=create``), and runs the
 kernel there as its one command. It ends the sandbox on SIGTERM or SIGHUP (shutdown,
-restart), and if it is killed, the sandbox's reaper ends the sandbox. The kernel's exit
+restart) and when the server that started it dies; if it is killed, the sandbox's reaper
+ends the sandbox. The kernel's exit
 status is its own (137 after a memory kill), so Jupyter sees a dead kernel as it would.
 
 Fails closed: where no runsc sandbox can start, it says why on stderr and exits 1; it
@@ -127,6 +128,19 @@ def _stop(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _end_with_parent(parent: int, every: float = 1.0) -> None:
+    """SIGTERM ourselves once the server that started us is gone (we were re-parented), as
+    ipykernel's own parent poller does: a dead server leaves no kernel and no sandbox."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="gvisor-magic-parent").start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
@@ -139,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The kernel is interrupted by a message ("interrupt_mode": "message"); a Ctrl-C meant
     # for the server that started us is not for the kernel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent(os.getppid())
     session = IsolatedSession.for_spec(spec, mode="runsc", require_isolation=True)
     try:
         try:
