@@ -285,8 +285,7 @@ class IsolatedSession:
             if warm.retired is not None:  # failed, tainted or interrupted mid-start
                 self._stop_locked()
                 if warm.retired:
-                    self._note = warm.retired.replace("the previous sandbox",
-                                                      "the previous sandbox of this session")
+                    self._note = warm.retired
         result.details.update(details)
         return result
 
