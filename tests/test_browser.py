@@ -34,7 +34,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 GREEN, AMBER = "rgb(26, 127, 55)", "rgb(178, 107, 0)"
 #: JupyterLab's rendering of a stream output on stderr (the red box).
 STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
-CELL_TIMEOUT_MS = 180_000
+CELL_TIMEOUT_MS = int(os.environ.get("GVM_CELL_TIMEOUT_MS", "180000"))
 
 
 def _lab_module():
@@ -110,6 +110,52 @@ def _cell_index(page, text: str) -> int:
     raise AssertionError(f"no cell contains {text!r}")
 
 
+#: What the page says about cell ``index`` and where the keyboard's focus is.
+FOCUS_STATE = """(index) => {
+  const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[index];
+  const notebook = cell.closest('.jp-Notebook');
+  const active = document.activeElement;
+  return {cell: cell.className, notebook: notebook.className,
+          focus: active ? active.tagName + '.' + active.className : '',
+          inside: notebook.contains(active),
+          dialogs: document.querySelectorAll('.jp-Dialog').length,
+          tab: [...document.querySelectorAll('#jp-main-dock-panel .lm-TabBar-tab')].map(
+            t => t.textContent + ':' + t.className).join(' | '),
+          run: [...notebook.closest('.jp-NotebookPanel').querySelectorAll(
+            '.jp-Toolbar-item')].map(b => (b.getAttribute('data-jp-item-name') || '') + ':'
+            + (b.querySelector('button') ? b.querySelector('button').className + '/'
+               + b.querySelector('button').disabled : '')).join(' | '),
+          status: document.querySelector('#jp-main-statusbar') ?
+            document.querySelector('#jp-main-statusbar').textContent : ''};
+}"""
+
+
+#: JupyterLab's status bar says "<kernel> | Idle" only once the current notebook's session has
+#: a kernel that is connected and idle (SessionContext.kernelDisplayStatus). The toolbar's
+#: execution indicator is no such signal: its model starts out as "idle" before any kernel is
+#: connected, and a cell run then is silently dropped (CodeCell.execute returns when
+#: ``session.kernel`` is null), which left "[ ]:" for good on a busy machine.
+KERNEL_READY = """(name) => {
+  const bar = document.querySelector('#jp-main-statusbar');
+  return !!bar && [...bar.querySelectorAll('.jp-StatusBar-TextItem')].some(
+    item => item.textContent.includes(name + ' | Idle'));
+}"""
+
+
+def _wait_kernel_ready(page, name: str, timeout_ms: int = 180_000) -> None:
+    page.wait_for_function(KERNEL_READY, arg=name, timeout=timeout_ms)
+
+
+def _debug_dump(page, name: str, detail: object) -> str:
+    """Keep what a person needs to see why a run stalled: a screenshot, the console."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    console = getattr(page, "gvm_console", [])
+    (ARTIFACTS / f"{name}.console.txt").write_text(
+        "\n".join(console) + f"\n\nstate: {detail}\n")
+    return f"(screenshot and console in tests/artifacts/{name}.*)"
+
+
 def _run_one(page, index: int) -> list[dict]:
     """Select cell ``index``, run it (Ctrl+Enter), and sample its state until it is done.
 
@@ -118,16 +164,26 @@ def _run_one(page, index: int) -> list[dict]:
     cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
     cell.scroll_into_view_if_needed()
     cell.locator(".jp-InputPrompt").click()  # command mode, this cell selected
+    before = page.evaluate(FOCUS_STATE, index)
     page.keyboard.press("Control+Enter")
     seen = []
-    deadline = time.monotonic() + CELL_TIMEOUT_MS / 1000
+    started = time.monotonic()
+    deadline = started + CELL_TIMEOUT_MS / 1000
     while time.monotonic() < deadline:
         state = page.evaluate(CELL_STATE, index)
         seen.append(state)
         if state["prompt"] not in ("[*]:", "[ ]:", ""):
             return seen
+        # JupyterLab marks a cell "[*]" as soon as it sends it to the kernel (which is
+        # checked ready before): a cell never marked within a minute was not sent.
+        if time.monotonic() > started + 60 and all(s["prompt"] != "[*]:" for s in seen):
+            break
         page.wait_for_timeout(100)
-    raise AssertionError(f"cell {index} did not finish: {seen[-1]}")
+    focus = page.evaluate(FOCUS_STATE, index)
+    focus = {"before": before, "after": focus}
+    raise AssertionError(f"cell {index} did not finish (never sent if no [*] was seen): "
+                         f"{seen[-1]}; {focus} "
+                         + _debug_dump(page, f"stalled-cell-{index}", focus))
 
 
 def test_quickstart_runs_in_jupyterlab(browser, lab, runsc_works):
@@ -136,8 +192,7 @@ def test_quickstart_runs_in_jupyterlab(browser, lab, runsc_works):
     # The notebook's own content, not the empty cell a panel starts with.
     page.wait_for_selector(".jp-Notebook .jp-MarkdownCell h1", timeout=120_000)
     # The kernel is up once the toolbar's indicator says Idle.
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                           timeout=120_000)
+    _wait_kernel_ready(page, "Python 3 (ipykernel)")
     # JupyterLab adds cells to the page in batches: wait for all of them.
     expected = len(nbformat.read(ROOT / "notebooks" / "01-quickstart.ipynb", as_version=4).cells)
     page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-Cell').length"
@@ -210,9 +265,11 @@ def test_cells_read_as_a_user_sees_them(browser, lab, runsc_works):
                                        "language": "python"}
     nbformat.write(notebook, lab.root / "ux.ipynb")
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.gvm_console = []
+    page.on("console", lambda message: page.gvm_console.append(
+        f"{message.type}: {message.text}"))
     page.goto(lab.notebook_url("ux.ipynb"))
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                           timeout=120_000)
+    _wait_kernel_ready(page, "Python 3 (ipykernel)")
     page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-Cell').length"
                            f" === {len(UX_CELLS)}", timeout=60_000)
     cells = page.locator(".jp-Notebook .jp-Cell")
@@ -327,8 +384,7 @@ def test_the_gvisor_kernel_from_the_launcher(browser, lab, runsc_works):
     page.wait_for_function(
         "() => [...document.querySelectorAll('.jp-KernelName')].some("
         "e => e.textContent.includes('Python 3 (gVisor)'))", timeout=180_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                           timeout=180_000)
+    _wait_kernel_ready(page, "Python 3 (gVisor)")
     editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
     editor.click()
     page.keyboard.type("import os, subprocess\nprint('python in', os.uname().release)\n"
