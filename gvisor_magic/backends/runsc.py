@@ -256,9 +256,10 @@ class RunscBackend:
             "a memory cgroup made for each sandbox below this process's own (the host "
             "kernel OOM-kills the sandbox or the process that crosses it)"
             if guard == "host cgroup" else
-            "a watchdog that sums the resident memory of the sandbox's host processes every "
-            "0.1 s and kills the sandbox past the limit (no writable cgroup here; it reacts "
-            "after the fact, see SECURITY.md for the overshoot)")
+            "a watchdog (no writable cgroup here) samples the sandbox's memory every 0.1 s "
+            "and kills the sandbox when a sample is over the limit; memory allocated and "
+            "freed between two samples is not seen, and the kill comes after the sample that "
+            "crossed the limit (SECURITY.md has the overshoot measured)")
         return Enforcement(
             memory=guard, cpus="NOT enforced on runsc",
             summary="processes, open files, file size and address space are rlimits enforced "

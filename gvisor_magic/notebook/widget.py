@@ -13,6 +13,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+from ..memory import WATCHDOG_BOUND
 from ..result import CommandResult
 from .status import AMBER, GREEN, GREY, RED, icon
 
@@ -138,6 +139,8 @@ class IsolationState:
             rows.append(("session", self.session, None))
         if self.limits:
             rows.append(("default limits", self.limits, None))
+            if "watchdog" in self.limits:  # say what it bounds, and what it cannot see
+                rows.append(("memory watchdog", WATCHDOG_BOUND, None))
         if self.isolated:
             rows.append(("protected paths", "RELAXED for " + self.relaxed if self.relaxed
                          else "git, shell, IPython/Jupyter and Python start-up files read-only;"
