@@ -11,8 +11,16 @@ after the host removed a stand-in, the sandbox wrote through).
 
 Several kernels of one user often share a home, so the stand-ins of all of
 this user's sandboxes are recorded in one registry file (locked with
-``flock``); an entry whose owners have all exited is removed by the next
-sandbox that looks.
+``flock``). An entry whose owners have all exited (a caller killed with SIGKILL
+cannot release its own) is removed by the next run of the same user, whatever
+that run needs: every run plans its protection, and the plan reads the registry
+(``current``), so the reclaim costs nothing more than that read when there is
+nothing to reclaim. Before a dead owner's stand-ins go, what still serves its
+sandboxes is killed (runsc's processes carry the owner's run dir,
+``gvisor-magic-PID-...``, on their command lines): a sandbox outliving its caller
+must not see its mount points removed under it. A Docker container of a dead caller
+is not killed from here (it may be another pid namespace's): its caller's stand-ins
+stay until it has ended.
 """
 
 from __future__ import annotations
@@ -131,10 +139,15 @@ class StandIns:
 
 
 def current() -> frozenset[str]:
-    """The stand-ins that exist now (the scan treats them as the missing paths they stand for)."""
+    """The stand-ins that exist now (the scan treats them as the missing paths they stand for).
+
+    First removes those whose owners all ended (see the module's doc): this is read by
+    every run's protection plan, so that run reclaims what a killed caller left.
+    """
     if not os.path.exists(registry_path()):
         return frozenset()
     with _locked() as registry:
+        _forget_dead(registry, quiet=True)
         return frozenset(path for path, entry in registry.items()
                          if _identity(path) == entry.get("id"))
 
@@ -156,9 +169,18 @@ def _forget_dead(registry: dict, quiet: bool = False) -> list[str]:
     A kept one stays in the registry, so a later sweep removes it once it is empty.
     """
     kept = []
+    owners = {owner for entry in registry.values() for owner in entry.get("owners", [])}
+    dead = {owner for owner in owners if not _alive(owner)}
+    for pid in sorted({owner.split(":", 1)[0] for owner in dead}):
+        of_pid = {owner for owner in dead if owner.split(":", 1)[0] == pid}
+        if not of_pid <= _ended:
+            _end_sandboxes_of(pid)
+            _ended.update(of_pid)
+        if _docker_runs_for(pid):  # its stand-ins stay until that container has ended
+            dead -= of_pid
     for path in sorted(registry, key=lambda p: -p.count("/")):
         entry = registry[path]
-        entry["owners"] = [o for o in entry.get("owners", []) if _alive(o)]
+        entry["owners"] = [o for o in entry.get("owners", []) if o not in dead]
         if entry["owners"]:
             continue
         if _identity(path) != entry.get("id"):
@@ -180,6 +202,53 @@ def _forget_dead(registry: dict, quiet: bool = False) -> list[str]:
     if kept and not quiet:
         log.info("gvisor: keeping stand-ins %s until they are empty again", ", ".join(kept))
     return kept
+
+
+#: Dead owners whose runsc sandboxes this process has already ended (once is enough: a
+#: dead caller starts none; an owner names one ``StandIns``, so a reused pid is a new one).
+_ended: set[str] = set()
+
+
+def _end_sandboxes_of(pid: str) -> None:
+    """Kill what still serves the sandboxes of ``pid``, a caller that no longer runs.
+
+    A one-shot ``runsc run`` is in a session of its own and outlives a caller killed with
+    SIGKILL until its command ends; its run dir (``backends.runsc.make_run_dir``), on the
+    command lines of runsc and its gofer and sandbox processes, is named after the caller.
+    """
+    from .process import kill_processes_mentioning
+
+    kill_processes_mentioning(f"gvisor-magic-{pid}-", "a sandbox whose caller no longer runs")
+
+
+#: The label the Docker backend puts on its containers (``backends.docker.LABEL``).
+DOCKER_OWNER_LABEL = "io.github.gvisor-magic.owner-pid"
+
+
+def _docker_runs_for(pid: str) -> bool:
+    """Whether dockerd still runs a container the Docker backend made for ``pid``.
+
+    Such a container outlives a caller killed with SIGKILL until its command ends, and it
+    is not killed from here: it may be another pid namespace's, sharing the daemon. Asked
+    only when an owner has died; no Docker socket (or no right to use it) means none.
+    """
+    host = os.environ.get("DOCKER_HOST", "")
+    socket_path = host[len("unix://"):] if host.startswith("unix://") else "/var/run/docker.sock"
+    if (host and not host.startswith("unix://")) or not os.access(socket_path, os.R_OK | os.W_OK):
+        return False
+    import urllib.parse
+
+    from .install.docker_runtime import DockerError, docker_api
+
+    filters = urllib.parse.quote(json.dumps({"label": [f"{DOCKER_OWNER_LABEL}={pid}"]}))
+    try:
+        _, data = docker_api("GET", f"/containers/json?filters={filters}",
+                             socket_path=socket_path, timeout=5)
+        return bool(json.loads(data))
+    except (DockerError, ValueError) as exc:
+        log.info("gvisor: cannot ask Docker about containers of %s (%s); keeping its "
+                 "stand-ins for now", pid, exc)
+        return True
 
 
 def _create(path: str, kind: str) -> list[str]:

@@ -344,10 +344,22 @@ def test_check_reports_each_failing_step(fake_docker, capsys, change, message) -
         assert ("DELETE", "/containers/c0ffee?force=1&v=1", b"") in fake_docker.calls
 
 
-def test_check_creates_missing_probe_image(fake_docker, capsys) -> None:
+def test_check_reports_a_missing_probe_image_and_creates_nothing(fake_docker, capsys) -> None:
     fake_docker.script = {**FAKE_OK, "GET /images/": (404, {"message": "no such image"}),
                           "POST /images/create": (200, b'{"status":"sha256:0"}\n')}
-    assert dr.check_docker(socket_path=fake_docker.server_address) == 0
+    assert dr.check_docker(socket_path=fake_docker.server_address) == 1
+    out = capsys.readouterr().out
+    assert "docker probe: NOT RUN: the probe's image gvisor-magic/scratch:latest is not" in out
+    assert "[works]" not in out
+    assert "fix: create it (empty, from an empty tar" in out
+    assert dr.create_image_command() in out
+    assert [c[:2] for c in fake_docker.calls if c[0] != "GET"] == []  # no create of any kind
+
+
+def test_ensure_probe_image_creates_a_missing_one(fake_docker, capsys) -> None:
+    fake_docker.script = {**FAKE_OK, "GET /images/": (404, {"message": "no such image"}),
+                          "POST /images/create": (200, b'{"status":"sha256:0"}\n')}
+    dr.ensure_probe_image(socket_path=fake_docker.server_address)
     [(_, path, body)] = [c for c in fake_docker.calls if c[1].startswith("/images/create")]
     assert path == "/images/create?fromSrc=-&repo=gvisor-magic%2Fscratch&tag=latest"
     assert body and set(body) == {0}  # an empty tar: only zero blocks
@@ -389,6 +401,7 @@ def no_new_containers() -> Iterator[None]:
 
 @needs_docker
 def test_check_docker_on_the_real_daemon(no_new_containers: None) -> None:
+    dr.ensure_probe_image()  # as the Docker backend does on its first run: --check makes none
     result = _script("--check", "--docker")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "docker daemon: reachable" in result.stdout
@@ -418,6 +431,38 @@ def test_real_probe_image_is_created_when_missing() -> None:
         dr.ensure_probe_image(image)
         status, _ = dr.docker_api("GET", f"/images/{image}/json", ok=(200,))
         assert status == 200
+    finally:
+        with contextlib.suppress(dr.DockerError):
+            dr.docker_api("DELETE", f"/images/{image}?force=1")
+
+
+@needs_docker
+def test_real_check_without_the_probe_image_creates_nothing(no_new_containers: None,
+                                                             capsys) -> None:
+    """``--check --docker`` where the daemon lacks the probe's image: it says so and what would
+    be created, and the daemon has no such image afterwards. (An image of this test's own,
+    absent: the shared one is in use by other suites, and deleting it would disturb them.)"""
+    image = f"gvisor-magic/scratch-check-test:{os.getpid()}"
+
+    def exists() -> bool:  # asked of the daemon through its own CLI
+        return subprocess.run(["docker", "image", "inspect", image], capture_output=True,
+                              timeout=60).returncode == 0
+
+    assert not exists()
+    try:
+        status = dr.check_docker(image=image)
+        out = capsys.readouterr().out
+        assert status == 1, out
+        assert f"docker probe: NOT RUN: the probe's image {image} is not on the daemon" in out
+        assert "so it was not created" in out and dr.create_image_command(image) in out
+        assert not exists(), "the check created the probe image"
+        # The command the fix prints does make the image, and the check then runs the probe.
+        made = subprocess.run(["sh", "-c", dr.create_image_command(image)], capture_output=True,
+                              text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        status = dr.check_docker(image=image)
+        out = capsys.readouterr().out
+        assert status == 0 and "printed 4.4.0 (gVisor's kernel) [works]" in out, out
     finally:
         with contextlib.suppress(dr.DockerError):
             dr.docker_api("DELETE", f"/images/{image}?force=1")

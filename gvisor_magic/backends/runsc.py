@@ -35,6 +35,7 @@ from ..request import CommandRequest
 from ..result import CommandResult, returncode_of
 from .base import BackendStatus
 from .init import init_argv, read_attempts, read_status, started_in
+from .kernel_dirs import remove_orphan_kernel_dirs
 from .layout import Identity, build_layout, caller_identity, init_python
 from .oci import Bundle
 
@@ -167,6 +168,7 @@ def make_run_dir(base: str) -> str:
     """
     os.makedirs(base, mode=0o700, exist_ok=True)
     _remove_orphans(base)
+    remove_orphan_kernel_dirs()  # and those of killed Jupyter servers (kernel_dirs.py)
     remove_orphan_cgroups()
     return tempfile.mkdtemp(prefix=f"gvisor-magic-{os.getpid()}-", dir=base)
 

@@ -55,6 +55,14 @@ class DockerError(Exception):
         self.exit_code = exit_code
 
 
+class ProbeImageMissing(DockerError):
+    """The probe's image is not on the daemon, and this run may not create it (``--check``)."""
+
+    def __init__(self, image: str) -> None:
+        super().__init__(f"image {image} is not on the daemon")
+        self.image = image
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -411,15 +419,25 @@ def demux_logs(raw: bytes) -> str:
     return (bytes(out) if pos == len(raw) else raw).decode("utf-8", errors="replace")
 
 
-def ensure_probe_image(image: str = PROBE_IMAGE, socket_path: str = DOCKER_SOCKET) -> None:
-    """Create the empty ``image`` from an empty tar if missing: there is no registry here,
-    and the probe bind-mounts the host's own tools anyway."""
+def has_image(image: str, socket_path: str = DOCKER_SOCKET) -> bool:
+    """Whether the daemon has ``image`` (a lookup only: nothing is pulled or created)."""
     quoted = urllib.parse.quote(image, safe="/:")
     status, _ = docker_api(
         "GET", f"/images/{quoted}/json", socket_path=socket_path, ok=(200, 404),
         step=f"looking up image {image}",
     )
-    if status == 200:
+    return status == 200
+
+
+def create_image_command(image: str = PROBE_IMAGE) -> str:
+    """The shell command that makes the empty ``image`` (what ``ensure_probe_image`` does)."""
+    return f"tar -cf - -T /dev/null | docker import - {shlex.quote(image)}"
+
+
+def ensure_probe_image(image: str = PROBE_IMAGE, socket_path: str = DOCKER_SOCKET) -> None:
+    """Create the empty ``image`` from an empty tar if missing: there is no registry here,
+    and the probe bind-mounts the host's own tools anyway."""
+    if has_image(image, socket_path):
         return
     repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
     query = urllib.parse.urlencode({"fromSrc": "-", "repo": repo, "tag": tag or "latest"})
@@ -440,14 +458,19 @@ def ensure_probe_image(image: str = PROBE_IMAGE, socket_path: str = DOCKER_SOCKE
 
 
 def probe_container(
-    runtime: str, image: str = PROBE_IMAGE, socket_path: str = DOCKER_SOCKET
+    runtime: str, image: str = PROBE_IMAGE, socket_path: str = DOCKER_SOCKET,
+    create_image: bool = True,
 ) -> str:
     """Output of ``uname -r`` in a real container under ``runtime``; failures name the step.
 
     No network, read-only root, host tools bind-mounted read-only; the container is removed
-    whatever happens.
+    whatever happens. A missing ``image`` is created (empty), unless ``create_image`` is
+    false: then ``ProbeImageMissing`` is raised and nothing was created.
     """
-    ensure_probe_image(image, socket_path)
+    if create_image:
+        ensure_probe_image(image, socket_path)
+    elif not has_image(image, socket_path):
+        raise ProbeImageMissing(image)
     binds = [f"{d}:{d}:ro" for d in PROBE_BINDS if os.path.isdir(d)]
     spec = {
         "Image": image,
@@ -495,7 +518,11 @@ def check_docker(
     image: str = PROBE_IMAGE,
 ) -> int:
     """``--check --docker``: daemon reachable, runtime registered with ``--network=none``, and a
-    real container runs under it (gVisor's kernel answers ``uname -r``); 0 iff all hold."""
+    real container runs under it (gVisor's kernel answers ``uname -r``); 0 iff all hold.
+
+    It changes nothing: without the probe's ``image`` on the daemon it says what would be
+    created, that the container could not be run without it, and returns 1 (not checked).
+    """
     setup = "sudo python3 scripts/install_gvisor.py --docker" + (
         f" --runtime-name {shlex.quote(name)}" if exact else ""
     )
@@ -532,7 +559,14 @@ def check_docker(
         *(f"-v{d}:{d}:ro" for d in PROBE_BINDS if os.path.isdir(d)), image, *PROBE_COMMAND,
     ])
     try:
-        output = probe_container(rname, image, socket_path)
+        output = probe_container(rname, image, socket_path, create_image=False)
+    except ProbeImageMissing:
+        print(f"docker probe: NOT RUN: the probe's image {image} is not on the daemon, and "
+              "--check changes nothing, so it was not created; without an image no container "
+              f"can run, so whether Docker runs one under runtime '{rname}' is unknown")
+        print(f"  fix: create it (empty, from an empty tar; gvisor-magic's Docker backend also "
+              f"creates it on its first run): {create_image_command(image)}; then check again")
+        return 1
     except DockerError as exc:
         print(f"docker probe: FAILED: {exc}")
         print(f"  fix: see the error above; reproduce with: {reproduce}")

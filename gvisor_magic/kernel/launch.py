@@ -2,7 +2,7 @@
 
 The provisioner (``provisioner.py``) starts it in place of the kernel::
 
-    python -m gvisor_magic.kernel.launch --sockets DIR --working-dir DIR
+    python -m gvisor_magic.kernel.launch --sockets DIR --working-dir DIR [--ready-fd N]
         [--network POLICY] [--allow-host HOST]... [--limit NAME=VALUE]... [--protect RULE]...
         -- python -m ipykernel_launcher -f DIR/connection.json
 
@@ -16,7 +16,9 @@ ends the sandbox. The kernel's exit
 status is its own (137 after a memory kill), so Jupyter sees a dead kernel as it would.
 
 Fails closed: where no runsc sandbox can start, it says why on stderr and exits 1; it
-never runs the kernel anywhere else.
+never runs the kernel anywhere else. With ``--ready-fd N`` it also tells the provisioner,
+on that inherited pipe: ``ok`` once the sandbox runs (before the kernel starts in it), or
+the reason it could not start one; then it closes the pipe.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sockets", required=True,
                         help="the kernel's private dir: connection file and IPC sockets")
     parser.add_argument("--working-dir", required=True, help="mounted read-write (the cwd)")
+    parser.add_argument("--ready-fd", type=int, default=None, metavar="N",
+                        help="an inherited pipe: 'ok' once the sandbox runs, else the reason")
     parser.add_argument("--network", default="off",
                         help="off (default), a preset (pypi...), a host, or 'public'")
     parser.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]")
@@ -118,6 +122,29 @@ def python_path() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+class _Ready:
+    """The provisioner's pipe (``--ready-fd``): told once whether the sandbox started."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        if fd is not None:
+            try:
+                os.set_inheritable(fd, False)  # not for the sandbox's processes
+            except OSError:
+                self.fd = None  # not given to us after all: nothing to tell
+
+    def tell(self, text: str) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.write(fd, text.encode("utf-8", "replace")[:60000])
+        except OSError:
+            pass  # the provisioner gave up waiting: stderr still says why
+        finally:
+            os.close(fd)
+
+
 def _forward(stream: str, text: str) -> None:
     target = sys.stdout if stream == "stdout" else sys.stderr
     target.write(text)
@@ -143,10 +170,12 @@ def _end_with_parent(parent: int, every: float = 1.0) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    ready = _Ready(args.ready_fd)
     try:
         spec = spec_of(args)
     except (GvisorMagicError, PolicyError, ValueError) as exc:
         print(f"gvisor-magic: bad Python 3 (gVisor) kernel settings: {exc}", file=sys.stderr)
+        ready.tell(f"bad kernel settings: {exc}")
         return 2
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop)
@@ -161,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GvisorMagicError as exc:
             print(f"gvisor-magic: the Python 3 (gVisor) kernel cannot start here: {exc}",
                   file=sys.stderr, flush=True)
+            ready.tell(str(exc))
             return EXIT_UNAVAILABLE
+        ready.tell("ok\n")
         env = {name: os.environ[name] for name in PASSED if name in os.environ}
         env.update(KERNEL_ENV)
         env["PYTHONPATH"] = os.pathsep.join([*spec.python_path, PACKAGES])
@@ -176,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, CommandInterrupted):
         return 0
     finally:
+        ready.tell("the launcher ended before its sandbox started")  # if not told yet
         session.close()
 
 

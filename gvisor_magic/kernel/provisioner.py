@@ -8,9 +8,14 @@ It is ``LocalProvisioner`` with three changes:
   kernel, named so no other sandbox's mounts show it), which is the only host directory
   besides the notebook's own that the kernel's sandbox may create sockets in; the
   connection file (and its key) is copied there, out of Jupyter's runtime dir, which
-  sandboxes never see;
+  sandboxes never see. The directory is named after the server's pid
+  (``backends/kernel_dirs.py``): if the server is killed, the next run or kernel start of
+  the same user removes it;
 - the command is ``python -m gvisor_magic.kernel.launch``, which runs the kernelspec's own
-  command (ipykernel) inside the sandbox.
+  command (ipykernel) inside the sandbox. ``launch_kernel`` returns only once the launcher
+  says its sandbox started; if it could not (runsc broke since the probe, say), the start
+  fails with the launcher's reason instead of handing the notebook a dead kernel, and the
+  next start probes runsc again.
 
 Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see the README,
 "A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``.
@@ -18,24 +23,29 @@ Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import select
 import shutil
+import subprocess
 import sys
-import tempfile
+import time
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
 from tornado.web import HTTPError
 from traitlets import Bool, Dict, List, Unicode, Union
 
-#: A socket path is at most 107 bytes: ``DIR/k-N`` must fit.
-MAX_DIR = 80
+from ..backends.kernel_dirs import make_kernel_dir
 
-
-def sockets_base() -> str:
-    """Where kernels' private dirs go: the temporary dir, or /tmp when that is too deep."""
-    base = tempfile.gettempdir()
-    return base if len(base) <= MAX_DIR - 30 else "/tmp"
+#: How long the launcher may take to start its sandbox before the start counts as failed
+#: (a sandbox starts in well under a second here; a loaded machine may take several).
+START_TIMEOUT = 180.0
+#: What the launcher writes on its ``--ready-fd`` once its sandbox runs.
+READY = b"ok\n"
+#: How long a launcher that failed may take to exit before it is killed.
+EXIT_GRACE = 10.0
 
 
 class GvisorKernelUnavailable(HTTPError, RuntimeError):
@@ -49,16 +59,69 @@ class GvisorKernelUnavailable(HTTPError, RuntimeError):
                          reason="Python 3 (gVisor) cannot start here")
 
 
+#: Set when a launcher could not start its sandbox: the cached probe is no longer the answer.
+_stale_probe = [False]
+
+
 def unavailable() -> str | None:
-    """Why no gVisor kernel can start here, with the fix; None when one can."""
+    """Why no gVisor kernel can start here, with the fix; None when one can.
+
+    A working probe is cached for the process, so a later start costs nothing; after a
+    launcher failed to start its sandbox, the next call probes again."""
     from ..runner import REGISTRY
 
-    status = REGISTRY.status("runsc")
+    refresh, _stale_probe[0] = _stale_probe[0], False
+    status = REGISTRY.status("runsc", refresh=refresh)
     if status.available:
         return None
     return (f"Python 3 (gVisor) cannot start: runsc is not usable here ({status.reason})"
             + (f". Fix: {status.fix}" if status.fix else "")
             + ". No kernel was started: this kernel never runs outside gVisor.")
+
+
+def wait_for_start(fd: int, process: subprocess.Popen, timeout: float = START_TIMEOUT
+                   ) -> str | None:
+    """Wait until the launcher reports on ``fd``: None once its sandbox runs, else why not.
+
+    The launcher writes ``READY``, or its reason and exits. Its exit (or a closed pipe)
+    without ``READY`` is a failure too; so is no word within ``timeout`` seconds.
+    """
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.startswith(READY):
+        if len(data) >= len(READY) and not READY.startswith(data):
+            break  # a reason, not READY: read it to the end below
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return f"no word from its launcher within {timeout:.0f}s"
+        # The process is polled too, in case something it started kept the write end.
+        readable, _, _ = select.select([fd], [], [], min(remaining, 0.25))
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+        elif process.poll() is not None:
+            break
+    else:
+        return None
+    with contextlib.suppress(subprocess.TimeoutExpired):  # it exits once it has said why
+        process.wait(timeout=EXIT_GRACE)
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    reason = data.decode("utf-8", "replace").strip()
+    code = process.poll()
+    if not reason:
+        reason = (f"its launcher exited with status {code}" if code is not None
+                  else "its launcher said nothing")
+    return reason
 
 
 class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -72,6 +135,8 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     protected_paths = List(Unicode(), config=True, help="protected-path rules")
 
     sockets_dir: str | None = None
+    #: The pipe on which the launcher says whether its sandbox started (read end, write end).
+    _ready_pipe: tuple[int, int] | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         why = unavailable()
@@ -80,8 +145,10 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             raise GvisorKernelUnavailable(why)
         km = self.parent
         if self.sockets_dir is None or not os.path.isdir(self.sockets_dir):
-            self.sockets_dir = tempfile.mkdtemp(prefix="gvisor-magic-kernel-",
-                                                dir=sockets_base())
+            # Named after this process (the server): when it dies without cleaning up, the
+            # next run or kernel start removes what it left (the key, the sockets); this
+            # call removes what dead servers left.
+            self.sockets_dir = make_kernel_dir()
         if km is not None:
             km.transport = "ipc"
             km.cache_ports = False
@@ -93,8 +160,14 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             shutil.copyfile(km.connection_file, inside)
             os.chmod(inside, 0o600)
             cmd = [inside if arg == km.connection_file else arg for arg in cmd]
+        self._close_ready_pipe()
+        read_end, write_end = os.pipe()
+        self._ready_pipe = (read_end, write_end)
+        # Only the launcher gets it (Popen's pass_fds): launchers started at the same time
+        # by this server do not, so its end closes when the launcher closes it.
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end)
         launcher = [sys.executable, "-m", "gvisor_magic.kernel.launch",
-                    "--sockets", self.sockets_dir,
+                    "--sockets", self.sockets_dir, "--ready-fd", str(write_end),
                     "--working-dir", os.path.realpath(kwargs.get("cwd") or os.getcwd())]
         network = self.network
         if network is True:
@@ -114,8 +187,54 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
                       self.sockets_dir)
         return kwargs
 
-    async def cleanup(self, restart: bool = False) -> None:
-        await super().cleanup(restart=restart)
-        if not restart and self.sockets_dir is not None:
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Start the launcher, and return only once its sandbox runs: a launcher that
+        cannot start one (runsc broke since it was probed) fails the start with its reason."""
+        try:
+            info = await super().launch_kernel(cmd, **kwargs)
+        except BaseException:
+            self._close_ready_pipe()
+            raise
+        assert self._ready_pipe is not None
+        read_end, write_end = self._ready_pipe
+        os.close(write_end)  # ours: the launcher holds its own copy
+        self._ready_pipe = (read_end, -1)
+        try:
+            why = await asyncio.get_running_loop().run_in_executor(
+                None, wait_for_start, read_end, self.process)
+        finally:
+            self._close_ready_pipe()
+        if why is None:
+            return info
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()  # no word in time: it must not start later, unseen
+            self.process.wait()
+            self.process = None  # no kernel: nothing for the manager to signal or wait for
+        _stale_probe[0] = True
+        message = (f"Python 3 (gVisor) cannot start: its sandbox did not start ({why}). "
+                   "No kernel was started: this kernel never runs outside gVisor.")
+        self.log.error("gvisor: %s", message)
+        self._remove_sockets_dir()
+        km = self.parent
+        if km is not None and hasattr(km, "cleanup_connection_file"):
+            km.cleanup_connection_file()
+        raise GvisorKernelUnavailable(message)
+
+    def _close_ready_pipe(self) -> None:
+        if self._ready_pipe is not None:
+            for fd in self._ready_pipe:
+                if fd >= 0:
+                    os.close(fd)
+            self._ready_pipe = None
+
+    def _remove_sockets_dir(self) -> None:
+        if self.sockets_dir is not None:
             shutil.rmtree(self.sockets_dir, ignore_errors=True)
             self.sockets_dir = None
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        self._close_ready_pipe()
+        if not restart:
+            self._remove_sockets_dir()

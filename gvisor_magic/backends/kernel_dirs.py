@@ -1,0 +1,90 @@
+"""The private dirs of "Python 3 (gVisor)" kernels, and reclaiming those a dead server left.
+
+Each kernel has a directory of its own (mode 0700) holding a copy of its connection file
+(with the HMAC key of its channels) and its five ZMQ IPC sockets. It is named
+``gvisor-magic-kernel-PID-XXXXXXXX`` after the server (the process of the provisioner),
+and the provisioner removes it when the kernel shuts down. A server killed with SIGKILL
+cannot; so, as for every sandbox dir (``backends.runsc.make_run_dir``), the next run or
+kernel start of the same user removes the dirs whose server no longer runs, first killing
+what still mentions them (the orphaned launcher; its sandbox ends with it).
+
+Not named like a sandbox run dir (``gvisor-magic-PID-X``) on purpose: a kernel's dir is
+also mounted inside its own sandbox, where the server's pid does not exist, and a run made
+there must not take it for a leftover. Nothing is reclaimed from inside gVisor.
+
+Light on purpose (stdlib, psutil): every run calls ``remove_orphan_kernel_dirs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+log = logging.getLogger("gvisor_magic")
+
+PREFIX = "gvisor-magic-kernel-"
+#: A socket path is at most 107 bytes: ``DIR/k-N`` must fit.
+MAX_DIR = 80
+
+
+def sockets_base() -> str:
+    """Where kernels' private dirs go: the temporary dir, or /tmp when that is too deep."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= MAX_DIR - 40 else "/tmp"
+
+
+def make_kernel_dir() -> str:
+    """A new private dir for one kernel, named after this process; reclaims dead ones first."""
+    base = sockets_base()
+    remove_orphan_kernel_dirs(base)
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)
+
+
+def owner_of(name: str) -> int | None:
+    """The server pid in a kernel dir's name, or None if ``name`` is not one."""
+    if not name.startswith(PREFIX):
+        return None
+    pid, sep, rest = name[len(PREFIX):].partition("-")
+    if not sep or not rest or not pid.isdigit():
+        return None
+    return int(pid)
+
+
+def remove_orphan_kernel_dirs(base: str | None = None) -> list[str]:
+    """Remove this user's kernel dirs in ``base`` (``sockets_base()`` by default) whose
+    server no longer runs; return the paths removed."""
+    from ..detect import inside_gvisor
+
+    if inside_gvisor():
+        return []  # our own kernel's dir is mounted here, and its server is not visible
+    base = base or sockets_base()
+    try:
+        names = [name for name in os.listdir(base) if name.startswith(PREFIX)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    import psutil
+
+    from ..process import kill_processes_mentioning
+
+    removed = []
+    for name in names:
+        pid = owner_of(name)
+        if pid is None or pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if info.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        log.info("gvisor: removing kernel dir %s, left by server %s that no longer runs",
+                 path, pid)
+        kill_processes_mentioning(path, "kernel")
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
