@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "filtering proxy) or 'host' (the host's own network, unfiltered); "
                           "off when not given")
     run.add_argument("--allow-host", action="append", metavar="HOST[:PORT]", default=[],
-                     help="also allow this destination (repeatable); implies an allowlist")
+                     help="also allow this destination (repeatable): adds to --network's "
+                          "allowlist or to 'public', makes one when the network is off")
     run.add_argument("--require-isolation", action="store_true",
                      help="fail (exit 125) rather than run without gVisor")
     run.add_argument("--limit", action="append", metavar="NAME=VALUE",
@@ -220,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--sys-prefix", action="store_true",
                        help="in this Python environment (sys.prefix)")
     where.add_argument("--prefix", default=None, help="under PREFIX/share/jupyter/kernels")
-    spec.add_argument("--network", default=None, metavar="POLICY",
-                      help="the kernel's network, as for run (off when not given)")
+    spec.add_argument("--network", nargs="?", const="public", default=None, metavar="POLICY",
+                      help="the kernel's network, as for run ('public' with no value; off "
+                           "when not given)")
     spec.add_argument("--allow-host", action="append", metavar="HOST[:PORT]", default=[])
     spec.add_argument("--limit", action="append", metavar="NAME=VALUE",
                       help="e.g. memory=2G (repeatable)")

@@ -86,3 +86,68 @@ def test_run_takes_a_network_allowlist_and_reports_what_it_refused(runsc_works, 
     assert bad.returncode == 2 and "not a URL" in bad.stderr
     host = run_cli("run", "--mode", "subprocess", "--network", "pypi", "--", "true")
     assert host.returncode == 125 and "never isolates" in host.stderr
+
+
+FETCH = ("import sys, urllib.request as u\n"
+         "for url in sys.argv[1:]:\n"
+         "    try: print(u.urlopen(url, timeout=10).read().decode().strip())\n"
+         "    except OSError as e: print('refused')\n")
+
+
+def test_run_network_alone_is_public_and_allow_host_adds_to_it(runsc_works):
+    """``--network`` with no value is ``public`` (as the README says); ``--allow-host``
+    with it reaches that host too (it was dropped, and the refusal then suggested it)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from egress_servers import plain_server
+
+    with plain_server(b"named\n") as named, plain_server(b"other\n") as other:
+        alone = run_cli("run", "--mode", "runsc", "--network", "--json", "--",
+                        sys.executable, "-I", "-c", FETCH, named.url)
+        assert alone.returncode == 0, alone.stderr
+        result = json.loads(alone.stdout)
+        assert result["network_policy"] == "public internet through the host's filtering proxy"
+        assert result["stdout"].split() == ["refused"]  # loopback is not public
+        done = run_cli("run", "--mode", "runsc", "--network", "public", "--allow-host",
+                       named.authority, "--json", "--", sys.executable, "-I", "-c", FETCH,
+                       named.url, other.url)
+        assert other.hits == []
+        assert named.hits == ["GET /"]
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["stdout"].split() == ["named", "refused"]
+    assert result["network_policy"] == ("public internet through the host's filtering proxy, "
+                                        f"and: {named.authority}")
+    [blocked] = result["blocked"]
+    assert (blocked["host"], blocked["port"]) == ("127.0.0.1", other.port)
+    assert blocked["hint"] == f"--allow-host {other.authority} allows it"
+
+
+def test_run_allow_host_localhost_reaches_the_hosts_loopback(runsc_works):
+    """The hint for ``localhost:PORT`` is ``--allow-host localhost:PORT``; it works."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from egress_servers import plain_server
+
+    with plain_server(b"local\n") as srv:
+        url = f"http://localhost:{srv.port}/"
+        refused = run_cli("run", "--mode", "runsc", "--allow-host", srv.authority, "--json",
+                          "--", sys.executable, "-I", "-c", FETCH, url)
+        assert srv.hits == []
+        done = run_cli("run", "--mode", "runsc", "--allow-host", f"localhost:{srv.port}",
+                       "--json", "--", sys.executable, "-I", "-c", FETCH, url)
+        assert srv.hits == ["GET /"]
+    assert refused.returncode == 0, refused.stderr
+    assert [b["hint"] for b in json.loads(refused.stdout)["blocked"]] == [
+        f"--allow-host localhost:{srv.port} allows it"]
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["stdout"] == "local\n"
+
+
+def test_kernelspec_network_alone_is_public(tmp_path):
+    env = {"HOME": str(tmp_path), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+    done = run_cli("kernelspec", "install", "--prefix", str(tmp_path / "prefix"),
+                   "--network", "--allow-host", "127.0.0.1:8081", env=env)
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((tmp_path / "prefix" / "share" / "jupyter" / "kernels"
+                       / "python3-gvisor" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"] == {
+        "network": "public", "allow_hosts": ["127.0.0.1:8081"]}

@@ -284,15 +284,24 @@ def test_absolute_uri_get_is_forwarded_as_one_closed_request(sock_dir: str) -> N
 
 
 def test_the_host_header_is_set_from_the_uri(sock_dir: str) -> None:
-    with plain_server() as allowed, plain_server() as other, \
-            running([allowed.authority], sock_dir) as proxy:
-        status, _ = exchange(proxy.socket_path, (
-            f"GET {allowed.url}/h HTTP/1.1\r\nHost: {other.authority}\r\n\r\n").encode())
+    with plain_server() as allowed, running([allowed.authority], sock_dir) as proxy:
+        # HTTP/1.0 may leave Host out; the upstream still gets one, from the URI
+        status, _ = exchange(proxy.socket_path, f"GET {allowed.url}/h HTTP/1.0\r\n\r\n".encode())
         assert status == 200
         assert allowed.hits == ["GET /h"]
         assert allowed.headers[0]["Host"] == allowed.authority
+
+
+def test_a_host_header_naming_another_site_is_refused(sock_dir: str) -> None:
+    """RFC 9112 section 3.2: Host names what the absolute-form target names."""
+    with plain_server() as allowed, plain_server() as other, \
+            running([allowed.authority], sock_dir) as proxy:
+        status, body = refused(proxy.socket_path, (
+            f"GET {allowed.url}/h HTTP/1.1\r\nHost: {other.authority}\r\n\r\n").encode())
+        assert status == 400 and "is not the request's target" in body
         settle()
-        assert other.hits == []
+        assert allowed.hits == [] and other.hits == []
+        assert proxy.allowed == {} and proxy.blocked_since(0) == []
 
 
 # -- refusals --------------------------------------------------------------------------
@@ -362,6 +371,53 @@ def test_loopback_is_refused_under_public(sock_dir: str) -> None:
             assert status == 403 and "loopback" in body, body
         settle()
         assert srv.hits == []
+
+
+def test_public_with_allow_host_reaches_that_host_too(sock_dir: str) -> None:
+    """``--network public --allow-host 127.0.0.1:PORT``: the host was dropped, and the
+    refusal then suggested the very ``--allow-host`` that had been given."""
+    with plain_server(b"named\n") as named, plain_server() as other:
+        policy = NetworkPolicy.parse(True).combined([named.authority])
+        with running(policy, sock_dir) as proxy:
+            assert exchange(proxy.socket_path, get(f"{named.url}/n")) == (200, b"named\n")
+            head, rest = tunnel(proxy.socket_path, named.authority, (
+                f"GET /t HTTP/1.1\r\nHost: {named.authority}\r\n"
+                "Connection: close\r\n\r\n").encode())
+            assert head.startswith(b"HTTP/1.1 200") and parse(rest)[2] == b"named\n"
+            status, body = refused(proxy.socket_path, get(f"{other.url}/o"))
+            assert status == 403 and "loopback" in body
+            [blocked] = proxy.blocked_since(0)
+            assert blocked.hint == f"--allow-host {other.authority} allows it"
+        assert named.hits == ["GET /n", "GET /t"] and other.hits == []
+        # and the hint, applied, lets it through
+        with running(policy.combined([other.authority]), sock_dir) as proxy:
+            assert exchange(proxy.socket_path, get(f"{other.url}/o"))[0] == 200
+        assert other.hits == ["GET /o"]
+
+
+def test_a_refusal_of_localhost_hints_at_what_works(
+        sock_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``localhost:PORT`` when ``127.0.0.1:PORT`` is allowed: the hint names
+    ``localhost:PORT``, and that then reaches the server (before, it was refused again,
+    as a name resolving to loopback)."""
+    guarded = socket.getaddrinfo
+
+    def hosts_file(host: object, *args: object, **kwargs: object) -> object:
+        # what /etc/hosts says of localhost here, without letting any other name through
+        return guarded("127.0.0.1" if host == "localhost" else host, *args, **kwargs)
+
+    with plain_server(b"local\n") as srv:
+        url = f"http://localhost:{srv.port}/l"
+        with running([srv.authority], sock_dir) as proxy:
+            status, _ = refused(proxy.socket_path, get(url))
+            assert status == 403
+            [blocked] = proxy.blocked_since(0)
+        assert blocked.hint == f"--allow-host localhost:{srv.port} allows it"
+        assert srv.hits == []
+        monkeypatch.setattr(socket, "getaddrinfo", hosts_file)
+        with running([srv.authority, f"localhost:{srv.port}"], sock_dir) as proxy:
+            assert exchange(proxy.socket_path, get(url)) == (200, b"local\n")
+        assert srv.hits == ["GET /l"]
 
 
 @pytest.mark.parametrize("disguise", ["2130706433", "0177.0.0.1", "0x7f.0.0.1", "127.1",

@@ -763,3 +763,39 @@ def test_the_network_setting_is_checked_and_shown(ip, caplog, runsc_works):
         run(ip, "%%isolated --network http://x/\ntrue\n")
     with pytest.raises(UsageError, match="non-canonical"):
         run(ip, "%isolated --allow-host 2130706433 true")
+
+
+def test_network_alone_is_read_as_public(ip):
+    """``--network`` with no value is ``public``, as the README says (it answered
+    "expected one argument"). Without runsc, public is refused rather than run unfiltered,
+    which shows how the option was read."""
+    for code in ("%%isolated --mode subprocess --network\ntrue\n",
+                 "%%isolated --mode subprocess --network --quiet\ntrue\n",
+                 "%isolated --mode subprocess --network -- true",
+                 "%isolated --network --mode subprocess -- true"):
+        with pytest.raises(IsolationUnavailable, match="public internet"):
+            run(ip, code)
+    with pytest.raises(UsageError, match="'true' was read as --network's value: write "
+                                         "--network -- COMMAND"):
+        run(ip, "%isolated --mode subprocess --network true")
+
+
+def test_network_alone_in_a_sandbox_with_allow_host(ip, capfd, runsc_works):
+    from egress_servers import plain_server
+
+    with plain_server(b"named\n") as named, plain_server(b"other\n") as other:
+        run(ip, f"%%isolated --network --result r\n{FETCH}{named.url}/a\n")
+        out, _ = capfd.readouterr()
+        assert out.startswith("refused")  # loopback is not public
+        assert ip.user_ns["r"].network_policy == (
+            "public internet through the host's filtering proxy")
+        with open("fetch.py", "w") as script:  # the cwd: the sandbox's working dir
+            script.write(FETCH.split('"')[1])
+        run(ip, f"%isolated --network --allow-host {named.authority} --result r -- "
+                f"python3 fetch.py {named.url}/b {other.url}/c")
+        out, err = capfd.readouterr()
+        assert named.hits == ["GET /b"] and other.hits == []
+    assert out.splitlines()[0] == "named" and out.splitlines()[1].startswith("refused")
+    assert ip.user_ns["r"].network_policy == (
+        f"public internet through the host's filtering proxy, and: {named.authority}")
+    assert f"--allow-host {other.authority} allows it" in err

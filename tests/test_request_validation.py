@@ -50,6 +50,10 @@ CASES = [
     ({"network": 42}, InvalidRequestError, "network must be False, True, 'host', a preset"),
     ({"network": "https://pypi.org/simple"}, InvalidRequestError, "not a URL"),
     ({"network": ["pypi", "host"]}, InvalidRequestError, "cannot be combined"),
+    # hosts add to "public" through --allow-host (NetworkPolicy.combined), not in one list
+    ({"network": ["public", "127.0.0.1:8081"]}, InvalidRequestError,
+     r"'public' cannot be combined with hosts: use it alone \(hosts add to 'public' "
+     r"through --allow-host\)"),
     ({"max_output": 0}, InvalidRequestError, "max_output must be a positive"),
     ({"require_isolation": "yes"}, TypeError, "require_isolation must be"),
 ]

@@ -9,14 +9,17 @@ Modes:
   ``off``     nothing (the default); tools' attempts are still recorded, so a
               result can say what was tried
   ``allow``   only the hosts of an allowlist (presets and patterns)
-  ``public``  any public address, through the proxy (``network=True``)
+  ``public``  any public address, through the proxy (``network=True``), and the
+              hosts of an allowlist given with it (``--network public --allow-host
+              127.0.0.1:8081``), which may then be reached as in ``allow``
   ``host``    the host's own network, unfiltered; only when asked for by name
 
 Addresses that are not public (loopback, link-local such as the cloud metadata
 service, private, unspecified, multicast, reserved) are refused in every mode
 but ``host`` unless the allowlist names the address itself. A host name the user
 wrote out exactly (not a preset, not a wildcard) may also resolve to a private
-address (an internal package mirror); never to loopback or link-local.
+address (an internal package mirror); never to loopback or link-local, but for
+``localhost`` itself, whose loopback addresses are what naming it means.
 
 Standard library only: the policy is pure logic, tested without any network.
 """
@@ -129,6 +132,8 @@ class HostRule:
             ports = frozenset({port})
         elif raw.count(":") > 1 and not raw.startswith("["):
             pass  # a bare IPv6 address
+        elif raw.startswith("[") and raw.endswith("]"):
+            pass  # an IPv6 address in brackets, without a port
         elif ":" in raw:
             raise PolicyError(f"{text!r}: write a port as host:PORT, e.g. example.com:8443")
         wildcard = host.startswith("*.")
@@ -240,7 +245,8 @@ class NetworkPolicy:
                 raise PolicyError(f"a network allowlist holds host names, got {entry!r}")
             name = entry.strip().lower()
             if name in ("host", "public", "off"):
-                raise PolicyError(f"{entry!r} cannot be combined with hosts: use it alone")
+                raise PolicyError(f"{entry!r} cannot be combined with hosts: use it alone "
+                                  "(hosts add to 'public' through --allow-host)")
             if name in PRESETS:
                 presets.append(name)
                 rules += [HostRule.parse(h, name) for h in PRESETS[name]]
@@ -251,13 +257,17 @@ class NetworkPolicy:
         return cls("allow", tuple(dict.fromkeys(rules)), tuple(dict.fromkeys(presets)))
 
     def combined(self, hosts: Sequence[str]) -> NetworkPolicy:
-        """This policy with ``hosts`` allowed too (``--allow-host``)."""
+        """This policy with ``hosts`` allowed too (``--allow-host``): an allowlist grows,
+        ``off`` becomes one, ``public`` keeps the public internet and may reach these
+        hosts as an allowlist would (a loopback or private address it names, say).
+        ``host`` reaches all of them already and stays as it is."""
         if not hosts:
             return self
         extra = NetworkPolicy.allowing(hosts)
-        if self.mode in ("public", "host"):
-            return self  # already reaches more than any list
-        return NetworkPolicy("allow", tuple(dict.fromkeys(self.rules + extra.rules)),
+        if self.mode == "host":
+            return self
+        return NetworkPolicy("public" if self.mode == "public" else "allow",
+                             tuple(dict.fromkeys(self.rules + extra.rules)),
                              tuple(dict.fromkeys(self.presets + extra.presets)))
 
     # -- what it means ---------------------------------------------------------
@@ -277,19 +287,23 @@ class NetworkPolicy:
         is not the sandbox's own, for proxied tools)."""
         for rule in self.rules:
             ip = ip_of(rule.host)
-            if ip is not None and ip.is_loopback:
+            if rule.host == "localhost" or (ip is not None and ip.is_loopback):
                 return True
         return False
 
     def decide_name(self, host: str, port: int) -> tuple[Decision, HostRule | None]:
-        """The verdict on a destination before it is resolved."""
+        """The verdict on a destination before it is resolved, and the rule that allows
+        it: of all that match, the one that allows the most addresses (an IP literal,
+        then a name written out, then a preset or wildcard)."""
         if self.mode == "off":
             return Decision(False, "the network is off"), None
-        if self.mode in ("host", "public"):
+        if self.mode == "host":
             return Decision(True), None
-        for rule in self.rules:
-            if rule.matches(host, port):
-                return Decision(True), rule
+        matching = [rule for rule in self.rules if rule.matches(host, port)]
+        if matching:
+            return Decision(True), min(matching, key=_reach)
+        if self.mode == "public":
+            return Decision(True), None
         named = [r for r in self.rules if r.matches(host, next(iter(r.ports)))]
         if named:
             ports = sorted({p for r in named for p in r.ports})
@@ -309,29 +323,85 @@ class NetworkPolicy:
         if literal:
             return Decision(True)
         exact = rule is not None and not rule.preset and not rule.wildcard
-        if exact and kind in ("private",):
+        if exact and (kind == "private" or (kind == "loopback" and host == "localhost")):
             return Decision(True)
         return Decision(False, f"{host} resolves to {address}, a {kind} address "
                                "(allowed only when the allowlist names that address)")
 
+    def decide(self, host: str, port: int, addresses: Sequence[str]) -> Decision:
+        """The whole path the proxy takes for ``host:port`` resolving to ``addresses``:
+        allowed when the name is and at least one address is (it connects to those)."""
+        verdict, rule = self.decide_name(host, port)
+        if not verdict.allowed:
+            return verdict
+        refusals = []
+        for address in addresses:
+            verdict = self.decide_address(host, address, rule)
+            if verdict.allowed:
+                return verdict
+            refusals.append(verdict)
+        return refusals[0] if refusals else Decision(False, f"{host} has no address")
+
     def describe(self) -> str:
         if self.mode == "off":
             return "off"
-        if self.mode == "public":
-            return "public internet through the host's filtering proxy"
         if self.mode == "host":
             return "HOST NETWORK (unfiltered, as the host itself)"
         named = list(self.presets)
         named += [str(r) for r in self.rules if not r.preset]
+        if self.mode == "public":
+            text = "public internet through the host's filtering proxy"
+            return text + (", and: " + ", ".join(named) if named else "")
         return "allowlist: " + ", ".join(named)
 
-    def hint(self, host: str, port: int) -> str:
-        """How to allow ``host:port``, for a message about a refused attempt."""
+    def hint(self, host: str, port: int, addresses: Sequence[str] = ()) -> str:
+        """How to allow ``host:port``, for a message about a refused attempt; "" when
+        nothing but the host's whole network would.
+
+        Each suggestion is tried on this policy before it is made: a hint never names
+        what would be refused too. ``addresses`` are those the name resolved to, when
+        the refusal was about them; a refusal of the name itself is hinted at from the
+        name alone (a refused name is never resolved), so what it resolves to is
+        checked only once it is allowed. A link-local destination (the cloud metadata
+        service) gets no hint: allowing it should be a decision, not a suggestion.
+        """
+        ip = ip_of(host)
+        if addresses:
+            seen = list(addresses)
+        elif ip is not None:
+            seen = [host]
+        elif host == "localhost":
+            seen = ["127.0.0.1", "::1"]
+        else:
+            seen = []
+        if any(address_class(a) == "link-local" for a in seen):
+            return ""
+
+        def works(policy: NetworkPolicy) -> bool:
+            if seen:
+                return policy.decide(host, port, seen).allowed
+            return policy.decide_name(host, port)[0].allowed
+
+        if works(self):
+            return ""
         for preset, hosts in PRESETS.items():
-            for pattern in hosts:
-                rule = HostRule.parse(pattern, preset)
-                if rule.matches(host, port) and preset not in self.presets:
-                    return f"--network {preset} allows it"
+            # "--network PRESET" alone, or added to what is given: it must work both ways
+            if (preset not in self.presets
+                    and any(HostRule.parse(p, preset).matches(host, port) for p in hosts)
+                    and works(self.combined([preset])) and works(NetworkPolicy.parse(preset))):
+                return f"--network {preset} allows it"
         shown = f"[{host}]" if ":" in host else host
         target = shown if port in DEFAULT_PORTS else f"{shown}:{port}"
-        return f"--allow-host {target} allows it"
+        try:
+            if works(self.combined([target])):
+                return f"--allow-host {target} allows it"
+        except PolicyError:  # not a name a rule can hold
+            pass
+        return ""
+
+
+def _reach(rule: HostRule) -> int:
+    """How many kinds of address a rule lets its name reach; lower is more."""
+    if ip_of(rule.host) is not None:
+        return 0
+    return 2 if rule.preset or rule.wildcard else 1

@@ -58,12 +58,12 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--repo", {"help": "host directory mounted read-only at the same path"}),
     ("--env", {"action": "append", "default": [], "metavar": "KEY=VALUE",
                "help": "environment variable for the command (repeatable)"}),
-    ("--network", {"metavar": "POLICY",
+    ("--network", {"metavar": "POLICY", "nargs": "?", "const": "public",
                    "help": "the sandbox's network: a preset (pypi, npm, github, huggingface, "
                            "conda), hosts (comma-separated host or host:port), 'public' "
-                           "(public addresses through the host's filtering proxy), 'host' (the "
-                           "host's own network, unfiltered) or 'off' (default: "
-                           "Isolation.network)"}),
+                           "(public addresses through the host's filtering proxy; what "
+                           "--network alone means), 'host' (the host's own network, "
+                           "unfiltered) or 'off' (default: Isolation.network)"}),
     ("--allow-host", {"action": "append", "default": [], "metavar": "HOST[:PORT]",
                       "help": "also allow this destination (repeatable)"}),
     ("--require-isolation", {"action": "store_true",
@@ -82,6 +82,9 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 #: Options that take a value (the line magic reads them off the front of its line).
 _TAKES_VALUE = frozenset(flag for flag, spec in OPTIONS if spec.get("action") != "store_true")
+#: Of those, the ones whose value may be left out (``--network`` alone is ``public``): an
+#: option or ``--`` right after one is not its value.
+_OPTIONAL_VALUE = frozenset(flag for flag, spec in OPTIONS if spec.get("nargs") == "?")
 
 
 def _with_options(magic: Callable) -> Callable:
@@ -95,7 +98,8 @@ def split_options(line: str) -> tuple[list[str], str]:
 
     Options come first, as with ``%timeit -n 10 ...``; the command starts at the first
     word that is not an option or an option's value (or after ``--``), and is kept as
-    written: quotes, pipes and all.
+    written: quotes, pipes and all. ``--network`` may go without its value when an
+    option or ``--`` follows (``%isolated --network -- curl ...``).
     """
     lexer = shlex.shlex(line, posix=True)
     lexer.whitespace_split, lexer.commenters = True, ""
@@ -109,7 +113,7 @@ def split_options(line: str) -> tuple[list[str], str]:
             return tokens, line[start:].strip()
         if token is None or token == lexer.eof:
             return tokens, ""
-        if wants_value:
+        if wants_value and not (tokens[-1] in _OPTIONAL_VALUE and token.startswith("-")):
             tokens.append(token)
             wants_value = False
         elif token == "--":
@@ -486,8 +490,11 @@ class IsolatedMagics(Magics):
         """
         tokens, command = split_options(line)
         if not command:
+            taken = (f" ({tokens[-1]!r} was read as {tokens[-2]}'s value: write "
+                     f"{tokens[-2]} -- COMMAND to leave it out)"
+                     if len(tokens) > 1 and tokens[-2] in _OPTIONAL_VALUE else "")
             raise UsageError("%isolated needs a command: %isolated [options] COMMAND "
-                             "(see %isolated?)")
+                             f"(see %isolated?){taken}")
         args = parse_argstring(self.isolated, " ".join(shlex.quote(t) for t in tokens))
         result = self._run_with(args, command)
         if args.out:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gvisor_magic.egress.policy import (
     DEFAULT_PORTS,
     PRESETS,
     Blocked,
+    Decision,
     HostRule,
     NetworkPolicy,
     PolicyError,
@@ -391,11 +394,152 @@ def test_combined_adds_to_an_allowlist() -> None:
     assert policy.decide_name("pypi.org", 443)[0].allowed
 
 
-@pytest.mark.parametrize("mode", [True, "host"])
-def test_combined_leaves_public_and_host_alone(mode: object) -> None:
-    policy = NetworkPolicy.parse(mode)
+def test_combined_keeps_public_and_adds_the_hosts() -> None:
+    """``--network public --allow-host 127.0.0.1:8081``: the public internet and this
+    machine's port 8081 (the host was dropped before, and a refusal then suggested it)."""
+    policy = NetworkPolicy.parse(True).combined(["127.0.0.1:8081", "mirror.corp.invalid"])
+    assert policy.mode == "public" and policy.proxied
+    assert _reaches(policy, "127.0.0.1", 8081, ["127.0.0.1"]).allowed
+    assert _reaches(policy, "mirror.corp.invalid", 443, ["10.1.2.3"]).allowed
+    assert _reaches(policy, "pypi.org", 443, ["151.101.0.223"]).allowed  # still public
+    # what it did not name is refused as under public alone
+    assert not _reaches(policy, "127.0.0.1", 8082, ["127.0.0.1"]).allowed
+    assert not _reaches(policy, "other.invalid", 443, ["10.1.2.3"]).allowed
+    assert not _reaches(policy, "169.254.169.254", 80, ["169.254.169.254"]).allowed
+    assert policy.names_loopback()
+    assert policy.describe() == ("public internet through the host's filtering proxy, "
+                                 "and: 127.0.0.1:8081, mirror.corp.invalid")
+
+
+def test_combined_leaves_host_alone() -> None:
+    policy = NetworkPolicy.parse("host")
     assert policy.combined(["a.example"]) == policy
-    assert policy.combined(["a.example"]).mode == policy.mode
+
+
+def test_localhost_written_out_reaches_loopback() -> None:
+    policy = NetworkPolicy.parse(["localhost:8081"])
+    assert _reaches(policy, "localhost", 8081, ["127.0.0.1", "::1"]).allowed
+    assert policy.names_loopback()  # so NO_PROXY leaves localhost to the proxy
+    # only under that name and port: another name resolving to loopback is still refused
+    assert not _reaches(policy, "localhost", 8082, ["127.0.0.1"]).allowed
+    sneaky = NetworkPolicy.parse(["sneaky.invalid:8081"])
+    assert not _reaches(sneaky, "sneaky.invalid", 8081, ["127.0.0.1"]).allowed
+    assert not _reaches(NetworkPolicy.parse(True), "localhost", 8081, ["127.0.0.1"]).allowed
+
+
+def test_the_matching_rule_that_reaches_most_decides() -> None:
+    """A preset and the same name written out: the name written out may reach a mirror."""
+    policy = NetworkPolicy.parse("pypi").combined(["pypi.org"])
+    decision, rule = policy.decide_name("pypi.org", 443)
+    assert decision.allowed and rule is not None and rule.preset == ""
+    assert _reaches(policy, "pypi.org", 443, ["10.1.2.3"]).allowed
+    assert not _reaches(NetworkPolicy.parse("pypi"), "pypi.org", 443, ["10.1.2.3"]).allowed
+
+
+# -- every refusal's hint, applied ----------------------------------------------------------
+
+#: (the user's --network, their --allow-host list, host, port, what the name resolves to).
+#: Together they produce every refusal the policy has: the network off, not on the
+#: allowlist, a port not allowed, and each kind of address that is not public.
+REFUSED = [
+    # the network is off (the relay reports names, nothing is resolved)
+    ("off", [], "pypi.org", 443, ["151.101.0.223"]),
+    ("off", [], "foo.hf.co", 443, ["18.0.0.1"]),
+    ("off", [], "example.invalid", 8443, ["93.184.215.14"]),
+    ("off", [], "127.0.0.1", 8081, ["127.0.0.1"]),
+    ("off", [], "::1", 8080, ["::1"]),
+    ("off", [], "::1", 443, ["::1"]),
+    ("off", [], "localhost", 8081, ["127.0.0.1", "::1"]),
+    # not on the allowlist
+    ("npm", [], "pypi.org", 443, ["151.101.0.223"]),
+    ("127.0.0.1:8081", [], "localhost", 8081, ["127.0.0.1", "::1"]),
+    ("127.0.0.1:8081", [], "::1", 8081, ["::1"]),
+    ("pypi", ["example.com:8443"], "example.invalid", 443, ["93.184.215.14"]),
+    # a port that is not allowed
+    ("pypi", [], "pypi.org", 8443, ["151.101.0.223"]),
+    ("*.corp.invalid", [], "a.corp.invalid", 8443, ["10.1.2.3"]),
+    ("127.0.0.1:8081", [], "127.0.0.1", 9, ["127.0.0.1"]),
+    # an address that is not public
+    ("public", [], "127.0.0.1", 8081, ["127.0.0.1"]),
+    ("public", [], "::ffff:7f00:1", 8081, ["::ffff:7f00:1"]),
+    ("public", [], "localhost", 8081, ["127.0.0.1", "::1"]),
+    ("public", [], "mirror.corp.invalid", 443, ["10.1.2.3"]),
+    ("public", [], "10.0.0.7", 22, ["10.0.0.7"]),
+    ("public", [], "224.0.0.1", 80, ["224.0.0.1"]),
+    ("public", ["127.0.0.1:8081"], "127.0.0.1", 8082, ["127.0.0.1"]),
+    ("pypi", [], "pypi.org", 443, ["10.1.2.3"]),
+    ("*.corp.invalid", [], "a.corp.invalid", 443, ["192.168.1.1"]),
+]
+#: ... and those nothing but the host's whole network allows, or that should be a
+#: decision rather than a suggestion (the metadata service): no hint.
+UNHINTED = [
+    ("public", [], "sneaky.invalid", 80, ["127.0.0.1"]),
+    ("sneaky.invalid", [], "sneaky.invalid", 443, ["127.0.0.1"]),
+    ("mirror.corp.invalid", [], "mirror.corp.invalid", 443, ["0.0.0.0"]),
+    ("public", [], "169.254.169.254", 80, ["169.254.169.254"]),
+    ("public", [], "metadata.invalid", 80, ["169.254.169.254"]),
+]
+CASES = [(*c, True) for c in REFUSED] + [(*c, False) for c in UNHINTED]
+
+
+def _reaches(policy: NetworkPolicy, host: str, port: int, addresses: list[str]) -> Decision:
+    """The proxy's path: the name, then each address it resolved to, until one passes."""
+    verdict, rule = policy.decide_name(host, port)
+    if not verdict.allowed:
+        return verdict
+    refusals = [policy.decide_address(host, a, rule) for a in addresses]
+    return next((v for v in refusals if v.allowed), refusals[0])
+
+
+def _policy(network: str, hosts: list[str]) -> NetworkPolicy:
+    """As the CLI and the magics build it from ``--network`` and ``--allow-host``."""
+    return NetworkPolicy.parse(network).combined(hosts)
+
+
+@pytest.mark.parametrize(("network", "hosts", "host", "port", "addresses", "hinted"), CASES,
+                         ids=[f"{c[0]}+{','.join(c[1])}->{c[2]}:{c[3]}" for c in CASES])
+def test_a_hint_applied_allows_what_was_refused(network: str, hosts: list[str], host: str,
+                                                 port: int, addresses: list[str],
+                                                 hinted: bool) -> None:
+    policy = _policy(network, hosts)
+    refusal = _reaches(policy, host, port, addresses)
+    assert not refusal.allowed
+    # What the refusal knew: the name alone, or the addresses it resolved to.
+    name_refused = not policy.decide_name(host, port)[0].allowed
+    hint = policy.hint(host, port) if name_refused else policy.hint(host, port, addresses)
+    if not hinted:
+        assert hint == "", hint
+        return
+    flag, _, rest = hint.partition(" ")
+    value, sep, tail = rest.partition(" ")
+    assert sep and tail == "allows it", hint
+    if flag == "--allow-host":
+        applied = [_policy(network, [*hosts, value])]
+    else:
+        assert flag == "--network", hint
+        # instead of the --network given, or added to it
+        applied = [_policy(value, hosts)]
+        if network not in ("off", "public"):
+            applied.append(_policy(f"{network},{value}", hosts))
+    for after in applied:
+        assert _reaches(after, host, port, addresses).allowed, (hint, after)
+        assert after.decide_name(host, port)[0].allowed
+
+
+def test_the_refusals_above_cover_every_reason() -> None:
+    reasons = set()
+    for network, hosts, host, port, addresses, _ in CASES:
+        reason = _reaches(_policy(network, hosts), host, port, addresses).reason
+        reasons.add(re.sub(r"^port \d+ is not allowed.*", "port",
+                           re.sub(r".* a (\S+) address .*", r"\1", reason)))
+    assert reasons == {"the network is off", "not on the allowlist", "port", "loopback",
+                       "private", "multicast", "unspecified", "link-local"}
+
+
+def test_a_hint_for_an_ipv6_address_on_a_default_port_can_be_written() -> None:
+    hint = NetworkPolicy.parse(False).hint("::1", 443)
+    assert hint == "--allow-host [::1] allows it"
+    assert _reaches(NetworkPolicy.parse(False).combined(["[::1]"]), "::1", 443, ["::1"]).allowed
 
 
 def test_combined_with_nothing_is_the_same_policy() -> None:
