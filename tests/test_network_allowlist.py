@@ -8,9 +8,11 @@ the network off, a tool's request for pypi.org is answered inside the sandbox.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -362,3 +364,114 @@ def test_docker_with_the_network_off_says_what_was_tried(tmp_path, docker_works)
     assert result.isolated and result.returncode != 0
     assert [(b.host, b.port, b.hint) for b in result.blocked] == [
         ("pypi.org", 443, "--network pypi allows it")]
+
+
+PARALLEL = r"""
+import hashlib, json, sys, threading, time, urllib.request
+base, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+found = {"sums": {}, "errors": []}
+
+def fetch(name):
+    try:
+        with urllib.request.urlopen(f"{base}/{name}", timeout=120) as response:
+            digest, got = hashlib.sha256(), 0
+            while chunk := response.read(65536):
+                digest.update(chunk)
+                got += len(chunk)
+        found["sums"][name] = [digest.hexdigest(), got]
+    except OSError as exc:
+        found["errors"].append(f"{name}: {exc}")
+
+threads = [threading.Thread(target=fetch, args=(f"blob{i}",)) for i in range(count)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+# One connection nobody reads for now: another still gets all of its bytes.
+stalled = urllib.request.urlopen(f"{base}/big", timeout=120)
+started = time.monotonic()
+fetch("blob0")
+found["beside_a_stalled_one"] = time.monotonic() - started
+digest = hashlib.sha256()
+while chunk := stalled.read(65536):
+    digest.update(chunk)
+found["big"] = digest.hexdigest()
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture
+def blob_server():
+    """A loopback server of random blobs (``/blobN``, ``/big``), with their checksums."""
+    import hashlib
+
+    blobs = {f"blob{i}": os.urandom(3 << 20) for i in range(20)}
+    blobs["big"] = os.urandom(32 << 20)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = blobs.get(self.path.strip("/"))
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], {k: hashlib.sha256(v).hexdigest()
+                                         for k, v in blobs.items()}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_many_parallel_downloads_through_the_channel_and_a_stalled_one_stalls_only_itself(
+        flavour, tmp_path, blob_server, runsc_works):
+    """Every connection of the sandbox shares one socket to the host (the channel): twenty
+    downloads at once all arrive whole, and a connection nobody reads holds up no other."""
+    port, sums = blob_server
+    result = run(flavour, [sys.executable, "-I", "-c", PARALLEL, f"http://127.0.0.1:{port}",
+                           "20", str(3 << 20)], [f"127.0.0.1:{port}"], tmp_path)
+    assert result.success, result.describe() + result.stderr[-2000:]
+    found = json.loads(result.stdout)
+    assert found["errors"] == []
+    assert {name: tuple(got) for name, got in found["sums"].items()} == {
+        f"blob{i}": (sums[f"blob{i}"], 3 << 20) for i in range(20)}
+    assert found["big"] == sums["big"]
+    # 3 MiB beside a stalled 32 MiB download: seconds at worst on a loaded machine; a
+    # channel stalled with it would never get there (the command's timeout, 180 s).
+    assert found["beside_a_stalled_one"] < 60, found
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_the_channel_arrives_through_the_memory_guards_wrapper(flavour, tmp_path, runsc_works):
+    """With a memory limit, runsc starts below a shell that joins the cgroup and execs it:
+    the channel's descriptor survives that exec, and the allowlist works as without it."""
+    from gvisor_magic import Limits
+
+    fetch = [sys.executable, "-I", "-c", "import sys, urllib.request as u; "
+             "print(u.urlopen(sys.argv[1], timeout=30).read().decode())"]
+    with plain_server(b"through the wrapper\n") as server:
+        limits = Limits(memory=512 << 20)
+        if flavour == "session":
+            with IsolatedSession(tmp_path, mode="runsc", network=[server.authority],
+                                 limits=limits) as session:
+                result = session.run([*fetch, f"{server.url}/w"], timeout=120)
+        else:
+            result = run_command_isolated([*fetch, f"{server.url}/w"], working_dir=tmp_path,
+                                          mode="runsc", network=[server.authority],
+                                          limits=limits, timeout=120, reuse=False)
+    assert result.success and result.stdout.strip() == "through the wrapper", result.describe()
+    assert server.hits == ["GET /w"]

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..egress import EGRESS_DIR
 from ..protected import (
     HIDDEN,
     READ_ONLY,
@@ -172,16 +171,13 @@ class SandboxLayout:
 
 
 def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, scratch: str,
-                 *, host_system: bool = True, status_dir: str | None = None,
-                 egress_dir: str | None = None) -> SandboxLayout:
+                 *, host_system: bool = True, status_dir: str | None = None) -> SandboxLayout:
     """Build the layout of a sandbox for ``spec``, whose processes start in its working dir
     with ``env`` over the allowlisted base; the generated ``/etc`` and stand-in files go
     under ``scratch``.
 
     ``host_system=False`` is for a real image that brings its own system
     directories: then only the private and user mounts are added.
-    ``egress_dir``: the host directory of the network proxy's socket, shown read-only
-    at ``EGRESS_DIR``.
     """
     path_dirs = [os.path.dirname(sys.executable)] if host_system else []
     path_dirs += ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -209,8 +205,6 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
                             ("mode=0700", f"uid={identity.uid}", f"gid={identity.gid}", size)))
     if status_dir is not None:
         mounts.append(MountSpec(STATUS_DIR, "bind", status_dir, read_only=False))
-    if egress_dir is not None:
-        mounts.append(MountSpec(EGRESS_DIR, "bind", egress_dir))
     wanted = []
     if spec.working_dir:
         wanted.append((spec.working_dir, False))

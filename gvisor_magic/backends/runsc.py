@@ -269,8 +269,9 @@ class RunscBackend:
                     "unprivileged pod); /tmp and HOME are size-capped in-memory tmpfs; "
                     f"memory: {memory}; cpus: NOT enforced (the timeout bounds CPU time)",
             network="off by default (--network=none); allowlists and network=True through the "
-                    "host's filtering proxy (--host-uds=open); 'host': the host's network, "
-                    "unfiltered")
+                    "host's filtering proxy, reached only over one socket given to the "
+                    "sandbox's init (runsc run --pass-fd; no host Unix socket is reachable "
+                    "by path, no --host-uds=open); 'host': the host's network, unfiltered")
 
     def flags(self, state_dir: str, network: SandboxNetwork, *, sockets: bool = False
               ) -> list[str]:
@@ -278,13 +279,14 @@ class RunscBackend:
         # a *read-only* bind mount when the sandbox opens it with O_TRUNC (the
         # open itself then fails with EROFS). Through the gofer, read-only holds.
         # --oci-seccomp: apply the bundle's filter, which refuses set-ID file modes.
-        # --host-uds=open (with a proxied network only): the sandbox may connect to the
-        # proxy's socket on a bind mount, never create one on the host.
+        # No --host-uds=open, whatever the network: it would let the sandbox connect to
+        # every host socket on every bind mount (seen here 2026-12-07: one in the working
+        # dir). A proxied network reaches its proxy over a socket runsc passes to the
+        # init instead (SandboxNetwork.run_args).
         # --host-uds=create (a kernel_dir only): the sandbox may create sockets on its
-        # read-write mounts, which the host connects to (a gVisor kernel's ZMQ sockets).
-        host_uds = network.runsc_flags()
-        if sockets:
-            host_uds = ["--host-uds=all" if host_uds else "--host-uds=create"]
+        # read-write mounts, which the host connects to (a gVisor kernel's ZMQ sockets);
+        # connecting to one the host made stays refused.
+        host_uds = ["--host-uds=create"] if sockets else []
         flags = ["--root", state_dir, f"--network={network.runsc_network}",
                  *host_uds, "--overlay2=none", "--directfs=false", "--oci-seccomp"]
         if "--ignore-cgroups" not in self.extra_flags and "--rootless" not in self.extra_flags:
@@ -363,7 +365,7 @@ class RunscBackend:
                 os.mkdir(status_dir, 0o700)
                 network.start()
                 layout = build_layout(request.spec, request.env, identity, run_dir,
-                                      status_dir=status_dir, egress_dir=network.mount_source())
+                                      status_dir=status_dir)
                 bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
                                 init_argv(marker, request.argv, request.timeout,
                                           network.relay_setting()),
@@ -377,13 +379,16 @@ class RunscBackend:
                                 kill=lambda: self._kill(runsc, flags, sandbox_id, proc))
             try:
                 proc = subprocess.Popen(
-                    guard.wrap([runsc, *flags, "run", "--bundle", bundle.path, sandbox_id]),
+                    guard.wrap([runsc, *flags, "run", *network.run_args(), "--bundle",
+                                bundle.path, sandbox_id]),
                     stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=network.pass_fds,
                     start_new_session=True, env=runsc_env(idmap_shims(run_dir, identity)))
             except OSError as exc:
                 raise SandboxStartError(self.name, f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
+            finally:
+                network.sandbox_started()
             guard.watch(proc.pid)
             outcome = supervise(
                 proc, kill=lambda: self._kill(runsc, flags, sandbox_id, proc),

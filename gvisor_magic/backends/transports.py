@@ -60,9 +60,10 @@ def agent_argv(*extra: str) -> list[str]:
     return [init_python(), "-I", "-S", "-c", AGENT_SOURCE, *extra]
 
 
-#: What the agent needs inside gVisor to take a uid of its own (``session_agent.seal``),
+#: What the agent needs inside gVisor to take a uid of its own (``session_agent.seal``) and
+#: mount /dev/mqueue (``session_agent.mount_message_queues``),
 #: and the relay of a Docker session to hide it; all dropped before any command runs.
-SEAL_CAPABILITIES = ("SETUID", "SETPCAP")
+SEAL_CAPABILITIES = ("SETUID", "SETPCAP", "SYS_ADMIN")
 HIDE_CAPABILITIES = ("SYS_ADMIN", "SETPCAP", "SETUID", "SETGID")
 
 
@@ -118,8 +119,7 @@ class RunscTransport:
         try:
             os.mkdir(state, 0o700)
             network.start()
-            self.layout = layout = build_layout(spec, {}, identity, self.run_dir,
-                                                egress_dir=network.mount_source())
+            self.layout = layout = build_layout(spec, {}, identity, self.run_dir)
             self.env = layout.env
             # The agent starts as root of the sandbox and takes a uid of its own,
             # running commands as the caller (session_agent.seal).
@@ -132,14 +132,16 @@ class RunscTransport:
             self.guard = MemoryGuard(spec.limits.memory, kill=self._kill_sandbox)
             try:
                 self.proc = subprocess.Popen(
-                    self.guard.wrap([runsc, *self._flags, "run", "--bundle", bundle.path,
-                                     self.sandbox_id]),
+                    self.guard.wrap([runsc, *self._flags, "run", *network.run_args(),
+                                     "--bundle", bundle.path, self.sandbox_id]),
                     stdin=self._channel[1], stdout=self._channel[1],
-                    stderr=self._errors[1], start_new_session=True,
+                    stderr=self._errors[1], pass_fds=network.pass_fds, start_new_session=True,
                     env=runsc_env(idmap_shims(self.run_dir, identity)))
             except OSError as exc:  # a GVISOR_MAGIC_RUNSC that names nothing runnable
                 raise SandboxStartError("runsc", f"cannot execute {runsc}: {exc}",
                                         fix=INSTALL_HINT) from exc
+            finally:
+                network.sandbox_started()  # runsc has its own copy of the channel's end
             self.guard.watch(self.proc.pid, whole_sandbox=False)
             for pair in (self._channel, self._errors):
                 pair[1].close()  # runsc has them now

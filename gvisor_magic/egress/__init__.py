@@ -7,17 +7,22 @@ sandbox's loopback, and the command's proxy variables point at it:
 
 - network off: the relay answers every request with a 403 and notes where it
   wanted to go, so a result can say "pip tried pypi.org:443: the network is off";
-- ``allow`` and ``public``: the relay passes each connection through a Unix
-  socket (``runsc --host-uds=open``) to this sandbox's own proxy on the host,
-  which alone decides.
+- ``allow`` and ``public``: the relay passes each connection, as one stream of
+  a channel over a single socket the host gave the sandbox's PID 1
+  (``runsc run --pass-fd``, see ``mux.py``), to this sandbox's own proxy on the
+  host, which alone decides. No host Unix socket is reachable from inside by
+  its path, whatever the network: runsc never gets ``--host-uds=open``, and the
+  proxy listens in a private directory that no sandbox mounts.
 """
 
 from __future__ import annotations
 
 from .policy import PRESETS, NetworkPolicy, PolicyError
 
-__all__ = ["EGRESS_DIR", "PRESETS", "SOCKET_NAME", "NetworkPolicy", "PolicyError"]
+__all__ = ["CHANNEL_FD", "PRESETS", "SOCKET_NAME", "NetworkPolicy", "PolicyError"]
 
-#: Where the proxy's socket appears inside the sandbox (a read-only bind of its directory).
-EGRESS_DIR = "/run/gvisor-magic-egress"
+#: The descriptor number the channel to the host's proxy has in the sandbox's PID 1
+#: (the relay moves it to a close-on-exec number before anything else starts).
+CHANNEL_FD = 3
+#: The proxy's socket, in a host directory of the sandbox's own (never mounted inside).
 SOCKET_NAME = "proxy.sock"

@@ -9,10 +9,11 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING
 
-from . import EGRESS_DIR, SOCKET_NAME
+from . import CHANNEL_FD, SOCKET_NAME
 from .policy import Blocked, NetworkPolicy, summarize
 
 if TYPE_CHECKING:
+    from .mux import Channel
     from .proxy import EgressProxy
 #: ``sockaddr_un`` holds 108 bytes, with its terminating NUL.
 _SOCKET_PATH_MAX = 107
@@ -48,22 +49,25 @@ def agent_attempts(items: object) -> str:
 
 def relay_setting(policy: NetworkPolicy) -> str:
     """What a sandbox's PID 1 is told (``egress_relay.parse_egress``): no relay for the
-    host's network; else the proxy's socket (none: the network is off) and ``NO_PROXY``.
+    host's network; else the descriptor of its channel to the proxy (none: the network
+    is off) and ``NO_PROXY``.
 
     Loopback stays the sandbox's own (a server a command starts inside) unless the policy
     names a loopback address: then proxied tools reach the host's.
     """
     if policy.mode == "host":
         return ""
-    socket_path = f"{EGRESS_DIR}/{SOCKET_NAME}" if policy.proxied else ""
-    return f"{socket_path}\t{'' if policy.names_loopback() else _LOOPBACK}"
+    channel = str(CHANNEL_FD) if policy.proxied else ""
+    return f"{channel}\t{'' if policy.names_loopback() else _LOOPBACK}"
 
 
 class SandboxNetwork:
-    """One sandbox's network on the host: its proxy (when it has one), the mount that
-    shows the proxy's socket inside, the setting its PID 1 gets, and runsc's flags.
+    """One sandbox's network on the host: its proxy (when it has one) and the channel to
+    it (``mux.Channel``), what runsc passes to the sandbox's PID 1, and the setting it gets.
 
-    Use: ``start()`` before the sandbox starts, ``close()`` after it ended.
+    Use: ``start()`` before the sandbox starts; give ``run_args()`` to ``runsc run`` and
+    ``pass_fds`` to the ``Popen`` that starts it, then ``sandbox_started()``;
+    ``close()`` after it ended.
     """
 
     def __init__(self, policy: NetworkPolicy, run_dir: str, label: str = "") -> None:
@@ -71,6 +75,7 @@ class SandboxNetwork:
         self.run_dir = run_dir
         self.host_dir = os.path.join(run_dir, "egress")
         self.proxy: EgressProxy | None = None
+        self.channel: Channel | None = None
         self.label = label
 
     @property
@@ -80,7 +85,8 @@ class SandboxNetwork:
     def start(self) -> SandboxNetwork:
         if not self.policy.proxied:
             return self
-        from .proxy import EgressProxy  # asyncio: imported only when a proxy is needed
+        from .mux import Channel  # asyncio: imported only when a proxy is needed
+        from .proxy import EgressProxy
 
         if len(self.socket_path) > _SOCKET_PATH_MAX:
             # A deep TMPDIR or state dir: the socket goes to a short private directory,
@@ -90,10 +96,14 @@ class SandboxNetwork:
         else:
             os.mkdir(self.host_dir, 0o700)
         self.proxy = EgressProxy(self.policy, self.socket_path, self.label).start()
+        self.channel = Channel(self.socket_path, self.label).start()
         return self
 
     def close(self) -> None:
-        """Stop the proxy and remove its socket (idempotent); its record stays readable."""
+        """Stop the channel and the proxy, remove its socket (idempotent); the proxy's
+        record stays readable."""
+        if self.channel is not None:
+            self.channel.close()
         if self.proxy is not None:
             self.proxy.close()
         if not self.host_dir.startswith(self.run_dir + os.sep):
@@ -106,13 +116,19 @@ class SandboxNetwork:
         """runsc's ``--network``: the host's stack only for ``host``."""
         return "host" if self.policy.mode == "host" else "none"
 
-    def runsc_flags(self) -> list[str]:
-        """``--host-uds=open`` (connect only, never create) when a proxy serves it."""
-        return ["--host-uds=open"] if self.policy.proxied else []
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """The host's descriptors the process that starts ``runsc run`` must keep open."""
+        return (self.channel.sandbox_fd,) if self.channel is not None else ()
 
-    def mount_source(self) -> str | None:
-        """The host directory to show read-only at ``EGRESS_DIR``, if any."""
-        return self.host_dir if self.policy.proxied else None
+    def run_args(self) -> list[str]:
+        """``runsc run``'s own flags: the channel's end, as ``CHANNEL_FD`` of PID 1."""
+        return [f"--pass-fd={fd}:{CHANNEL_FD}" for fd in self.pass_fds]
+
+    def sandbox_started(self) -> None:
+        """runsc holds the sandbox's end of the channel now (or never will): close ours."""
+        if self.channel is not None:
+            self.channel.sandbox_started()
 
     def relay_setting(self) -> str:
         """The PID 1's setting (``egress_relay.parse_egress``)."""
