@@ -133,7 +133,8 @@ SECRET_PATHS = (
     ".jupyter/jupyter_notebook_config.json",
 )
 #: Configuration shown read-only with credentials stripped (tools inside need the rest).
-SCRUBBED_NAMES = frozenset({".npmrc", ".yarnrc.yml", ".condarc", "pip.conf", "pip.ini"})
+SCRUBBED_NAMES = frozenset({".npmrc", ".yarnrc", ".yarnrc.yml", ".condarc", "pip.conf",
+                            "pip.ini"})
 
 #: Directories the scan does not descend into: third-party trees and caches, where
 #: a user keeps no credentials of their own (named in SECURITY.md).
@@ -148,6 +149,14 @@ MAX_PROTECTED_BINDS = 192
 MAX_PROTECTED = 1024
 
 _UNSAFE_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:]*(?::[^/@\s]*)?@")
+#: anaconda.org-style channels carry the token as a path segment:
+#: ``https://conda.anaconda.org/t/<token>/<channel>`` (also as a bare ``channel_alias``).
+_URL_PATH_TOKEN = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s\"'<>]+(?:/[^/\s\"'<>?#]+)*?)"
+                             r"/t/[^/\s\"'<>?#]+(?=[/\s\"'<>?#]|$)")
+#: A query parameter that carries a credential: ``?token=``, ``&access_token=``, ``?sig=``...
+_URL_QUERY_SECRET = re.compile(
+    r"(?i)([?&])((?:[a-z0-9_.-]*(?:token|auth|passw|secret|credential|api[-_]?key|key|sig"
+    r"|signature)[a-z0-9_.-]*))=[^&#\s\"'<>]*&?")
 _SECRET_KEY = re.compile(
     r"(?i)(token|auth|passw|secret|credential|extraheader|api[-_]?key|private[-_]?key|cookie)")
 
@@ -246,24 +255,42 @@ class ProtectionPlan:
 
 
 def scrub_config_text(text: str) -> str:
-    """Configuration text without credentials: URL passwords and token lines removed.
+    """Configuration text without credentials: URL credentials and token lines removed.
 
-    Works on git config, pip.conf, .npmrc, .condarc and /etc files alike: a line
-    whose key mentions a token, password, secret, credential or auth header is
-    dropped; ``scheme://user:password@host`` becomes ``scheme://host``.
+    Works on git config, pip.conf, .npmrc, .yarnrc(.yml), .condarc and /etc files
+    alike: a line whose key mentions a token, password, secret, credential or auth
+    header is dropped; in every URL, ``scheme://user:password@host`` becomes
+    ``scheme://host``, an anaconda.org-style ``/t/<token>`` path segment is removed
+    and query parameters such as ``?token=`` or ``&sig=`` are dropped.
     """
     kept = []
     for line in text.splitlines():
-        key = re.split(r"[=:]", line.strip(), maxsplit=1)[0]
-        if key.startswith("//"):  # npm's "//registry/:_authToken=..."
-            key = line.strip()
-        if not line.strip().startswith(("[", "#", ";")) and _SECRET_KEY.search(key):
+        stripped = line.strip()
+        key = re.split(r"[=:]", stripped, maxsplit=1)[0]
+        if stripped.lstrip("\"'").startswith("//"):
+            # npm's "//registry/:_authToken=..." and yarn 1's '"//registry/:_authToken" x'.
+            key = stripped
+        if not stripped.startswith(("[", "#", ";")) and _SECRET_KEY.search(key):
             continue
-        if line.strip().startswith("[") and re.search(r"(?i)^\[\s*credential", line.strip()):
+        if stripped.startswith("[") and re.search(r"(?i)^\[\s*credential", stripped):
             kept.append(line)
             continue
-        kept.append(_UNSAFE_URL.sub(r"\1", line))
+        kept.append(_scrub_urls(line))
     return "\n".join(kept) + ("\n" if text.endswith("\n") else "")
+
+
+def _scrub_urls(line: str) -> str:
+    line = _UNSAFE_URL.sub(r"\1", line)
+    previous = None
+    while previous != line:  # one /t/<token> segment per pass: URLs may hold several
+        previous, line = line, _URL_PATH_TOKEN.sub(r"\1", line)
+    original = line
+    previous = None
+    while previous != line:
+        previous, line = line, _URL_QUERY_SECRET.sub(r"\1", line)
+    if line != original:  # "?token=x" leaves "?", "a=1&token=x" leaves "a=1&"
+        line = re.sub(r"[?&](?=[#\s\"'<>,\]]|$)", "", line)
+    return line
 
 
 def _has_credentials(text: str) -> bool:

@@ -11,6 +11,7 @@ exist inside.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -34,7 +35,8 @@ from ..stand_ins import StandIns
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 # /etc entries worth having: name resolution, dynamic linker, TLS roots, time
-# zone, Debian alternatives. Never shadow/gshadow/sudoers/ssh keys.
+# zone, Debian alternatives. Never shadow/gshadow/sudoers/ssh keys. Of /etc/ssl only what
+# a TLS client reads (``ETC_SSL_DIRS``, OpenSSL's ``*.cnf``), never ``private/``.
 ETC_ALLOWLIST = (
     "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone",
     "os-release", "debian_version", "lsb-release", "ssl", "ca-certificates",
@@ -46,6 +48,15 @@ ETC_ALLOWLIST = (
 # /etc/environment is not copied at all: only PAM reads it, and it holds proxies with passwords.
 ETC_SCRUBBED = frozenset({"gitconfig", "pip.conf", "npmrc"})
 _ETC_COPY_MAX = 1 << 20
+# In /etc/ssl: the trust store (Debian's hashed links in ``certs/`` point into
+# /usr/share/ca-certificates, shown with /usr). Top-level files are copied when they are
+# OpenSSL configuration or certificates (Alpine's ``cert.pem``) holding no private key.
+ETC_SSL_DIRS = ("certs",)
+_ETC_SSL_FILES = (".cnf", ".pem", ".crt")
+# Bound /etc directories are searched for private keys (a server's key+certificate PEM in
+# /etc/ssl/certs, say); a dir holding one is copied, each key as an empty file.
+_PRIVATE_KEY = b"PRIVATE KEY-----"
+_KEY_SCAN_MAX = 4 << 20
 
 STATUS_DIR = "/run/gvisor-magic"
 
@@ -195,9 +206,7 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
         for prefix in python_prefixes():
             mounts.append(MountSpec(prefix, "bind", prefix))
         etc = os.path.join(scratch, "etc")
-        for directory in write_etc(etc, identity, spec.network.mode == "host",
-                                   layout.hostname):
-            mounts.append(MountSpec(directory, "bind", directory))
+        mounts.extend(write_etc(etc, identity, spec.network.mode == "host", layout.hostname))
         mounts.append(MountSpec("/etc", "bind", etc))
     size = f"size={spec.limits.tmp_size}"
     mounts.append(MountSpec("/tmp", "tmpfs", "tmpfs", False, ("mode=1777", size)))
@@ -286,8 +295,10 @@ def _protect(layout: SandboxLayout, scratch: str) -> None:
             layout.mounts.append(MountSpec(item.path, "bind", item.path))
 
 
-def write_etc(etc: str, identity: Identity, host_network: bool, hostname: str) -> list[str]:
-    """Write the sandbox's ``/etc`` into ``etc``; return host /etc dirs to bind into it."""
+def write_etc(etc: str, identity: Identity, host_network: bool,
+              hostname: str) -> list[MountSpec]:
+    """Write the sandbox's ``/etc`` into ``etc``; return the host /etc dirs to bind over it
+    (read-only). A dir holding a private key is copied instead, the key as an empty file."""
     os.makedirs(etc, exist_ok=True)
     directories = []
     for name in ETC_ALLOWLIST:
@@ -295,6 +306,8 @@ def write_etc(etc: str, identity: Identity, host_network: bool, hostname: str) -
         target = os.path.join(etc, name)
         if os.path.islink(source):
             os.symlink(os.readlink(source), target)
+        elif name == "ssl" and os.path.isdir(source):
+            directories.extend(_write_etc_ssl(source, target))
         elif os.path.isdir(source):
             os.makedirs(target, exist_ok=True)  # the mount point
             directories.append(source)
@@ -325,4 +338,82 @@ def write_etc(etc: str, identity: Identity, host_network: bool, hostname: str) -
     for name, text in files.items():
         with open(os.path.join(etc, name), "w") as handle:
             handle.write(text)
+    mounts = []
+    for directory in directories:
+        keys = _private_keys_in(directory)
+        if keys:
+            # Copied without them: a file mounted over a key inside the host's dir would make
+            # runsc create that file on the host if the key went away before the sandbox
+            # started (seen here 2026-12-07: empty files left in /etc/ssl/certs).
+            _copy_without(directory, os.path.join(etc, os.path.relpath(directory, "/etc")),
+                          set(keys))
+        else:
+            mounts.append(MountSpec(directory, "bind", directory))
+    return mounts
+
+
+def _copy_without(source: str, target: str, keys: set[str]) -> None:
+    """Copy ``source`` into ``target``: links as links, ``keys`` as empty files."""
+    os.makedirs(target, exist_ok=True)
+    with contextlib.suppress(OSError), os.scandir(source) as entries:
+        for entry in entries:
+            copy = os.path.join(target, entry.name)
+            with contextlib.suppress(OSError):
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), copy)
+                elif entry.is_dir():
+                    _copy_without(entry.path, copy, keys)
+                elif entry.path in keys:
+                    os.close(os.open(copy, os.O_CREAT | os.O_WRONLY, 0o444))
+                elif entry.is_file():
+                    shutil.copyfile(entry.path, copy)
+
+
+def _write_etc_ssl(source: str, target: str) -> list[str]:
+    """/etc/ssl without ``private/``: the trust store dirs to bind, OpenSSL's configuration
+    and top-level certificates copied; links kept as links (Fedora's ``certs ->
+    ../pki/tls/certs`` dangles: /etc/pki is not shown)."""
+    os.makedirs(target, exist_ok=True)
+    directories = []
+    try:
+        entries = list(os.scandir(source))
+    except OSError:
+        return directories
+    for entry in entries:
+        path, copy = entry.path, os.path.join(target, entry.name)
+        if entry.name == "private":
+            continue  # a server's keys, as a dir or as a link to one
+        try:
+            if entry.is_symlink():
+                os.symlink(os.readlink(path), copy)
+            elif entry.is_dir() and entry.name in ETC_SSL_DIRS:
+                os.makedirs(copy, exist_ok=True)  # the mount point
+                directories.append(path)
+            elif entry.is_file() and entry.name.endswith(_ETC_SSL_FILES) \
+                    and entry.stat().st_size <= _ETC_COPY_MAX and not _holds_private_key(path):
+                shutil.copyfile(path, copy)
+        except OSError:
+            continue
     return directories
+
+
+def _private_keys_in(directory: str) -> list[str]:
+    """Regular files below ``directory`` that hold a PEM private key (links not followed:
+    their targets are either shown read-only anyway, as /usr is, or absent inside)."""
+    found, pending = [], [directory]
+    while pending:
+        with contextlib.suppress(OSError), os.scandir(pending.pop()) as entries:
+            for entry in entries:  # the types come with the listing: links cost no stat
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and _holds_private_key(entry.path):
+                    found.append(entry.path)
+    return found
+
+
+def _holds_private_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return _PRIVATE_KEY in handle.read(_KEY_SCAN_MAX)
+    except OSError:
+        return True  # unreadable to us: not shown either

@@ -133,6 +133,47 @@ def new_repo():
     write(path + "/.git/hooks/pre-commit", hook("newrepo-hook"), executable=True)
     return how
 
+def configured_repo(path, settings):
+    """A new repository whose config holds ``settings`` ((dotted key, value) pairs)."""
+    os.makedirs(path, exist_ok=True)
+    try:
+        git("init", "-q", path)
+        for key, value in settings:
+            git("-C", path, "config", key, value)
+        return "with the sandbox's git"
+    except (OSError, subprocess.SubprocessError):
+        for sub in ("objects", "refs/heads", "refs/tags"):
+            os.makedirs(os.path.join(path, ".git", sub), exist_ok=True)
+        write(path + "/.git/HEAD", "ref: refs/heads/main\n")
+        text = "[core]\n\trepositoryformatversion = 0\n\tbare = false\n"
+        for key, value in settings:
+            section, _, name = key.rpartition(".")
+            section, _, sub = section.partition(".")
+            text += '[%s%s]\n\t%s = "%s"\n' % (section, ' "%s"' % sub if sub else "", name, value)
+        write(path + "/.git/config", text)
+        return "by hand"
+
+def bytecode(text, mtime=0, size=0, unchecked_for=None):
+    """A .pyc of this Python running ``text``: timestamp-based (mtime, size), or an
+    unchecked hash-based one (loaded whatever its source says)."""
+    import importlib._bootstrap_external as external, importlib.util
+    code = compile(text, "planted", "exec")
+    if unchecked_for is not None:
+        with open(unchecked_for, "rb") as handle:
+            digest = importlib.util.source_hash(handle.read())
+        return bytes(external._code_to_hash_pyc(code, digest, checked=False))
+    return bytes(external._code_to_timestamp_pyc(code, mtime, size))
+
+def cached_beside(source, canary, unchecked=False):
+    """__pycache__ bytecode for an existing source, header matching it, payload not."""
+    import importlib.util
+    info = os.stat(source)
+    data = bytecode(py(canary), int(info.st_mtime), info.st_size,
+                    unchecked_for=source if unchecked else None)
+    target = importlib.util.cache_from_source(os.path.abspath(source))
+    write(target, data, "wb")
+    return os.path.relpath(target)
+
 attempt("proj/src.txt", lambda: write("proj/src.txt", "ordinary work\n"))
 attempt("notes.txt", lambda: write("notes.txt", "ordinary notes\n"))
 attempt("proj/.git/config", lambda: write("proj/.git/config", fsmonitor("fsmonitor-proj"), "a"))
@@ -159,6 +200,20 @@ attempt(".ssh/authorized_keys", lambda: write(
 attempt("sitecustomize.py", lambda: write("sitecustomize.py", py("sitecustomize")))
 attempt("a/b/newrepo", new_repo)
 attempt("json.py", lambda: write("json.py", py("json-shadow")))
+attempt("colorsys.pyc", lambda: write("colorsys.pyc", bytecode(py("sourceless-module")), "wb"))
+attempt("xmlrpc/__init__.pyc", lambda: write(
+    "xmlrpc/__init__.pyc", bytecode(py("sourceless-package")), "wb"))
+attempt("__pycache__/gvm_user_mod", lambda: cached_beside("gvm_user_mod.py", "pycache-timestamp"))
+attempt("__pycache__/gvm_user_mod2", lambda: cached_beside("gvm_user_mod2.py",
+                                                           "pycache-unchecked", unchecked=True))
+attempt("a/b/gpgrepo", lambda: configured_repo("a/b/gpgrepo", [
+    ("gpg.format", "ssh"), ("commit.gpgsign", "true"),
+    # git splits this command line itself (no shell): a plain argv.
+    ("gpg.ssh.defaultKeyCommand", "touch %s" % os.path.join(scratch, "gpg-ssh-keycommand"))]))
+attempt("a/b/trailerrepo", lambda: configured_repo("a/b/trailerrepo", [
+    ("trailer.x.command", sh("trailer-command"))]))
+attempt("a/b/trailercmd", lambda: configured_repo("a/b/trailercmd", [
+    ("trailer.y.cmd", sh("trailer-cmd"))]))
 print(json.dumps(found))
 '''
 
@@ -185,7 +240,23 @@ VECTORS = {
     "newrepo-fsmonitor": ("a/b/newrepo", "git fsmonitor in a repo the command created"),
     "newrepo-hook": ("a/b/newrepo", "a git hook in a repo the command created"),
     "json-shadow": ("json.py", "json.py in the kernel's cwd shadowing the stdlib"),
+    "sourceless-module": ("colorsys.pyc", "a sourceless colorsys.pyc in the kernel's cwd"),
+    "sourceless-package": ("xmlrpc/__init__.pyc",
+                           "a sourceless package (xmlrpc/__init__.pyc) in the kernel's cwd"),
+    "pycache-timestamp": ("__pycache__/gvm_user_mod",
+                          "__pycache__ bytecode for the user's module, header matching it"),
+    "pycache-unchecked": ("__pycache__/gvm_user_mod2",
+                          "unchecked hash-based __pycache__ bytecode for the user's module"),
+    "gpg-ssh-keycommand": ("a/b/gpgrepo",
+                           "gpg.ssh.defaultKeyCommand in a new repo (git commit, gpgsign)"),
+    "trailer-command": ("a/b/trailerrepo",
+                        "trailer.<x>.command in a new repo (git interpret-trailers)"),
+    "trailer-cmd": ("a/b/trailercmd", "trailer.<x>.cmd in a new repo (git interpret-trailers)"),
 }
+#: The user's own modules in the home, imported later by a new kernel or Python.
+USER_MODULES = ("gvm_user_mod", "gvm_user_mod2")
+#: What the host's later Python imports (each a planted bytecode vector above).
+HOST_IMPORTS = "import colorsys, xmlrpc, " + ", ".join(USER_MODULES)
 
 LOAD_SERVER_CONFIG = ("from jupyter_server.serverapp import ServerApp; "
                       "ServerApp().load_config_file()")
@@ -231,6 +302,8 @@ def make_home(home: Path, *, ipython: bool = True, repo: str | None = "proj") ->
         (home / ".ipython" / "profile_default").mkdir(parents=True)
     if repo is not None:
         make_repo(home, repo)
+    for name in USER_MODULES:
+        (home / f"{name}.py").write_text("VALUE = 1\n")
 
 
 def make_repo(home: Path, name: str) -> Path:
@@ -270,6 +343,11 @@ def fire_host_tools(home: Path, elsewhere: Path) -> list[str]:
         run_host_tool(["git", "-C", "a/b/newrepo", "status"], cwd=home, env=env),
         run_host_tool(["git", "-C", "a/b/newrepo", *identity, "commit", "-q", "--allow-empty",
                        "-m", "host"], cwd=home, env=env),
+        run_host_tool(["git", "-C", "a/b/gpgrepo", *identity, "commit", "-q", "--allow-empty",
+                       "-m", "host"], cwd=home, env=env),
+        run_host_tool(["git", "-C", "a/b/trailerrepo", "interpret-trailers"], cwd=home, env=env),
+        run_host_tool(["git", "-C", "a/b/trailercmd", "interpret-trailers", "--trailer", "y=1"],
+                      cwd=home, env=env),
         run_host_tool(["git", "init", "-q", str(fresh)], cwd=elsewhere, env=env),
         run_host_tool(["git", "-C", str(fresh), "status"], cwd=elsewhere, env=env),
         run_host_tool(["bash", "-l", "-c", "true"], cwd=home, env=env),
@@ -278,6 +356,8 @@ def fire_host_tools(home: Path, elsewhere: Path) -> list[str]:
     ]
     for python in interpreters():
         log.append(run_host_tool([python, "-c", "import json"], cwd=home,
+                                 env={**env, "PYTHONPATH": str(home)}))
+        log.append(run_host_tool([python, "-c", HOST_IMPORTS], cwd=home,
                                  env={**env, "PYTHONPATH": str(home)}))
     log.append(run_host_tool([sys.executable, "-m", "IPython", f"--ipython-dir={home}/.ipython",
                               "-c", "pass"], cwd=elsewhere, env=env))
@@ -431,7 +511,10 @@ def test_planted_code_never_runs_later_on_the_host(probe, jupyterhub_home, host_
         # and the result says where it went.
         entries = quarantine_entries(result)
         quarantine = (tmp_path / "quarantine").resolve()
-        for what in ("sitecustomize.py", "json.py", "a/b/newrepo"):
+        for what in ("sitecustomize.py", "json.py", "a/b/newrepo", "colorsys.pyc",
+                     "xmlrpc/__init__.pyc", "__pycache__/gvm_user_mod.",
+                     "__pycache__/gvm_user_mod2.", "a/b/gpgrepo/.git/config",
+                     "a/b/trailerrepo/.git/config", "a/b/trailercmd/.git/config"):
             assert any(what in original for original, _copy, _why in entries), (
                 f"{what} is not in details['quarantined']: {result.details}\n{evidence_log}")
         for original, copy, why in entries:
@@ -440,6 +523,11 @@ def test_planted_code_never_runs_later_on_the_host(probe, jupyterhub_home, host_
             assert why.strip(), original
         assert not (home / "sitecustomize.py").exists()
         assert not (home / "json.py").exists()
+        assert not (home / "colorsys.pyc").exists()
+        assert not (home / "xmlrpc" / "__init__.pyc").exists()
+        # The user's modules themselves are untouched.
+        for name in USER_MODULES:
+            assert (home / f"{name}.py").read_text() == "VALUE = 1\n"
 
 
 SECRET_FILES = {  # relative path -> the verdict's name

@@ -242,3 +242,80 @@ def test_a_million_tiny_files(probe):
     if probe.flavour == "session":
         after = probe.run("ls /tmp | wc -l")
         assert after.success  # the session survived; its /tmp is dropped with it
+
+
+TLS_CLIENT = r'''
+import json, os, shutil, ssl, subprocess, sys
+found = {}
+
+def read(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(65536).decode("latin-1")
+    except OSError as exc:
+        return "ERR %s" % type(exc).__name__
+
+for path in sys.argv[1:]:
+    found[path] = read(path)
+try:
+    found["private"] = " ".join(sorted(os.listdir("/etc/ssl/private")))
+except OSError as exc:
+    found["private"] = "ERR %s" % type(exc).__name__
+found["bundle"] = read("/etc/ssl/certs/ca-certificates.crt")[:64]
+hashed = sorted(n for n in os.listdir("/etc/ssl/certs") if n.endswith(".0"))
+found["hashed"] = read(os.path.join("/etc/ssl/certs", hashed[0]))[:64] if hashed else "none"
+context = ssl.create_default_context()  # what urllib uses without certifi
+found["context"] = context.cert_store_stats()
+paths = ssl.get_default_verify_paths()
+found["capath"] = len(os.listdir(paths.capath)) if paths.capath else 0
+if shutil.which("openssl"):
+    roots = sorted(n for n in os.listdir("/usr/share/ca-certificates/mozilla"))
+    check = subprocess.run(["openssl", "verify", "/usr/share/ca-certificates/mozilla/" + roots[0]],
+                           capture_output=True, text=True, timeout=60)
+    found["openssl"] = "%d %s" % (check.returncode, (check.stdout + check.stderr).strip())
+print(json.dumps(found))
+'''
+
+
+@pytest.fixture
+def host_private_keys(probe) -> dict[str, str]:
+    """Private keys where a Debian host keeps TLS keys (made here, removed afterwards):
+    /etc/ssl/private, a key+certificate PEM in /etc/ssl/certs, a key at the top of /etc/ssl."""
+    if not os.access("/etc/ssl", os.W_OK) or not os.path.isdir("/etc/ssl/certs"):
+        pytest.skip("needs root and a Debian-style /etc/ssl to plant host keys")
+    keys = {}
+    paths = [f"/etc/ssl/certs/{probe.tag}-server.pem", f"/etc/ssl/{probe.tag}.pem"]
+    if os.path.isdir("/etc/ssl/private"):
+        paths.insert(0, f"/etc/ssl/private/{probe.tag}.key")
+    try:
+        for path in paths:
+            canary = f"CANARY-KEY-{os.urandom(8).hex()}"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"-----BEGIN PRIVATE KEY-----\n{canary}\n"
+                             "-----END PRIVATE KEY-----\n")
+            keys[path] = canary
+        yield keys
+    finally:
+        for path in paths:
+            if os.path.isfile(path) and probe.tag in path:
+                os.unlink(path)
+
+
+def test_tls_private_keys_stay_on_the_host(probe, host_private_keys):
+    """Keys in the host's /etc/ssl (private/, a key PEM among the certificates, one at the
+    top) are not readable inside; the CA bundle, its hashed links into
+    /usr/share/ca-certificates, ssl.create_default_context() and openssl verify work."""
+    _result, found = probe.run_python(TLS_CLIENT, *host_private_keys)
+    for path, canary in host_private_keys.items():
+        probe.verdict(f"a TLS private key in {os.path.dirname(path)}", canary in found[path],
+                      found[path][:80])
+    probe.verdict("listing /etc/ssl/private", probe.tag in found["private"], found["private"])
+    if os.path.isfile("/etc/ssl/certs/ca-certificates.crt"):
+        assert found["bundle"].startswith("-----BEGIN CERTIFICATE-----"), found
+    if found["hashed"] != "none":
+        assert found["hashed"].startswith("-----BEGIN CERTIFICATE-----"), found
+    assert found["context"]["x509_ca"] > 0, found
+    assert found["capath"] > 0, found
+    if "openssl" in found:
+        assert found["openssl"].startswith("0 ") and found["openssl"].endswith("OK"), found

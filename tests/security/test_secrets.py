@@ -97,3 +97,96 @@ def test_secrets(probe, planted_secrets, host_canary_process, service_account_to
     probe.verdict("the Docker socket", "OK" in found["docker"], found["docker"][:80])
     assert process_secret not in everything or not probe.isolated
     assert host_process.is_running(), "the host process must survive the probe"
+
+
+#: Scrubbed configuration files, as users write them, each holding credentials in every
+#: form its format allows; ``{N}`` becomes a canary of its own (several per file).
+SCRUBBED_CONFIGS = {
+    ".condarc": (
+        "channels:\n"
+        "  - https://conda.anaconda.org/t/{0}/private-chan\n"
+        "  - defaults\n"
+        "channel_alias: https://conda.anaconda.org/t/{1}\n"
+        "custom_channels:\n"
+        "  internal: https://conda.example.invalid/api/repo?token={2}\n"
+        "proxy_servers:\n"
+        "  https: http://proxyuser:{3}@127.0.0.1:3128\n"),
+    ".npmrc": (
+        "registry=https://registry.example.invalid/\n"
+        "//registry.example.invalid/:_authToken={0}\n"
+        "_auth={1}\n"
+        "@corp:registry=https://npmuser:{2}@npm.example.invalid/\n"),
+    ".yarnrc": (
+        'registry "https://registry.example.invalid/"\n'
+        '"//registry.example.invalid/:_authToken" {0}\n'),
+    ".yarnrc.yml": (
+        "npmRegistryServer: https://npm.example.invalid\n"
+        "npmAuthToken: {0}\n"
+        "npmScopes:\n"
+        "  corp:\n"
+        "    npmRegistryServer: https://yarnuser:{1}@npm.example.invalid\n"),
+    "pip.conf": (
+        "[global]\n"
+        "index-url = https://pipuser:{0}@pypi.example.invalid/simple\n"
+        "extra-index-url = https://{1}@fury.example.invalid/user/\n"
+        "    https://pkgs.example.invalid/simple/?access_token={2}\n"
+        "timeout = 60\n"),
+    "pip.ini": "[global]\nindex-url = https://pypi.example.invalid/t/{0}/simple\n",
+    "proj/.git/config": (
+        "[core]\n\trepositoryformatversion = 0\n\tbare = false\n"
+        '[remote "origin"]\n\turl = https://oauth2:{0}@git.example.invalid/x.git\n'
+        '[url "https://x-access-token:{1}@git.example.invalid/"]\n'
+        "\tinsteadOf = https://git.example.invalid/\n"
+        '[http "https://git.example.invalid/"]\n\textraHeader = Authorization: Bearer {2}\n'),
+}
+#: What stays readable (the files are still useful inside).
+SCRUBBED_KEEP = {
+    ".condarc": "https://conda.anaconda.org/private-chan",
+    ".npmrc": "registry=https://registry.example.invalid/",
+    ".yarnrc": 'registry "https://registry.example.invalid/"',
+    ".yarnrc.yml": "npmRegistryServer: https://npm.example.invalid",
+    "pip.conf": "index-url = https://pypi.example.invalid/simple",
+    "pip.ini": "index-url = https://pypi.example.invalid/simple",
+    "proj/.git/config": "url = https://git.example.invalid/x.git",
+}
+
+
+@pytest.fixture
+def scrubbed_configs(probe, monkeypatch) -> dict[str, list[str]]:
+    """Every scrubbed kind of file in the working dir, with canary credentials."""
+    monkeypatch.delenv("GVISOR_MAGIC_PROTECTED_PATHS", raising=False)
+    canaries: dict[str, list[str]] = {}
+    for rel, template in SCRUBBED_CONFIGS.items():
+        count = template.count("{")
+        canaries[rel] = [f"CANARY{index}x{uuid.uuid4().hex}" for index in range(count)]
+        path = probe.workdir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.startswith("proj/.git/"):
+            for sub in ("objects", "refs/heads", "hooks", "info"):
+                (path.parent / sub).mkdir(parents=True, exist_ok=True)
+            (path.parent / "HEAD").write_text("ref: refs/heads/main\n")
+        path.write_text(template.format(*canaries[rel]))
+    return canaries
+
+
+def test_scrubbed_configuration_shows_no_credentials(probe, scrubbed_configs):
+    """Tokens in every scrubbed file (a conda channel's /t/<token>/, ?token= parameters,
+    user:password@ URLs, npm/yarn auth lines, git auth headers) are absent from what a
+    command inside reads; the rest of each file is there; the result names each file."""
+    names = list(SCRUBBED_CONFIGS)
+    command = " ".join(f"echo '=== {rel}'; cat '{rel}';" for rel in names)
+    result = probe.run(command)
+    assert result.returncode == 0, result.describe()
+    everything = result.stdout + result.stderr
+    scrubbed = [p.strip() for p in result.details.get("scrubbed", "").split(",")]
+    for rel, canaries in scrubbed_configs.items():
+        shown = everything.split(f"=== {rel}\n", 1)[-1].split("=== ", 1)[0]
+        leaked = [c for c in canaries if c in everything]
+        probe.verdict(f"credentials in {rel}", bool(leaked),
+                      f"{len(leaked)} of {len(canaries)} canaries read: {shown[:160]!r}")
+        host = (probe.workdir / rel).read_text()
+        assert all(c in host for c in canaries), f"the host's {rel} must be untouched"
+        if probe.isolated:
+            assert SCRUBBED_KEEP[rel] in shown, (rel, shown)
+            assert str(probe.workdir / rel) in scrubbed, (
+                f"details['scrubbed'] does not name {rel}: {result.details}")
