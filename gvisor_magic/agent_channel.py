@@ -86,7 +86,7 @@ class Channel:
 #: How long an idle agent may take to accept a command before it counts as broken.
 ACCEPT_TIMEOUT = 10.0
 #: How long the agent may take to confirm that it killed a command.
-KILL_GRACE = 5.0
+KILL_GRACE = 15.0
 
 
 @dataclasses.dataclass

@@ -251,3 +251,50 @@ def test_a_home_that_needs_stand_ins_gets_a_fresh_sandbox_each_call(runsc_works,
         assert "stand-ins" in result.details["not_reused"], result.details
         assert sorted(os.listdir(tmp_path)) == ["out.txt"], "marks left in the home"
     assert POOL.live() == 0
+
+
+#: Sixty processes that each fork and exit in a loop (see tests/test_session.py).
+FORK_RUNNERS = ("python3 -c 'import os\nfor _ in range(60):\n    if os.fork() == 0:\n"
+                "        break\nelse:\n    os._exit(0)\n"
+                "while True:\n    if os.fork(): os._exit(0)' &")
+
+
+def test_a_call_returns_when_its_main_process_ends_and_keeps_its_sandbox(mode, tmp_path):
+    """Background processes that keep forking are all killed when the call's main process
+    ends: the call returns then, and the same warm sandbox serves the next call, empty."""
+    sandbox = _warm(tmp_path, mode)
+    for background in ("(while :; do sleep 0.01 & done) &", FORK_RUNNERS) * 2:
+        result = run_command_isolated(f"{background} sleep 1.5; echo done; date +%s.%N",
+                                      working_dir=tmp_path, mode=mode, timeout=30)
+        returned = time.time()
+        assert result.returncode == 0 and not result.timed_out, (background, result)
+        assert result.stdout.split()[0] == "done" and result.details["sandbox_id"] == sandbox
+        assert returned - float(result.stdout.split()[-1]) < 2.5, (background, result)
+    after = run_command_isolated("ls /proc | grep -c '^[0-9]'", working_dir=tmp_path,
+                                 mode=mode)
+    assert after.details["sandbox_id"] == sandbox and int(after.stdout) <= 4, after
+
+
+def test_no_setting_of_the_agent_or_of_the_sandbox_reaches_the_next_call(mode, tmp_path):
+    """What a call may change besides files (the agent's nice value and CPU affinity, which
+    later commands inherit; the mode and attributes of /tmp and HOME; /proc/sys settings;
+    the agent's environment, read from /proc/1/environ) is undone before the next call."""
+    look = ("nice; taskset -p $$ | cut -d: -f2; cat /proc/$$/oom_score_adj; "
+            "stat -c %a /tmp ~ /dev/shm; cat /proc/sys/kernel/yama/ptrace_scope; "
+            "python3 -c 'import os; print(os.listxattr(\"/tmp\"))'; "
+            "tr -d '\\0' < /proc/1/environ | wc -c")
+    sandbox = _warm(tmp_path, mode)
+    before = run_command_isolated(look, working_dir=tmp_path, mode=mode)
+    changed = run_command_isolated(
+        "renice -n 19 -p 1 >/dev/null; taskset -p 1 1 >/dev/null; "
+        "echo 500 > /proc/1/oom_score_adj; chmod 0777 /tmp ~ /dev/shm; "
+        "python3 -c 'import os; os.setxattr(\"/tmp\", \"user.left\", b\"1\")'; "
+        "echo 0 > /proc/sys/kernel/yama/ptrace_scope; cut -d' ' -f19 /proc/1/stat; "
+        "taskset -p 1 | cut -d: -f2; cat /proc/1/oom_score_adj; stat -c %a /tmp ~ /dev/shm; "
+        "cat /proc/sys/kernel/yama/ptrace_scope",
+        working_dir=tmp_path, mode=mode)
+    assert changed.stdout.split() == ["19", "1", "500", "777", "777", "777", "0"], changed
+    after = run_command_isolated(look, working_dir=tmp_path, mode=mode)
+    assert after.details["sandbox_id"] == changed.details["sandbox_id"] == sandbox
+    assert after.stdout == before.stdout, (before.stdout, after.stdout)
+    assert after.stdout.split()[-2:] == ["[]", "0"], after.stdout

@@ -376,8 +376,10 @@ def docker_pids_limit(max_processes: int | None) -> int | None:
     gofer's threads (a sandbox with max_processes=64 never started with a pids limit of 64)
     and a host stub per process of the command (300 sleeps used 308 tasks). gVisor holds
     the command to ``max_processes`` itself (RLIMIT_NPROC); the cgroup only stops gVisor
-    from taking the host's pids, so it gets room for both."""
-    return None if max_processes is None else 2 * max_processes + 256
+    from taking the host's pids, so it gets room for both. A fork bomb held at 512 processes
+    (dying ones still counted) used 1,276 tasks of the 1,280 it had, and one that reached the
+    limit killed its sandbox (seen here 2026-12-07): hence 3x, plus room for the Sentry."""
+    return None if max_processes is None else 3 * max_processes + 512
 
 
 def docker_identity() -> Identity:

@@ -62,6 +62,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 
 # The wire. The host's side (gvisor_magic/agent_channel.py, gvisor_magic/session.py)
 # imports these names: this module has no side effects on import.
@@ -173,6 +174,22 @@ def seal():
         fail("cannot make the agent non-dumpable (errno %d)" % ctypes.get_errno())
     for sig in IGNORED:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def forget_environment():
+    """Zero the environment this process started with, which gVisor lets any command read
+    from its memory through ``/proc/1/environ`` (seen here 2026-12-07, runsc 20240729, the
+    agent non-dumpable and of another uid). The same variables are set again, in memory
+    that file does not show (``posix_spawnp`` searches this process's PATH)."""
+    ctypes, c = libc()
+    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(c, "environ")
+    index = 0
+    while environ and environ[index]:
+        ctypes.memset(environ[index], 0, c.strlen(ctypes.c_void_p(environ[index])))
+        index += 1
+    c.clearenv()
+    for name, value in ENV.items():
+        os.putenv(name, value)
 
 
 def hide(gid):
@@ -304,19 +321,58 @@ def read_frame():
     return kind, read_exactly(0, size)
 
 
+#: How long killing everything a command left may take before the sandbox is given up
+#: (the host waits ``agent_channel.KILL_GRACE`` for a killed command's end). Seen here
+#: 2026-12-07, runsc 20240729, 2 loaded cores: a fork bomb's 512 processes took up to 4 s
+#: to stop, kill and reap; a few background processes take milliseconds.
+KILL_BOUND = 10.0
+#: How long the agent keeps reading a command's pipes once its main process has ended and
+#: everything else was killed: what was written before is in the pipes, and nothing alive
+#: holds them open, so this is only a bound.
+DRAIN_BOUND = 1.0
+
+
 def kill_everything_else():
-    """Kill every process in the sandbox but this one (the command's whole tree)."""
-    me = os.getpid()
-    for _ in range(3):
-        others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me]
-        if not others:
-            return
-        for pid in others:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        reap()
+    """Kill every process in the sandbox but this one (the command's whole tree), all of
+    them at once and until none is left; why the sandbox can no longer be trusted, or "".
+
+    ``kill(-1, SIG)`` signals every process the agent may signal (the caller's, which every
+    command's process is) but the agent, in one pass of the kernel's process list. First
+    SIGSTOP, twice (the second pass stops what was forked during the first): a stopped
+    process neither forks nor ends, so a fork bomb's churn stops and the set holds still.
+    Then SIGKILL, repeated (reaping what ended, re-parented orphans included) until nothing
+    is left to signal (ESRCH). Killing one pid at a time from a list of the sandbox's
+    processes never catches a process that forks and exits in a loop (seen here 2026-12-07:
+    its command came back only at its timeout, and a fork bomb lost the session its
+    sandbox)."""
+    deadline = time.monotonic() + KILL_BOUND
+    for _ in range(2):
+        try:
+            os.kill(-1, signal.SIGSTOP)
+        except OSError:
+            break
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            reap()
+            return ""
+        except PermissionError:  # only processes the agent may not signal are left
+            reap(deadline)
+            return "a process the agent cannot kill was left in the sandbox"
+        reap(min(deadline, time.monotonic() + 0.2))  # the next pass comes soon
+        if time.monotonic() > deadline:
+            return "processes a command left could not all be killed"
+        # Woken by SIGCHLD (the wake-up pair) as soon as one of them ends.
+        select.select([WAKE[0]], [], [], 0.01)
+        drain_wake()
+
+
+def drain_wake():
+    try:
+        os.read(WAKE[0], 65536)  # one read: signals may keep coming
+    except OSError:
+        pass
 
 
 IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
@@ -368,11 +424,14 @@ IPC = None
 
 
 def clean_between():
-    """What a command may leave outside /tmp and HOME: new files in /dev and /dev/shm and
-    SysV IPC objects are removed, and lowered limits of this process (``prlimit`` on PID 1,
-    which every later command would inherit) are restored. Returns why the sandbox can no
-    longer be trusted ("" when it can): a lowered hard limit cannot be raised again without
-    privileges."""
+    """What a command may leave outside /tmp and HOME, undone: new files in /dev and
+    /dev/shm, SysV IPC objects and POSIX message queues are removed; the mode, owner and
+    extended attributes of /tmp, HOME, /dev, /dev/shm and /dev/mqueue and the modes of
+    /dev's own nodes, the sandbox's writable ``/proc/sys`` settings, and this process's
+    limits (``prlimit`` on PID 1), nice value, CPU affinity and ``oom_score_adj`` (which
+    every later command would inherit) are brought back to what they were at start.
+    Returns why the sandbox can no longer be trusted ("" when it can): a lowered hard
+    limit, say, cannot be raised again without privileges."""
     for directory, base in (("/dev/shm", BASE_SHM), ("/dev", BASE_DEV)):
         try:
             names = os.listdir(directory)
@@ -382,14 +441,175 @@ def clean_between():
         for name in names:
             if name not in base:
                 _remove_tree(os.path.join(directory, name), device)
-    tainted = IPC.clean()
+    tainted = IPC.clean() or clean_message_queues()
     for limit, value in BASE_LIMITS.items():
         try:
             if resource.getrlimit(limit) != value:
                 resource.setrlimit(limit, value)
         except (OSError, ValueError):
             tainted = "a command lowered the sandbox's own limits (prlimit on PID 1)"
-    return tainted
+    return restore_process() or restore_files() or tainted
+
+
+#: POSIX message queues outlive their command as SysV IPC objects do; the agent mounts
+#: their filesystem here at start (as distributions do), while it still may, to list them.
+MQUEUE = "/dev/mqueue"
+MQUEUE_READY = False
+
+
+def mount_message_queues():
+    """Mount the sandbox's message queue filesystem on /dev/mqueue (needs CAP_SYS_ADMIN,
+    dropped right after); False if it cannot be, and then every command retires its
+    sandbox (its queues could not be found to remove them)."""
+    points = mount_points() or {}
+    if points.get(MQUEUE) == "mqueue":
+        return True  # the runtime mounted it (Docker does)
+    _, c = libc()
+    try:
+        os.makedirs(MQUEUE, 0o755, exist_ok=True)
+    except OSError:
+        return False
+    return c.mount(b"mqueue", MQUEUE.encode(), b"mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   None) == 0
+
+
+def clean_message_queues():
+    if not MQUEUE_READY:
+        return "POSIX message queues cannot be listed to remove them (no /dev/mqueue)"
+    try:
+        names = os.listdir(MQUEUE)
+    except OSError:
+        return "POSIX message queues could not be listed to remove them"
+    if names:
+        # gVisor lets no process without CAP_DAC_OVERRIDE remove a queue, its owner included
+        # (mq_unlink: EACCES; the directory is r-x for all and cannot be chmod'ed; seen here
+        # 2026-12-07, runsc 20240729), so one left behind retires the sandbox instead.
+        ctypes, c = libc()
+        for name in names:
+            if c.mq_unlink(("/" + name).encode(errors="surrogateescape")) != 0 \
+                    and ctypes.get_errno() != 2:  # ENOENT: gone already
+                return "a command left a POSIX message queue, which only a privileged " \
+                    "process can remove"
+    return ""
+
+
+#: What a command could change of this process and every later command would inherit
+#: (a command runs as the caller, which is this process's effective uid; gVisor lets it
+#: renice PID 1, set its affinity or write its /proc/1/oom_score_adj; seen here
+#: 2026-12-07 with runsc 20240729: `renice -n 19 -p 1` left every later command at nice 19).
+BASE_PROCESS = {}
+
+
+def _read(path):
+    """A small file's bytes in three syscalls (``open()`` makes seven: each costs here)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
+def _write(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def process_state():
+    return {"nice": os.getpriority(os.PRIO_PROCESS, 0), "cpus": os.sched_getaffinity(0),
+            "oom_score_adj": _read("/proc/self/oom_score_adj").strip()}
+
+
+def restore_process():
+    try:
+        now = process_state()
+        if now == BASE_PROCESS:
+            return ""
+        if now["nice"] != BASE_PROCESS["nice"]:  # gVisor lets it be lowered again
+            os.setpriority(os.PRIO_PROCESS, 0, BASE_PROCESS["nice"])
+        if now["cpus"] != BASE_PROCESS["cpus"]:
+            os.sched_setaffinity(0, BASE_PROCESS["cpus"])
+        if now["oom_score_adj"] != BASE_PROCESS["oom_score_adj"]:
+            _write("/proc/self/oom_score_adj", BASE_PROCESS["oom_score_adj"])
+        if process_state() != BASE_PROCESS:
+            raise OSError
+    except OSError:
+        return "a command changed the agent's nice value, CPU affinity or oom_score_adj"
+    return ""
+
+
+#: {path: (mode, uid, gid, extended attribute names)} of the sandbox's own directories a
+#: command may chmod or setfattr (as their owner: HOME is the caller's), and, for a root
+#: caller only, {path: (mode, uid, gid)} of /dev's nodes and {path: text} of the
+#: /proc/sys settings it may write: root owns them, so it may, capabilities or not
+#: (`ptrace_scope`, `ip_local_port_range`...); another uid may not (EACCES; seen here
+#: 2026-12-07). Each check costs gVisor syscalls, so only what a command could change.
+BASE_ROOTS, BASE_NODES, BASE_SYSCTL = {}, {}, {}
+
+
+def _xattrs(path):
+    try:
+        return frozenset(os.listxattr(path, follow_symlinks=False))
+    except OSError:
+        return frozenset()
+
+
+def remember_files():
+    points = mount_points() or {}
+    for path in ("/tmp", ENV.get("HOME") or "/tmp", "/dev", "/dev/shm", MQUEUE):
+        if points.get(path) in ("tmpfs", "devtmpfs", "mqueue") or path == "/dev":
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            BASE_ROOTS[path] = (info.st_mode, info.st_uid, info.st_gid, _xattrs(path))
+    if CALLER != 0:
+        return
+    for name in BASE_DEV:
+        path = os.path.join("/dev", name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISLNK(info.st_mode):
+            BASE_NODES[path] = (info.st_mode, info.st_uid, info.st_gid)
+    for directory, _, names in os.walk("/proc/sys"):
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                if os.stat(path).st_mode & 0o222:
+                    BASE_SYSCTL[path] = _read(path)
+            except OSError:
+                continue
+
+
+def restore_files():
+    try:
+        for path, (mode, uid, gid, names) in BASE_ROOTS.items():
+            _restore_mode(path, mode, uid, gid)
+            for name in _xattrs(path) - names:
+                os.removexattr(path, name, follow_symlinks=False)
+        for path, (mode, uid, gid) in BASE_NODES.items():
+            _restore_mode(path, mode, uid, gid)
+    except OSError:
+        return "a command changed the mode, owner or attributes of a directory of the sandbox"
+    for path, value in BASE_SYSCTL.items():
+        try:
+            if _read(path) != value:
+                _write(path, value)
+        except OSError:
+            return "a command changed " + path
+    return ""
+
+
+def _restore_mode(path, mode, uid, gid):
+    info = os.lstat(path)
+    if (info.st_uid, info.st_gid) != (uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if info.st_mode != mode:
+        os.chmod(path, stat.S_IMODE(mode))
 
 
 def mount_points():
@@ -490,9 +710,11 @@ def _empty_private_dirs():
     return ""
 
 
-def reap():
-    """Collect every ended child, keeping their statuses (the command's is read later)."""
-    while True:
+def reap(until=None):
+    """Collect every ended child (or those that end before ``until``: while a command's
+    processes keep ending and forking, "every" has no end), keeping their statuses (the
+    command's is read later)."""
+    while until is None or time.monotonic() < until:
         try:
             done, raw = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
@@ -577,6 +799,11 @@ def prestart():
     global READY
     if READY is not None:  # the last request never reached a command (bad cwd)
         return
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the last command removed it (its working dir's subdirectory, say)
+        os.chdir("/")
+        cwd = "/"
     ctl_r, ctl_w = os.pipe()  # never fds 0-3 (stdio and the wakeup pipe come first)
     try:
         started = spawn([NEXT_SHELL, "-c", ". /dev/fd/3"], ENV, [(ctl_r, 3)])
@@ -585,7 +812,7 @@ def prestart():
         return
     finally:
         os.close(ctl_r)
-    READY = started + (ctl_w, dict(ENV), os.getcwd(), NEXT_SHELL)
+    READY = started + (ctl_w, dict(ENV), cwd, NEXT_SHELL)
 
 
 #: A one-line script that is one program with plain words: ``sh -c``/``bash -c`` would exec
@@ -717,12 +944,15 @@ def run(request):
     streams = {out_r: STDOUT, err_r: STDERR}
     status = None
     killed = False
+    tainted = ""
+    drained_by = None  # once the command ended: when to stop waiting for its pipes' end
     while True:
         readers = list(streams) + [0, WAKE[0]]
         writers = [in_w] if in_w is not None else []
         if ctl_w is not None:
             writers.append(ctl_w)
-        ready_r, ready_w, _ = select.select(readers, writers, [], 0.5)
+        wait = 0.5 if drained_by is None else max(0.0, drained_by - time.monotonic())
+        ready_r, ready_w, _ = select.select(readers, writers, [], wait)
         # A long script goes in pieces: the shell runs it while reading.
         if ctl_w is not None and ctl_w in ready_w:
             ctl_w, script = feed(ctl_w, script)
@@ -739,11 +969,13 @@ def run(request):
                 kind, _ = read_frame()
                 if kind == KILL:
                     killed = True
-                    kill_everything_else()
+                    tainted = tainted or kill_everything_else()
                 continue
             chunk = os.read(fd, MAX_FRAME)
             if chunk:
                 send(streams[fd], chunk)
+                if drained_by is not None:  # only a wait for the end is bounded
+                    drained_by = time.monotonic() + DRAIN_BOUND
             else:
                 os.close(fd)
                 del streams[fd]
@@ -757,13 +989,18 @@ def run(request):
                     done, raw = pid, REAPED.pop(pid, signal.SIGKILL if killed else 0)
             if done == pid:
                 status = raw
-                kill_everything_else()  # what it left behind holds no pipe open now
-        if status is not None and not streams:
+                # What it left behind is killed now, so nothing holds its pipes open: what
+                # was written to them before is read below, then they end.
+                tainted = tainted or kill_everything_else()
+                drained_by = time.monotonic() + DRAIN_BOUND
+        if status is not None and (not streams or time.monotonic() >= drained_by):
             break
-    for fd in (in_w, ctl_w):
+    for fd in (in_w, ctl_w, *streams):
         if fd is not None:
             os.close(fd)
-    reap()
+    if streams and not tainted:
+        tainted = "a command's output pipes stayed open after all its processes were killed"
+    reap(time.monotonic() + DRAIN_BOUND)  # nothing is left unless the kill failed (tainted)
     REAPED.clear()
     if os.WIFSIGNALED(status):
         report = {"signal": os.WTERMSIG(status)}
@@ -771,7 +1008,7 @@ def run(request):
         report = {"exit": os.WEXITSTATUS(status)}
     if killed:
         report["killed"] = True
-    tainted = clean_between()
+    tainted = tainted or clean_between()
     if spec.get("fresh") and not tainted:
         tainted = empty_private_dirs()
     if tainted:
@@ -802,6 +1039,8 @@ def main():
         NEXT_SHELL = options["--shell"]  # the session's shell: its first command is fast too
     if "--hide" in options:
         hide(int(options["--hide"]))
+    global MQUEUE_READY
+    MQUEUE_READY = mount_message_queues()
     seal()
     # SIGCHLD wakes the select loop at once when a command exits (no polling delay).
     wake = socket.socketpair()  # not a pipe: see the top
@@ -817,6 +1056,7 @@ def main():
         except OSError:
             pass
     ENV = dict(os.environ)
+    forget_environment()
     egress = parse_egress(options.get("--egress", ""))  # noqa: F821 (egress_relay.py)
     if egress is not None:
         EGRESS_ENV = start_relay(egress)  # noqa: F821
@@ -826,6 +1066,8 @@ def main():
             base.update(os.listdir(directory))
         except OSError:
             pass
+    remember_files()
+    BASE_PROCESS.update(process_state())
     for name in dir(resource):
         if name.startswith("RLIMIT_"):
             try:

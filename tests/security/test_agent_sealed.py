@@ -71,6 +71,12 @@ HOSTILE = textwrap.dedent(r'''
             report["kill"].append(sig.name)
         except OSError:
             pass
+    try:
+        with open("/proc/1/environ", "rb") as handle:
+            report["environ_of_agent"] = handle.read().replace(b"\0", b"").decode(
+                errors="replace")
+    except OSError as exc:
+        report["environ_of_agent"] = errno.errorcode.get(exc.errno, exc.errno)
     with open("/proc/self/status") as status:
         report["caps"] = sorted(line.split()[0] for line in status
                                 if line.startswith("Cap") and int(line.split()[1], 16))
@@ -127,6 +133,8 @@ def test_a_hostile_command_cannot_reach_the_agent(session, tmp_path):
     assert report["mem"] == [] and report["ptrace"] == [], report
     assert report["kill"] == [], report  # SIGKILL and SIGSTOP included
     assert report["caps"] == [], report  # no capability in any set, bounding included
+    # gVisor lets a command read the agent's environment (/proc/1/environ): it is zeroed.
+    assert report["environ_of_agent"] in ("", "EACCES", "EPERM"), report
     # PID 1 is the agent, under a uid of its own (real, effective, saved, filesystem):
     # effective and filesystem uid the caller's, so files it makes are the caller's.
     assert report["pid1_uid"][0] == report["pid1_uid"][2] != report["pid1_uid"][1], report

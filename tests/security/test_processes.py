@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from conftest import PYTHON_GUARD
+import pytest
+from conftest import GVISOR_GUARD, GVISOR_RELEASE, PYTHON_GUARD
+
+from gvisor_magic import CommandResult, IsolatedSession, run_command_isolated
+from gvisor_magic.warm import POOL
 
 PYTHON = sys.executable
 ON_HOST = "not attempted unisolated: it would signal or trace the host's processes"
@@ -73,3 +77,48 @@ def test_killing_and_tracing_host_processes(probe, host_canary_process):
     probe.verdict("kill / ptrace a host process", not alive or found["ptrace"].startswith(
         "ret 0"), json.dumps(found))
     probe.verdict("kill -9 -1", not alive, f"{result.describe()}; host process alive: {alive}")
+
+
+#: A fork bomb, and sixty processes that each fork and exit in a loop, left in the
+#: background by a command whose main process ends after 1.5 s.
+BACKGROUND_BOMB = (
+    "b() { while :; do b & done; }; b 2>/dev/null & "
+    "python3 -c 'import os\nfor _ in range(60):\n    if os.fork() == 0:\n        break\n"
+    "else:\n    os._exit(0)\nwhile True:\n    if os.fork(): os._exit(0)' & "
+    "sleep 1.5; echo done")
+
+
+@pytest.mark.parametrize("flavour", ["session", "reused"])
+@pytest.mark.parametrize("mode", ["runsc", "docker"])
+def test_a_background_fork_bomb_is_killed_whole(mode, flavour, request, tmp_path):
+    """Everything the bomb made is killed when the command's main process ends: its result
+    comes back (no timeout), the same warm sandbox runs the next command, and nothing of
+    the bomb is left there (a session's /tmp marker says it is the same sandbox)."""
+    request.getfixturevalue(f"{mode}_works")
+    session = IsolatedSession(tmp_path, mode=mode) if flavour == "session" else None
+
+    def run(command: str, **kwargs) -> CommandResult:
+        if session is not None:
+            return session.run(command, **kwargs)
+        return run_command_isolated(command, working_dir=tmp_path, mode=mode, **kwargs)
+
+    def sandbox_of(result: CommandResult) -> str:
+        return result.details.get("sandbox_id") or result.details.get("session") or ""
+
+    try:
+        run("true")
+        first = run("echo kept > /tmp/marker; uname -r")
+        assert first.stdout == f"{GVISOR_RELEASE}\n", "a bomb is only ever aimed at gVisor"
+        bomb = run(GVISOR_GUARD + BACKGROUND_BOMB, timeout=60)
+        assert "NOT-GVISOR" not in bomb.stdout
+        assert not bomb.timed_out and bomb.error is None and "done" in bomb.stdout, bomb
+        after = run("cat /tmp/marker 2>/dev/null || echo emptied; ls /proc | grep -c '^[0-9]'")
+        assert sandbox_of(after) == sandbox_of(first) != "", (first.details, after.details)
+        assert "session_note" not in after.details, after.details
+        marker, count = after.stdout.split()
+        assert marker == ("kept" if session is not None else "emptied"), after.stdout
+        assert int(count) <= 4, after.stdout  # the agent, sh, ls and grep
+    finally:
+        if session is not None:
+            session.close()
+        POOL.reset()
