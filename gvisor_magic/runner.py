@@ -315,7 +315,8 @@ def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
 
 def _reuse_details(sandbox: WarmSandbox) -> dict[str, object]:
     """What a fresh sandbox's result says about its mounts, and which sandbox it was."""
-    return {**protection_details(sandbox.spec.plan), "sandbox_id": sandbox.sandbox_id,
+    return {**protection_details(sandbox.spec.plan, sandbox.etc_scrubbed),
+            "sandbox_id": sandbox.sandbox_id,
             "reused": f"call {sandbox.commands} of a warm sandbox kept for this spec (each "
                       "call starts with an empty /tmp and HOME and no process of another)"}
 

@@ -241,7 +241,9 @@ class IsolatedSession:
                 self._arm_idle_timer()
                 # Set-ID bits stripped, what would run later on the host quarantined.
                 after = check_after_run(self.spec.working_dir, since, plan)
-            result.details.update(protection_details(plan))
+            warm = self._warm  # None once a dead sandbox was retired by this command
+            result.details.update(protection_details(
+                plan, warm.etc_scrubbed if warm is not None else ()))
             result.details.update(after)
             return result
 

@@ -73,6 +73,12 @@ class WarmSandbox:
     def sandbox_id(self) -> str:
         return self.transport.sandbox_id
 
+    @property
+    def etc_scrubbed(self) -> list[str]:
+        """The host /etc files this sandbox shows without their credentials."""
+        layout = getattr(self.transport, "layout", None)
+        return layout.etc_scrubbed if layout is not None else []
+
     def retire(self, why: str = "") -> None:
         """Stop the sandbox; ``why`` is what the next command's result should say."""
         if self.retired is None:

@@ -450,3 +450,22 @@ def test_only_real_locale_variables_pass(monkeypatch):
     assert env["LC_ALL"] == "C.UTF-8"
     assert env["LC_TIME"] == "en_GB.UTF-8"
     assert env["TZ"] == "Europe/Paris"
+
+
+def test_scrubbed_etc_files_are_named_in_the_details(tmp_path):
+    """A host /etc file shown without its credentials is named in ``details["scrubbed"]``,
+    beside the working dir's; one with nothing to strip is not."""
+    from gvisor_magic.backends.layout import caller_identity, protection_details, write_etc
+    from gvisor_magic.protected import ProtectionPlan
+
+    host_etc = tmp_path / "host-etc"
+    host_etc.mkdir()
+    (host_etc / "pip.conf").write_text(
+        "[global]\nindex-url = https://user:s3cret-canary@mirror.example/simple\n")
+    (host_etc / "gitconfig").write_text("[user]\n\tname = someone\n")
+    scrubbed: list[str] = []
+    write_etc(str(tmp_path / "etc"), caller_identity(), False, "box", scrubbed=scrubbed,
+              host_etc=str(host_etc))
+    assert scrubbed == ["/etc/pip.conf"]
+    assert "s3cret-canary" not in (tmp_path / "etc" / "pip.conf").read_text()
+    assert protection_details(ProtectionPlan(), scrubbed)["scrubbed"] == "/etc/pip.conf"

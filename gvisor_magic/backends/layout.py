@@ -16,7 +16,7 @@ import os
 import pwd
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..protected import (
@@ -167,10 +167,12 @@ class SandboxLayout:
     plan: ProtectionPlan = field(default_factory=ProtectionPlan)
     stand_ins: StandIns = field(default_factory=StandIns)
     hostname: str = "gvisor-sandbox"
+    #: Host /etc files shown with their credentials stripped ("/etc/pip.conf").
+    etc_scrubbed: list[str] = field(default_factory=list)
 
     def details(self) -> dict[str, str]:
         """What the result should say about the protection this sandbox had."""
-        return protection_details(self.plan)
+        return protection_details(self.plan, self.etc_scrubbed)
 
     def release(self) -> None:
         """Remove the stand-ins no other sandbox holds; call when the sandbox has ended."""
@@ -206,7 +208,8 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
         for prefix in python_prefixes():
             mounts.append(MountSpec(prefix, "bind", prefix))
         etc = os.path.join(scratch, "etc")
-        mounts.extend(write_etc(etc, identity, spec.network.mode == "host", layout.hostname))
+        mounts.extend(write_etc(etc, identity, spec.network.mode == "host", layout.hostname,
+                                scrubbed=layout.etc_scrubbed))
         mounts.append(MountSpec("/etc", "bind", etc))
     size = f"size={spec.limits.tmp_size}"
     mounts.append(MountSpec("/tmp", "tmpfs", "tmpfs", False, ("mode=1777", size)))
@@ -244,15 +247,18 @@ def plan_for(spec: SandboxSpec) -> ProtectionPlan:
                            spec.protection)
 
 
-def protection_details(plan: ProtectionPlan) -> dict[str, str]:
+def protection_details(plan: ProtectionPlan, etc_scrubbed: Sequence[str] = ()
+                       ) -> dict[str, str]:
+    """What a result says about its sandbox's protection; ``etc_scrubbed``: the host /etc
+    files its layout showed without their credentials (``SandboxLayout.etc_scrubbed``)."""
     details = {}
     if plan.by_action(HIDDEN):
         details["masked_secrets"] = ", ".join(plan.by_action(HIDDEN))
     protected = plan.by_action(READ_ONLY) + plan.by_action(SCRUBBED)
     if protected:
         details["protected"] = ", ".join(sorted(protected))
-    if plan.by_action(SCRUBBED):
-        details["scrubbed"] = ", ".join(plan.by_action(SCRUBBED))
+    if plan.by_action(SCRUBBED) or etc_scrubbed:
+        details["scrubbed"] = ", ".join([*plan.by_action(SCRUBBED), *etc_scrubbed])
     if plan.relaxed:
         details["relaxed_protection"] = ", ".join(plan.relaxed)
     if plan.note:
@@ -295,14 +301,15 @@ def _protect(layout: SandboxLayout, scratch: str) -> None:
             layout.mounts.append(MountSpec(item.path, "bind", item.path))
 
 
-def write_etc(etc: str, identity: Identity, host_network: bool,
-              hostname: str) -> list[MountSpec]:
+def write_etc(etc: str, identity: Identity, host_network: bool, hostname: str, *,
+              scrubbed: list[str] | None = None, host_etc: str = "/etc") -> list[MountSpec]:
     """Write the sandbox's ``/etc`` into ``etc``; return the host /etc dirs to bind over it
-    (read-only). A dir holding a private key is copied instead, the key as an empty file."""
+    (read-only). A dir holding a private key is copied instead, the key as an empty file.
+    ``scrubbed`` gets the /etc paths whose credentials were stripped."""
     os.makedirs(etc, exist_ok=True)
     directories = []
     for name in ETC_ALLOWLIST:
-        source = os.path.join("/etc", name)
+        source = os.path.join(host_etc, name)
         target = os.path.join(etc, name)
         if os.path.islink(source):
             os.symlink(os.readlink(source), target)
@@ -315,9 +322,12 @@ def write_etc(etc: str, identity: Identity, host_network: bool,
             try:
                 if name in ETC_SCRUBBED:
                     with open(source, encoding="utf-8", errors="replace") as handle:
-                        text = scrub_config_text(handle.read())
+                        original = handle.read()
+                    text = scrub_config_text(original)
                     with open(target, "w", encoding="utf-8") as handle:
                         handle.write(text)
+                    if text != original and scrubbed is not None:
+                        scrubbed.append(os.path.join("/etc", name))
                 else:
                     shutil.copyfile(source, target)
             except OSError:
@@ -345,7 +355,7 @@ def write_etc(etc: str, identity: Identity, host_network: bool,
             # Copied without them: a file mounted over a key inside the host's dir would make
             # runsc create that file on the host if the key went away before the sandbox
             # started (seen here 2026-12-07: empty files left in /etc/ssl/certs).
-            _copy_without(directory, os.path.join(etc, os.path.relpath(directory, "/etc")),
+            _copy_without(directory, os.path.join(etc, os.path.relpath(directory, host_etc)),
                           set(keys))
         else:
             mounts.append(MountSpec(directory, "bind", directory))
