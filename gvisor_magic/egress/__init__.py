@@ -10,19 +10,18 @@ sandbox's loopback, and the command's proxy variables point at it:
 - ``allow`` and ``public``: the relay passes each connection, as one stream of
   a channel over a single socket the host gave the sandbox's PID 1
   (``runsc run --pass-fd``, see ``mux.py``), to this sandbox's own proxy on the
-  host, which alone decides. No host Unix socket is reachable from inside by
-  its path, whatever the network: runsc never gets ``--host-uds=open``, and the
-  proxy listens in a private directory that no sandbox mounts.
+  host, which alone decides. The host's end of the channel hands each stream to
+  the proxy on the proxy's event loop: the proxy has no socket of its own. No
+  host Unix socket is reachable from inside by its path, whatever the network:
+  runsc never gets ``--host-uds=open``.
 """
 
 from __future__ import annotations
 
 from .policy import PRESETS, NetworkPolicy, PolicyError
 
-__all__ = ["CHANNEL_FD", "PRESETS", "SOCKET_NAME", "NetworkPolicy", "PolicyError"]
+__all__ = ["CHANNEL_FD", "PRESETS", "NetworkPolicy", "PolicyError"]
 
 #: The descriptor number the channel to the host's proxy has in the sandbox's PID 1
 #: (the relay moves it to a close-on-exec number before anything else starts).
 CHANNEL_FD = 3
-#: The proxy's socket, in a host directory of the sandbox's own (never mounted inside).
-SOCKET_NAME = "proxy.sock"

@@ -5,15 +5,22 @@ The sandbox gets one end of a socket pair as a descriptor of its PID 1
 a Unix socket (runsc runs without ``--host-uds=open``). Its relay
 (``sandboxed/egress_relay.py``, where the frames are described) turns every
 connection a tool makes to it into a stream on that socket. Here each stream
-becomes one connection to the sandbox's ``EgressProxy``, on its Unix socket in
-a private directory that no sandbox sees, and the bytes are piped both ways.
+is handed, on the same event loop, to the sandbox's ``EgressProxy`` as one
+connection (``EgressProxy.serve``): no second socket, no second copy of the bytes.
+The proxy reads and writes the stream through an ordinary
+``asyncio.StreamReader``/``StreamWriter`` pair whose transport is the stream
+(``_Stream``): what the sandbox sends is fed to the reader, what the proxy writes
+goes out as frames, as the sandbox's credit allows.
 
 What comes from the sandbox is hostile until checked: a frame that breaks the
 protocol (an unknown kind, a payload over ``PAYLOAD_MAX``, more data than the
 credit given, a stream id that does not grow, more than ``STREAMS_MAX``
 streams) ends the whole channel, and with it every stream; it never stops or
-slows the host. What the host holds for one sandbox stays bounded: at most
-``WINDOW`` bytes per stream in each direction, ``STREAMS_MAX`` streams.
+slows the host. What the host holds for one sandbox stays bounded, per stream:
+what the proxy has not read yet (credit goes back only while its reader is under
+its limit, so that is at most twice the reader's limit plus ``WINDOW``) and at
+most ``WRITE_HIGH`` plus one write of the proxy's on the way out (the proxy's
+``drain`` waits beyond that); at most ``STREAMS_MAX`` streams.
 
 Everything runs on the proxies' event loop (``proxy._Loop``); ``close`` ends it
 all and waits for it.
@@ -26,8 +33,10 @@ import collections
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from .proxy import _Loop
+from .proxy import MAX_HEAD, _Loop
 
 log = logging.getLogger("gvisor_magic.egress")
 
@@ -36,11 +45,18 @@ OPEN, DATA, EOF, CLOSE, CREDIT = 1, 2, 3, 4, 5
 HEADER = 9
 PAYLOAD_MAX = 128 * 1024
 WINDOW = 256 * 1024
-#: Credit goes back once this much was delivered to the proxy.
+#: Credit goes back once this much was given to the proxy's reader.
 RETURN_AT = 64 * 1024
 #: The relay's RELAY_CONNECTIONS_MAX: it never opens more at once.
 STREAMS_MAX = 256
+#: What the proxy may have written to a stream and not yet sent before its ``drain``
+#: waits, and how low that must fall before it goes on.
+WRITE_HIGH = WINDOW
+WRITE_LOW = WINDOW // 2
 _KINDS = {OPEN: "OPEN", DATA: "DATA", EOF: "EOF", CLOSE: "CLOSE", CREDIT: "WINDOW"}
+
+#: What serves one connection (``EgressProxy.serve``).
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class ProtocolError(Exception):
@@ -68,30 +84,127 @@ def parse_header(head: bytes) -> tuple[int, int, int]:
     return sid, kind, length
 
 
-class _Stream:
-    """One connection of the sandbox, as the host sees it."""
+class _Stream(asyncio.Transport):
+    """One connection of the sandbox, as the host sees it, and the transport the proxy
+    reads and writes it through. Only ever used on the channel's loop."""
 
-    def __init__(self, sid: int) -> None:
+    def __init__(self, sid: int, limit: int) -> None:
+        super().__init__()
         self.sid = sid
-        #: From the sandbox, not yet given to the proxy: bytes, or None for its EOF.
-        self.inbound: collections.deque[bytes | None] = collections.deque()
-        self.inbound_size = 0
-        self.inbound_ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader(limit=limit, loop=loop)
+        self.protocol = asyncio.StreamReaderProtocol(self.reader, loop=loop)
+        self.protocol.connection_made(self)
+        self.writer = asyncio.StreamWriter(self, self.protocol, self.reader, loop)
+        #: Woken for the stream's sender: bytes, credit, a resumed reader, the close.
+        self.wake = asyncio.Event()
+        # From the sandbox: received and not yet credited back; its EOF.
+        self.unreturned = 0
         self.eof = False
-        #: What the sandbox may still be sent.
+        self.reading_paused = False
+        # To the sandbox: written by the proxy and not sent; what may still be sent.
+        self.outbound: collections.deque[bytes] = collections.deque()
+        self.outbound_size = 0
         self.credit = WINDOW
-        self.credit_ready = asyncio.Event()
-        self.credit_ready.set()
+        self.writing_paused = False
+        self.closing = False
+        self.lost = False
         self.task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Transport, as the proxy's StreamReader and StreamWriter use it ---------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing or not data:
+            return  # as a socket's transport does once it is closed
+        self.outbound.append(bytes(data))
+        self.outbound_size += len(data)
+        if not self.writing_paused and self.outbound_size > WRITE_HIGH:
+            self.writing_paused = True
+            self.protocol.pause_writing()
+        self.wake.set()
+
+    def can_write_eof(self) -> bool:
+        return False  # the stream ends as a whole: the proxy closes, the host sends CLOSE
+
+    def close(self) -> None:
+        self.closing = True
+        self.wake.set()
+
+    def abort(self) -> None:
+        self.outbound.clear()
+        self.outbound_size = 0
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+        self.wake.set()
+
+    def is_reading(self) -> bool:
+        return not self.reading_paused
+
+    def get_write_buffer_size(self) -> int:
+        return self.outbound_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return WRITE_LOW, WRITE_HIGH
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise NotImplementedError("a channel's stream keeps its protocol")
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
+    # -- the channel's side -------------------------------------------------------------
+
+    def take(self) -> bytes:
+        """The next bytes to send (there are some), as many as the credit and a frame allow:
+        several of the proxy's writes in one frame."""
+        room = min(self.credit, PAYLOAD_MAX)
+        parts = []
+        while self.outbound and room:
+            part = self.outbound.popleft()
+            if len(part) > room:
+                self.outbound.appendleft(part[room:])
+                part = part[:room]
+            parts.append(part)
+            room -= len(part)
+        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.outbound_size -= len(chunk)
+        self.credit -= len(chunk)
+        if self.writing_paused and self.outbound_size <= WRITE_LOW:
+            self.writing_paused = False
+            self.protocol.resume_writing()
+        return chunk
+
+    def connection_lost(self) -> None:
+        """The stream is over: the proxy's reader ends, its writer's ``drain`` fails."""
+        if not self.lost:
+            self.lost = self.closing = True
+            self.outbound.clear()
+            self.outbound_size = 0
+            self.protocol.connection_lost(None)
 
 
 class Channel:
     """One sandbox's channel: start it, hand ``sandbox_fd`` to runsc (``--pass-fd``), call
-    ``sandbox_started`` once runsc holds it, and ``close`` after the sandbox ended."""
+    ``sandbox_started`` once runsc holds it, and ``close`` after the sandbox ended.
 
-    def __init__(self, proxy_socket: str, label: str = "") -> None:
-        self.proxy_socket = proxy_socket
+    ``serve`` serves each stream as one connection (``EgressProxy.serve``), on the
+    proxies' loop, from a reader whose limit is ``limit``."""
+
+    def __init__(self, serve: Handler, label: str = "", limit: int = MAX_HEAD) -> None:
+        self.serve = serve
         self.label = label
+        self.limit = limit
         host, sandbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for end in (host, sandbox):
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -102,6 +215,8 @@ class Channel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Future[None] | None = None
         self._streams: dict[int, _Stream] = {}
+        #: Every stream's task until it is over (a stream leaves ``_streams`` first).
+        self._serving: set[asyncio.Task[None]] = set()
         self._last_sid = 0
         self._writer: asyncio.StreamWriter | None = None
         self._send_lock: asyncio.Lock | None = None
@@ -158,6 +273,7 @@ class Channel:
         try:
             reader, self._writer = await asyncio.open_unix_connection(
                 sock=self._host_end, limit=2 * PAYLOAD_MAX)
+            self._writer.transport.set_write_buffer_limits(high=WINDOW)
             while True:
                 try:
                     head = await reader.readexactly(HEADER)
@@ -177,15 +293,13 @@ class Channel:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass  # the sandbox ended mid-frame, or its end went away
         finally:
-            streams = list(self._streams.values())
             self._streams.clear()
-            for stream in streams:
-                if stream.task is not None:
-                    stream.task.cancel()
-            for stream in streams:
-                if stream.task is not None:
-                    with contextlib.suppress(BaseException):
-                        await stream.task
+            tasks = list(self._serving)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
             if self._writer is not None:
                 # At once, whatever is still queued: a sandbox that stopped reading
                 # must not hold the host here.
@@ -198,8 +312,10 @@ class Channel:
             if len(self._streams) >= STREAMS_MAX:
                 raise ProtocolError(f"more than {STREAMS_MAX} streams at once")
             self._last_sid = sid
-            stream = self._streams[sid] = _Stream(sid)
-            stream.task = asyncio.ensure_future(self._serve(stream))
+            stream = self._streams[sid] = _Stream(sid, self.limit)
+            stream.task = task = asyncio.ensure_future(self._serve(stream))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
             self.opened += 1
             return
         stream = self._streams.get(sid)
@@ -210,22 +326,23 @@ class Channel:
         if kind == DATA:
             if stream.eof:
                 raise ProtocolError(f"data on stream {sid} after its EOF")
-            stream.inbound_size += len(payload)
-            if stream.inbound_size > WINDOW:
+            stream.unreturned += len(payload)
+            if stream.unreturned > WINDOW:
                 raise ProtocolError(f"stream {sid} sent more than its credit")
-            stream.inbound.append(payload)
-            stream.inbound_ready.set()
+            if payload and not stream.lost:
+                stream.protocol.data_received(payload)
+            if stream.unreturned >= RETURN_AT and not stream.reading_paused:
+                stream.wake.set()
         elif kind == EOF:
             if stream.eof:
                 raise ProtocolError(f"a second EOF on stream {sid}")
             stream.eof = True
-            stream.inbound.append(None)
-            stream.inbound_ready.set()
+            stream.protocol.eof_received()
         elif kind == CREDIT:
             stream.credit += int.from_bytes(payload, "big")
             if stream.credit > WINDOW:
                 raise ProtocolError(f"stream {sid} returned credit it was never given")
-            stream.credit_ready.set()
+            stream.wake.set()
         else:  # CLOSE: the sandbox's client went away
             del self._streams[sid]
             if stream.task is not None:
@@ -238,59 +355,45 @@ class Channel:
             await self._writer.drain()
 
     async def _serve(self, stream: _Stream) -> None:
-        """One stream: a connection to the proxy, piped both ways until the proxy ends it."""
-        writer: asyncio.StreamWriter | None = None
-        upward: asyncio.Future[None] | None = None
+        """One stream: the proxy serves it as a connection; what it writes goes to the
+        sandbox as its credit allows, and credit goes back as the proxy's reader takes
+        the sandbox's bytes. Over once the proxy closed it and all of it was sent."""
+        served = asyncio.ensure_future(self.serve(stream.reader, stream.writer))
+        # However the proxy ends (an error of its own too), the stream ends with it.
+        served.add_done_callback(lambda _: stream.close())
+        over = waited = False
         try:
-            reader, writer = await asyncio.open_unix_connection(self.proxy_socket, limit=WINDOW)
-            upward = asyncio.ensure_future(self._upward(stream, writer))
-            await self._downward(stream, reader)
+            while True:
+                if stream.unreturned >= RETURN_AT and not stream.reading_paused:
+                    credit, stream.unreturned = stream.unreturned, 0
+                    await self._send(stream.sid, CREDIT, credit.to_bytes(4, "big"))
+                elif stream.outbound and stream.credit > 0:
+                    if (not waited and not stream.closing
+                            and stream.outbound_size < min(stream.credit, PAYLOAD_MAX)):
+                        # Once round the loop first: what the proxy writes next (it reads
+                        # 64 KiB at a time) goes in the same frame. Fewer, larger frames
+                        # cost the host and the sandbox less.
+                        waited = True
+                        await asyncio.sleep(0)
+                        continue
+                    waited = False
+                    await self._send(stream.sid, DATA, stream.take())
+                elif stream.closing and not stream.outbound:
+                    over = True
+                    break
+                else:
+                    stream.wake.clear()
+                    await stream.wake.wait()
         except (ConnectionError, OSError):
-            pass
+            pass  # the channel went away: it ends every stream
         finally:
-            if upward is not None:
-                upward.cancel()
-                with contextlib.suppress(BaseException):
-                    await upward
-            if writer is not None:
-                writer.close()
+            if not over:  # the sandbox or the channel ended it first
+                served.cancel()
+            with contextlib.suppress(BaseException):
+                await served
+            stream.connection_lost()
             if self._streams.get(stream.sid) is stream:
-                # The proxy ended the connection (or could not be reached): so does the sandbox.
+                # The proxy ended the connection: so does the sandbox.
                 del self._streams[stream.sid]
                 with contextlib.suppress(Exception):
                     await self._send(stream.sid, CLOSE)
-
-    async def _upward(self, stream: _Stream, writer: asyncio.StreamWriter) -> None:
-        """Sandbox to proxy; credit goes back as the proxy takes the bytes."""
-        delivered = 0
-        with contextlib.suppress(ConnectionError, OSError):
-            while True:
-                if not stream.inbound:
-                    stream.inbound_ready.clear()
-                    await stream.inbound_ready.wait()
-                    continue
-                chunk = stream.inbound.popleft()
-                if chunk is None:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                stream.inbound_size -= len(chunk)
-                writer.write(chunk)
-                await writer.drain()
-                delivered += len(chunk)
-                if delivered >= RETURN_AT:
-                    await self._send(stream.sid, CREDIT, delivered.to_bytes(4, "big"))
-                    delivered = 0
-
-    async def _downward(self, stream: _Stream, reader: asyncio.StreamReader) -> None:
-        """Proxy to sandbox, never more than the sandbox's credit; returns at the proxy's EOF."""
-        while True:
-            if stream.credit <= 0:
-                stream.credit_ready.clear()
-                await stream.credit_ready.wait()
-                continue
-            data = await reader.read(min(stream.credit, PAYLOAD_MAX))
-            if not data:
-                return
-            stream.credit -= len(data)
-            await self._send(stream.sid, DATA, data)

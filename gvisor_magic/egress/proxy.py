@@ -1,8 +1,11 @@
-"""The host side of a sandbox's network: an HTTP proxy on a Unix socket only it sees.
+"""The host side of a sandbox's network: an HTTP proxy that only its sandbox reaches.
 
 The sandbox keeps ``--network=none``. Its relay (``sandboxed/egress_relay.py``)
 serves tools on 127.0.0.1 inside and passes each connection over its channel
-(``mux.py``) to this proxy, which:
+(``mux.py``), which hands it to this proxy (``EgressProxy.serve``) on the same
+event loop, as a reader and a writer: no socket of the proxy's own is involved.
+Given a path, the proxy also listens on a Unix socket there (mode 0600), where
+each connection is served the same way; tests talk to it so. The proxy:
 
 - takes ``CONNECT host:port`` (HTTPS and anything tunnelled) and plain HTTP in
   absolute-URI form (``GET http://host/path``), nothing else;
@@ -81,12 +84,16 @@ class _Refusal(Exception):
 
 
 class EgressProxy:
-    """One sandbox's proxy, listening on ``socket_path`` (mode 0600) until ``close``."""
+    """One sandbox's proxy, from ``start`` until ``close``: it serves each connection
+    given to ``serve`` (a stream of the sandbox's channel), and with a ``socket_path``
+    each connection made to a Unix socket it listens on there (mode 0600)."""
 
-    def __init__(self, policy: NetworkPolicy, socket_path: str, label: str = "") -> None:
+    def __init__(self, policy: NetworkPolicy, socket_path: str | None = None,
+                 label: str = "") -> None:
         self.policy = policy
         self.socket_path = socket_path
-        self.label = label or os.path.basename(os.path.dirname(socket_path))
+        self.label = label or (os.path.basename(os.path.dirname(socket_path))
+                               if socket_path else "")
         self.attempts: list[Blocked] = []
         #: Connections made, by ``host:port``.
         self.allowed: dict[str, int] = {}
@@ -100,15 +107,17 @@ class EgressProxy:
         self._loop = _Loop.get()
         future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         future.result(timeout=15)
-        log.info("gvisor: egress proxy for %s on %s (%s)", self.label, self.socket_path,
-                 self.policy.describe())
+        log.info("gvisor: egress proxy for %s%s (%s)", self.label,
+                 f" on {self.socket_path}" if self.socket_path else "", self.policy.describe())
         return self
 
     async def _start(self) -> None:
+        if self.socket_path is None:
+            return
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=self.socket_path, limit=MAX_HEAD, backlog=128)
+                self.serve, path=self.socket_path, limit=MAX_HEAD, backlog=128)
         finally:
             os.umask(old)
 
@@ -118,8 +127,9 @@ class EgressProxy:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._close(), loop).result(timeout=15)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -149,7 +159,10 @@ class EgressProxy:
 
     # -- one connection --------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection, on the proxies' loop (``_Loop``), until it is over; the
+        reader's limit must be ``MAX_HEAD``. The Unix server and the sandbox's
+        channel (``mux.Channel``) both call it; it closes ``writer`` when done."""
         task = asyncio.current_task()
         if len(self._active) >= MAX_CONNECTIONS:
             log.warning("gvisor: egress refused a connection of %s: %d already open",

@@ -3,25 +3,18 @@ backend and session (see the package's docstring)."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from typing import TYPE_CHECKING
 
-from . import CHANNEL_FD, SOCKET_NAME
+from . import CHANNEL_FD
 from .policy import Blocked, NetworkPolicy, summarize
 
 if TYPE_CHECKING:
     from .mux import Channel
     from .proxy import EgressProxy
-#: ``sockaddr_un`` holds 108 bytes, with its terminating NUL.
-_SOCKET_PATH_MAX = 107
 #: What is kept of one command's attempts while the network is off.
 _ATTEMPTS_READ_MAX = 16 * 1024
 _LOOPBACK = "localhost,127.0.0.1,::1"
-#: Where a proxy's socket goes when the sandbox's own directory is too deep for one.
-_SHORT_BASE = "/tmp"
 
 
 def relay_attempts(text: str, policy: NetworkPolicy) -> list[Blocked]:
@@ -62,8 +55,10 @@ def relay_setting(policy: NetworkPolicy) -> str:
 
 
 class SandboxNetwork:
-    """One sandbox's network on the host: its proxy (when it has one) and the channel to
-    it (``mux.Channel``), what runsc passes to the sandbox's PID 1, and the setting it gets.
+    """One sandbox's network on the host: its proxy (when it has one) and the channel that
+    hands it the sandbox's connections (``mux.Channel``, on the proxy's own event loop: the
+    proxy has no socket, and nothing is created on disk), what runsc passes to the
+    sandbox's PID 1, and the setting it gets.
 
     Use: ``start()`` before the sandbox starts; give ``run_args()`` to ``runsc run`` and
     ``pass_fds`` to the ``Popen`` that starts it, then ``sandbox_started()``;
@@ -73,14 +68,9 @@ class SandboxNetwork:
     def __init__(self, policy: NetworkPolicy, run_dir: str, label: str = "") -> None:
         self.policy = policy
         self.run_dir = run_dir
-        self.host_dir = os.path.join(run_dir, "egress")
         self.proxy: EgressProxy | None = None
         self.channel: Channel | None = None
         self.label = label
-
-    @property
-    def socket_path(self) -> str:
-        return os.path.join(self.host_dir, SOCKET_NAME)
 
     def start(self) -> SandboxNetwork:
         if not self.policy.proxied:
@@ -88,26 +78,16 @@ class SandboxNetwork:
         from .mux import Channel  # asyncio: imported only when a proxy is needed
         from .proxy import EgressProxy
 
-        if len(self.socket_path) > _SOCKET_PATH_MAX:
-            # A deep TMPDIR or state dir: the socket goes to a short private directory,
-            # named like a run dir (a later run removes it if this process dies).
-            self.host_dir = tempfile.mkdtemp(prefix=f"gvisor-magic-{os.getpid()}-",
-                                             dir=_SHORT_BASE)
-        else:
-            os.mkdir(self.host_dir, 0o700)
-        self.proxy = EgressProxy(self.policy, self.socket_path, self.label).start()
-        self.channel = Channel(self.socket_path, self.label).start()
+        self.proxy = EgressProxy(self.policy, label=self.label).start()
+        self.channel = Channel(self.proxy.serve, self.label).start()
         return self
 
     def close(self) -> None:
-        """Stop the channel and the proxy, remove its socket (idempotent); the proxy's
-        record stays readable."""
+        """Stop the channel and the proxy (idempotent); the proxy's record stays readable."""
         if self.channel is not None:
             self.channel.close()
         if self.proxy is not None:
             self.proxy.close()
-        if not self.host_dir.startswith(self.run_dir + os.sep):
-            shutil.rmtree(self.host_dir, ignore_errors=True)
 
     # -- what the sandbox is given ----------------------------------------------
 

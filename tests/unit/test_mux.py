@@ -1,13 +1,14 @@
 """The network channel's protocol (``egress/mux.py`` on the host, ``sandboxed/egress_relay.py``
-inside), with a local Unix-socket server standing in for the proxy: framing, credit,
-hostile frames, and both ends talking to each other in this process. No sandbox here."""
+inside), with a handler on the channel's loop standing in for the proxy: framing, credit,
+hostile frames, both ends talking to each other in this process, and the real proxy
+served through the channel. No sandbox here."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ import pytest
 
 from gvisor_magic.backends.init import RELAY_SOURCE
 from gvisor_magic.egress import mux
+from gvisor_magic.egress.policy import NetworkPolicy
+from gvisor_magic.egress.proxy import MAX_HEAD, EgressProxy
 
 TIMEOUT = 20.0
 
@@ -35,74 +38,55 @@ def wait_for(condition: Callable[[], object], what: str) -> None:
 
 
 class FakeProxy:
-    """A Unix-socket server in a thread: echoes each connection until its EOF (then closes
-    it), or with ``blast`` sends that many bytes at once and closes."""
+    """Stands in for the proxy's ``serve`` (on the channel's loop): echoes each connection
+    until its EOF (then closes it), or with ``blast`` writes that many bytes at once and
+    closes; with ``hold`` reads nothing until ``go`` is called."""
 
-    def __init__(self, blast: int = 0) -> None:
-        self.directory = tempfile.mkdtemp(prefix="gmx-", dir="/tmp")
-        self.path = os.path.join(self.directory, "p.sock")
+    def __init__(self, blast: int = 0, hold: bool = False) -> None:
         self.blast = blast
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen(512)
-        self.connections: list[socket.socket] = []
+        self.connections = 0
         self.closed = 0
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
+        self.received = 0
+        self._hold = hold
+        self._go: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            if self._hold:
+                self._loop, self._go = asyncio.get_running_loop(), asyncio.Event()
+                await self._go.wait()
             if self.blast:
-                conn.sendall(b"x" * self.blast)
+                writer.write(b"x" * self.blast)
+                await writer.drain()
             else:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)
-        conn.close()
-        with self._lock:
+                while data := await reader.read(65536):
+                    self.received += len(data)
+                    writer.write(data)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
             self.closed += 1
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        self._accepting.join(TIMEOUT)
-        for conn in list(self.connections):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(TIMEOUT)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.rmdir(self.directory)
+    def go(self) -> None:
+        """A held connection starts reading."""
+        wait_for(lambda: self._go is not None, "the held connection to be served")
+        assert self._loop is not None and self._go is not None
+        self._loop.call_soon_threadsafe(self._go.set)
 
 
 @pytest.fixture
-def proxy() -> Iterator[FakeProxy]:
-    server = FakeProxy()
-    yield server
-    server.close()
+def proxy() -> FakeProxy:
+    return FakeProxy()
 
 
 @contextlib.contextmanager
-def channel_to(proxy: FakeProxy) -> Iterator[tuple[mux.Channel, socket.socket]]:
+def channel_to(proxy: FakeProxy | EgressProxy) -> Iterator[tuple[mux.Channel, socket.socket]]:
     """A started host channel, and the sandbox's end of it (as a plain socket)."""
-    channel = mux.Channel(proxy.path, "unit").start()
+    channel = mux.Channel(proxy.serve, "unit").start()
     sandbox = socket.socket(fileno=os.dup(channel.sandbox_fd))
     channel.sandbox_started()
     sandbox.settimeout(TIMEOUT)
@@ -176,30 +160,27 @@ def test_a_stream_reaches_the_proxy_and_ends_when_it_does(proxy) -> None:
 
 def test_the_host_never_sends_more_than_the_credit_and_other_streams_go_on() -> None:
     blaster = FakeProxy(blast=1 << 20)
-    try:
-        with channel_to(blaster) as (channel, sandbox):
-            sandbox.sendall(mux.frame(1, mux.OPEN))
-            got = 0
-            while got < mux.WINDOW:
-                sid, kind, payload = read_frame(sandbox)
-                assert (sid, kind) == (1, mux.DATA)
-                got += len(payload)
-            assert got == mux.WINDOW
-            # Stream 1 is out of credit: stream 2 still gets through, and nothing more of
-            # stream 1 arrives on the way.
-            sandbox.sendall(mux.frame(2, mux.OPEN))
+    with channel_to(blaster) as (channel, sandbox):
+        sandbox.sendall(mux.frame(1, mux.OPEN))
+        got = 0
+        while got < mux.WINDOW:
             sid, kind, payload = read_frame(sandbox)
-            assert (sid, kind) == (2, mux.DATA)
-            sandbox.sendall(mux.frame(1, mux.CREDIT, (70000).to_bytes(4, "big")))
-            more = {1: 0, 2: len(payload)}
-            while more[1] < 70000:
-                sid, kind, payload = read_frame(sandbox)
-                if kind == mux.DATA:
-                    more[sid] += len(payload)
-            assert more[1] == 70000
-            assert channel.error is None
-    finally:
-        blaster.close()
+            assert (sid, kind) == (1, mux.DATA)
+            got += len(payload)
+        assert got == mux.WINDOW
+        # Stream 1 is out of credit: stream 2 still gets through, and nothing more of
+        # stream 1 arrives on the way.
+        sandbox.sendall(mux.frame(2, mux.OPEN))
+        sid, kind, payload = read_frame(sandbox)
+        assert (sid, kind) == (2, mux.DATA)
+        sandbox.sendall(mux.frame(1, mux.CREDIT, (70000).to_bytes(4, "big")))
+        more = {1: 0, 2: len(payload)}
+        while more[1] < 70000:
+            sid, kind, payload = read_frame(sandbox)
+            if kind == mux.DATA:
+                more[sid] += len(payload)
+        assert more[1] == 70000
+        assert channel.error is None
 
 
 HOSTILE = {
@@ -240,7 +221,7 @@ def test_a_hostile_frame_ends_the_channel_and_nothing_else(proxy, name) -> None:
             pass  # it ended with our frames unread
         assert channel.error, channel.error
         sender.join(TIMEOUT)
-        wait_for(lambda: proxy.closed == len(proxy.connections), "the proxy's connections")
+        wait_for(lambda: proxy.closed == proxy.connections, "the proxy's connections")
     # The host still works: a new channel serves as before.
     with channel_to(proxy) as (_channel, sandbox):
         sandbox.sendall(mux.frame(1, mux.OPEN) + mux.frame(1, mux.DATA, b"ok"))
@@ -316,3 +297,242 @@ def test_the_relay_and_the_host_carry_many_streams_and_a_slow_one_stalls_only_it
             assert channel.error is None and channel.opened == 21
         channel.close()
         wait_for(lambda: not inside.alive, "the relay to see the channel end")
+
+
+def test_a_proxy_that_reads_nothing_gets_no_more_than_its_bound() -> None:
+    """Credit goes back only while the proxy's reader is under its limit: a proxy that
+    reads nothing holds at most twice its limit and one window, and the sandbox's sender
+    waits; once it reads, everything arrives."""
+    held = FakeProxy(hold=True)
+    total = 2 << 20
+    with channel_to(held) as (channel, sandbox):
+        credit = {"left": mux.WINDOW, "echoed": b""}
+        changed = threading.Condition()
+        sending = threading.Lock()  # two threads send: whole frames, one at a time
+
+        def send(data: bytes) -> None:
+            with sending:
+                sandbox.sendall(data)
+
+        def frames() -> None:  # the sandbox's reader: credit and the echo
+            with contextlib.suppress(OSError, EOFError):
+                while True:
+                    _sid, kind, payload = read_frame(sandbox)
+                    with changed:
+                        if kind == mux.CREDIT:
+                            credit["left"] += int.from_bytes(payload, "big")
+                        elif kind == mux.DATA:
+                            credit["echoed"] += payload
+                            send(mux.frame(1, mux.CREDIT, len(payload).to_bytes(4, "big")))
+                        changed.notify_all()
+
+        reading = threading.Thread(target=frames, daemon=True)
+        reading.start()
+        send(mux.frame(1, mux.OPEN))
+
+        def held_back() -> bool:  # the sandbox used all its credit, and gets none back
+            stream = channel._streams.get(1)
+            return (stream is not None and stream.reading_paused
+                    and stream.unreturned == mux.WINDOW)
+
+        sent = 0
+        while sent < total:
+            wait_for(lambda: credit["left"] > 0 or held_back(),
+                     "credit, or the host to hold it back")
+            with changed:
+                if credit["left"] <= 0:
+                    break
+                size = min(credit["left"], 65536, total - sent)
+                credit["left"] -= size
+            send(mux.frame(1, mux.DATA, b"u" * size))
+            sent += size
+        assert sent < total, "the proxy read nothing, yet all of it was taken"
+        assert sent <= 2 * MAX_HEAD + mux.WINDOW
+        assert held.received == 0
+        held.go()
+        while sent < total:
+            with changed:
+                assert changed.wait_for(lambda: credit["left"] > 0, TIMEOUT)
+                size = min(credit["left"], 65536, total - sent)
+                credit["left"] -= size
+            send(mux.frame(1, mux.DATA, b"u" * size))
+            sent += size
+        send(mux.frame(1, mux.EOF))
+        with changed:
+            assert changed.wait_for(lambda: len(credit["echoed"]) == total, TIMEOUT)
+        assert credit["echoed"] == b"u" * total and channel.error is None
+    reading.join(TIMEOUT)
+    assert not reading.is_alive()
+
+
+class Upstream:
+    """A loopback HTTP server in a thread: answers each request with ``size`` bytes of
+    body, and counts the connections it got."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.authority = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.reached = 0
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.reached += 1
+            self._conns.append(conn)
+            thread = threading.Thread(target=self._answer, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                         % self.size)
+            block = b"d" * 65536
+            left = self.size
+            while left:
+                left -= conn.send(block[:left])
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self._accepting.join(TIMEOUT)
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(TIMEOUT)
+        for conn in self._conns:
+            conn.close()
+
+
+@contextlib.contextmanager
+def proxied(upstream: Upstream) -> Iterator[tuple[EgressProxy, mux.Channel, dict, object]]:
+    """The real proxy, allowing only ``upstream``, served through a channel and the relay."""
+    proxy = EgressProxy(NetworkPolicy.parse([upstream.authority]), label="unit").start()
+    try:
+        with channel_to(proxy) as (channel, sandbox), relay_end(sandbox) as (relay, inside):
+            yield proxy, channel, relay, inside
+            channel.close()
+            wait_for(lambda: not inside.alive, "the relay to see the channel end")
+    finally:
+        proxy.close()
+
+
+def until_closed(tool: socket.socket) -> bytes:
+    data = b""
+    while chunk := tool.recv(1 << 20):
+        data += chunk
+    return data
+
+
+def test_the_proxy_serves_the_channels_streams_and_records_what_it_refused() -> None:
+    upstream = Upstream()
+    try:
+        with proxied(upstream) as (proxy, channel, relay, inside):
+            assert proxy.socket_path is None  # no socket of its own
+            mark = proxy.mark()
+            tool = serve(relay, inside)
+            tool.sendall(f"GET http://{upstream.authority}/a HTTP/1.1\r\n"
+                         f"Host: {upstream.authority}\r\n\r\n".encode())
+            answer = until_closed(tool)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nddd")
+            tool.close()
+            # A destination the policy refuses: a 403, in the proxy's record.
+            tool = serve(relay, inside)
+            tool.sendall(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n\r\n")
+            assert until_closed(tool).startswith(b"HTTP/1.1 403 ")
+            tool.close()
+            assert [(b.host, b.port) for b in proxy.blocked_since(mark)] == [("127.0.0.1", 1)]
+            # A hostile head: the proxy's own parser answers it, and no one is reached.
+            tool = serve(relay, inside)
+            tool.sendall(f"GET http://{upstream.authority}/ HTTP/1.1\r\nHost: "
+                         f"{upstream.authority}\r\nX-A: a\nHost: evil.example\r\n\r\n".encode())
+            assert until_closed(tool).startswith(b"HTTP/1.1 400 ")
+            tool.close()
+            assert upstream.reached == 1
+            assert proxy.allowed == {upstream.authority: 1}
+            assert channel.error is None and channel.opened == 3
+    finally:
+        upstream.close()
+
+
+def test_a_download_nobody_reads_holds_a_bounded_buffer_and_stalls_only_itself() -> None:
+    big = Upstream(size=16 << 20)
+    try:
+        with proxied(big) as (_proxy, channel, relay, inside):
+            slow = serve(relay, inside)
+            slow.sendall(f"GET http://{big.authority}/big HTTP/1.1\r\n"
+                         f"Host: {big.authority}\r\n\r\n".encode())
+            wait_for(lambda: channel._streams.get(1) is not None
+                     and channel._streams[1].writing_paused, "the proxy to be told to wait")
+            stream = channel._streams[1]
+            # What the host holds of it: what the proxy wrote and may not send yet, at most
+            # the writer's high mark and one of its writes.
+            assert stream.outbound_size <= mux.WRITE_HIGH + 65536
+            # Another stream goes on meanwhile.
+            other = serve(relay, inside)
+            other.sendall(f"GET http://{big.authority}/small HTTP/1.1\r\n"
+                          f"Host: {big.authority}\r\n\r\n".encode())
+            assert stream.outbound_size <= mux.WRITE_HIGH + 65536
+            head, _, body = until_closed(slow).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            assert len(body) == 16 << 20
+            slow.close()
+            other.settimeout(TIMEOUT)
+            assert len(until_closed(other).partition(b"\r\n\r\n")[2]) == 16 << 20
+            other.close()
+            assert channel.error is None
+    finally:
+        big.close()
+
+
+def test_a_sandboxs_network_makes_nothing_on_disk_and_closes_everything(tmp_path) -> None:
+    """The proxy has no socket: nothing is created in the run dir or anywhere else, and
+    ``close`` ends the channel, the proxy and their streams."""
+    from gvisor_magic.egress.sandbox import SandboxNetwork
+
+    upstream = Upstream()
+    network = SandboxNetwork(NetworkPolicy.parse([upstream.authority]), str(tmp_path), "unit")
+    try:
+        network.start()
+        assert network.proxy is not None and network.proxy.socket_path is None
+        assert list(tmp_path.iterdir()) == []
+        assert network.run_args() == [f"--pass-fd={network.pass_fds[0]}:3"]
+        sandbox = socket.socket(fileno=os.dup(network.pass_fds[0]))
+        network.sandbox_started()
+        with relay_end(sandbox) as (relay, inside):
+            tool = serve(relay, inside)
+            tool.sendall(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n\r\n")
+            assert until_closed(tool).startswith(b"HTTP/1.1 403 ")
+            tool.close()
+            held = serve(relay, inside)  # an open tunnel, when close comes
+            held.sendall(f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
+            assert held.recv(4096).startswith(b"HTTP/1.1 200 ")
+            network.close()
+            assert held.recv(10) == b""
+            held.close()
+            wait_for(lambda: not inside.alive, "the relay to see the channel end")
+        assert [(b.host, b.port) for b in network.blocked()] == [("127.0.0.1", 1)]
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        network.close()
+        upstream.close()

@@ -1,7 +1,9 @@
 """Hostile request heads at the egress proxy: each is refused with a 400 and reaches no one.
 
-The proxy (``gvisor_magic/egress/proxy.py``) runs for real on a Unix socket, as the
-sandbox's relay reaches it; its only allowed destination is a listener on 127.0.0.1 that
+The proxy (``gvisor_magic/egress/proxy.py``) runs for real, reached two ways: on a Unix
+socket of its own, and as the sandbox reaches it, a tool's connection to the relay (the
+sandbox's code, run here) carried as a stream of the channel (``egress/mux.py``) to the
+proxy's ``serve``. Its only allowed destination is a listener on 127.0.0.1 that
 this test drives itself, in this thread: a refused head must leave that listener's
 accept queue empty (the proxy has closed the client by then, so a connection it had
 made would already be queued). The well-formed controls show the same listener does
@@ -17,11 +19,14 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from gvisor_magic.backends.init import RELAY_SOURCE
+from gvisor_magic.egress import mux
 from gvisor_magic.egress.policy import NetworkPolicy
 from gvisor_magic.egress.proxy import EgressProxy
 
@@ -150,15 +155,58 @@ def upstream() -> Iterator[socket.socket]:
         listener.close()
 
 
-@pytest.fixture(scope="module")
-def proxy(upstream: socket.socket) -> Iterator[EgressProxy]:
+class Entry:
+    """A way to the proxy: ``connect()`` gives a connected client socket."""
+
+    def __init__(self, proxy: EgressProxy, through_channel: bool) -> None:
+        self.proxy = proxy
+        self.channel: mux.Channel | None = None
+        if through_channel:
+            self.channel = mux.Channel(proxy.serve, "heads").start()
+            fd = os.dup(self.channel.sandbox_fd)
+            self.channel.sandbox_started()
+            os.set_inheritable(fd, True)  # as runsc hands it over
+            self.relay: dict = {"__name__": "relay_under_test"}
+            exec(compile(RELAY_SOURCE, "egress_relay.py", "exec"), self.relay)
+            self.inside = self.relay["_MuxChannel"](fd)
+            self.reading = threading.Thread(target=self.inside.read_loop, daemon=True)
+            self.reading.start()
+
+    def connect(self) -> socket.socket:
+        if self.channel is None:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(TIMEOUT)
+            client.connect(self.proxy.socket_path)
+            return client
+        tool, accepted = socket.socketpair()
+        self.relay["_RELAY"]["open"] += 1
+        served = self.relay["_socket"].socket(fileno=accepted.detach())
+        threading.Thread(target=self.relay["_mux_serve"], args=(self.inside, served),
+                         daemon=True).start()
+        tool.settimeout(TIMEOUT)
+        return tool
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.reading.join(TIMEOUT)
+            assert not self.inside.alive
+
+
+@pytest.fixture(scope="module", params=["unix-socket", "channel"])
+def proxy(request: pytest.FixtureRequest, upstream: socket.socket) -> Iterator[Entry]:
     directory = tempfile.mkdtemp(prefix="gmh-", dir="/tmp")  # sockaddr_un: 108 bytes
     authority = _authority(upstream)
+    through_channel = request.param == "channel"
     running = EgressProxy(NetworkPolicy.parse([authority]),
-                          os.path.join(directory, "p.sock")).start()
+                          None if through_channel else os.path.join(directory, "p.sock"))
+    entry = None
     try:
-        yield running
+        entry = Entry(running.start(), through_channel)
+        yield entry
     finally:
+        if entry is not None:
+            entry.close()
         running.close()
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -199,16 +247,14 @@ def _queued(listener: socket.socket) -> list[socket.socket]:
 
 
 @contextlib.contextmanager
-def _client(proxy: EgressProxy) -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.settimeout(TIMEOUT)
-        client.connect(proxy.socket_path)
+def _client(proxy: Entry) -> Iterator[socket.socket]:
+    with proxy.connect() as client:
         yield client
 
 
 @pytest.mark.parametrize(("name", "head"), HOSTILE, ids=[n for n, _ in HOSTILE])
 def test_a_hostile_head_gets_400_and_reaches_no_one(
-        proxy: EgressProxy, upstream: socket.socket, name: str, head: bytes) -> None:
+        proxy: Entry, upstream: socket.socket, name: str, head: bytes) -> None:
     for stale in _queued(upstream):  # a failed earlier case must not decide this one
         stale.close()
     with _client(proxy) as client:
@@ -225,7 +271,7 @@ def test_a_hostile_head_gets_400_and_reaches_no_one(
 
 @pytest.mark.parametrize(("name", "head"), WELL_FORMED, ids=[n for n, _ in WELL_FORMED])
 def test_a_well_formed_head_reaches_the_upstream_as_one_clean_request(
-        proxy: EgressProxy, upstream: socket.socket, name: str, head: bytes) -> None:
+        proxy: Entry, upstream: socket.socket, name: str, head: bytes) -> None:
     """The control: the same listener sees what the proxy lets through."""
     for stale in _queued(upstream):
         stale.close()
@@ -264,7 +310,7 @@ def test_a_well_formed_head_reaches_the_upstream_as_one_clean_request(
         assert body == b"5\r\nhello\r\n0\r\n\r\n"
 
 
-def test_connect_is_answered_and_tunnels(proxy: EgressProxy, upstream: socket.socket) -> None:
+def test_connect_is_answered_and_tunnels(proxy: Entry, upstream: socket.socket) -> None:
     for stale in _queued(upstream):
         stale.close()
     authority = _authority(upstream)
@@ -304,7 +350,7 @@ HOSTILE_BODIES: list[tuple[str, bytes, bytes]] = [
 @pytest.mark.parametrize(("name", "body", "at_most"), HOSTILE_BODIES,
                          ids=[n for n, _, _ in HOSTILE_BODIES])
 def test_a_hostile_chunked_body_is_cut_where_it_goes_wrong(
-        proxy: EgressProxy, upstream: socket.socket, name: str, body: bytes,
+        proxy: Entry, upstream: socket.socket, name: str, body: bytes,
         at_most: bytes) -> None:
     for stale in _queued(upstream):
         stale.close()
