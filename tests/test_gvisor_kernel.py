@@ -10,6 +10,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -295,6 +296,47 @@ def test_a_killed_server_leaves_no_sandbox_running(runsc_works, tmp_path):
     run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
 
 
+@pytest.mark.parametrize("how", ["now", "after a short shutdown_wait_time"])
+def test_a_kernel_jupyter_kills_leaves_no_sandbox(runsc_works, tmp_path, how):
+    """Jupyter kills a kernel's launcher (SIGKILL) when told to shut it down now, and when
+    it has not exited within ``shutdown_wait_time`` of the shutdown request (SIGTERM at half
+    of it, SIGKILL at the end: a loaded machine took longer than the default 5 s just to
+    remove the sandbox). A killed launcher cannot remove its sandbox: its run dir and its
+    runsc processes must still be gone when ``shutdown_kernel`` returns."""
+    from gvisor_magic.backends.kernel_dirs import run_dirs_of
+
+    km = make_manager(tmp_path)
+    km.start_kernel(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=STARTUP)
+        assert execute(kc, "x = 1").reply["status"] == "ok"
+        launcher = psutil.Process(km.provisioner.process.pid)
+        family = [launcher, *launcher.children(recursive=True)]
+        run_dirs = run_dirs_of(launcher.pid, tempfile.gettempdir())
+        sockets = km.provisioner.sockets_dir
+        assert run_dirs and any("runsc" in p.name() for p in family), (run_dirs, family)
+    finally:
+        kc.stop_channels()
+        if how == "now":
+            km.shutdown_kernel(now=True)
+        else:
+            km.shutdown_wait_time = 0.2
+            km.shutdown_kernel(now=False)
+    left = [path for path in run_dirs if os.path.exists(path)]
+    assert not left, f"the killed kernel's sandbox run dir is still there: {left}"
+    mentioning = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(path in cmdline for path in run_dirs):
+            mentioning.append((process.pid, cmdline[:200]))
+    assert not mentioning, f"processes of the killed kernel's sandbox still run: {mentioning}"
+    _, alive = psutil.wait_procs(family, timeout=10)  # (zombies, until they are reaped)
+    assert not alive, f"processes of the killed kernel are still there: {alive}"
+    assert sockets and not os.path.exists(sockets), "the kernel's sockets dir was left"
+
+
 SERVER = """
 import json, sys
 from jupyter_client.kernelspec import KernelSpecManager
@@ -390,11 +432,11 @@ def test_a_runsc_broken_after_a_first_kernel_fails_the_next_start_with_the_reaso
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     km = make_manager(tmp_path)
     try:
-        # The launcher's own reason; runsc's stderr line ("... broke after ...") is part of it
-        # when the transport read it before the agent's channel closed (not always).
+        # The launcher's own reason, with runsc's own stderr line in it.
         with pytest.raises(RuntimeError, match=r"(?s)Python 3 \(gVisor\) cannot start: its sandbox "
                                                r"did not start \(cannot start a warm runsc "
-                                               r"sandbox.*never runs outside gVisor"):
+                                               r"sandbox.*this runsc broke after the first "
+                                               r"kernel started.*never runs outside gVisor"):
             km.start_kernel(cwd=str(tmp_path))
     finally:
         if km.has_kernel:  # before the fix: a kernel that could never answer

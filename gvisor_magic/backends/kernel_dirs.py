@@ -1,4 +1,5 @@
-"""The private dirs of "Python 3 (gVisor)" kernels, and reclaiming those a dead server left.
+"""The private dirs of "Python 3 (gVisor)" kernels, and reclaiming those a dead server left
+(and the sandbox a killed kernel launcher left: ``remove_run_dirs_of``).
 
 Each kernel has a directory of its own (mode 0700) holding a copy of its connection file
 (with the HMAC key of its channels) and its five ZMQ IPC sockets. It is named
@@ -17,6 +18,7 @@ Light on purpose (stdlib, psutil): every run calls ``remove_orphan_kernel_dirs``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -88,3 +90,73 @@ def remove_orphan_kernel_dirs(base: str | None = None) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def run_dirs_of(pid: int, base: str) -> list[str]:
+    """The sandbox run dirs (``backends.runsc.make_run_dir``: ``gvisor-magic-PID-X``) that
+    process ``pid`` made in ``base``."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        parts = name.split("-")
+        if len(parts) == 4 and parts[:2] == ["gvisor", "magic"] and parts[2] == str(pid):
+            found.append(os.path.join(base, name))
+    return found
+
+
+def remove_run_dirs_of(pid: int, base: str, wait: float = 10.0) -> list[str]:
+    """Remove what process ``pid`` (a kernel's launcher that was killed) left in ``base``:
+    its sandboxes' processes (killed, and waited for, at most ``wait`` seconds), their
+    run dirs and memory cgroups. Nothing while ``pid`` runs; return the dirs removed.
+
+    The launcher removes its sandbox itself when it is stopped by a signal it can catch;
+    a SIGKILL (Jupyter's, when a kernel did not exit in time) leaves it all behind, and
+    the next run would only reclaim it later.
+    """
+    import time
+
+    import psutil
+
+    from ..memory import remove_orphan_cgroups
+
+    dirs = run_dirs_of(pid, base)
+    if not dirs or psutil.pid_exists(pid):
+        return []
+    victims = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+        except (psutil.Error, KeyError):
+            continue
+        if any(path in part for path in dirs for part in cmdline):
+            victims.append(process)
+    for process in victims:
+        log.info("gvisor: killing process %s of the sandbox of killed launcher %s",
+                 process.pid, pid)
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    deadline = time.monotonic() + wait
+    while victims and time.monotonic() < deadline:
+        victims = [process for process in victims if _lives(process)]
+        if victims:
+            time.sleep(0.05)
+    if victims:
+        log.warning("gvisor: processes %s of the sandbox of killed launcher %s did not end",
+                    [process.pid for process in victims], pid)
+    for path in dirs:
+        log.info("gvisor: removing %s, left by the kernel's launcher %s (killed)", path, pid)
+        shutil.rmtree(path, ignore_errors=True)
+    remove_orphan_cgroups()
+    return dirs
+
+
+def _lives(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..egress.sandbox import SandboxNetwork
@@ -44,6 +45,8 @@ from .runsc import (
 AGENT_SOURCE = RELAY_SOURCE + "\n" + (
     Path(__file__).resolve().parent.parent / "sandboxed" / "session_agent.py").read_text()
 _STDERR_KEEP = 64 * 1024
+#: How long an error waits for the end of runsc's stderr once the sandbox has ended.
+STDERR_GRACE = 5.0
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -68,10 +71,18 @@ HIDE_CAPABILITIES = ("SYS_ADMIN", "SETPCAP", "SETUID", "SETGID")
 
 
 class _StderrTail:
-    """Drains the sandbox's stderr (runsc's own messages) into a bounded buffer."""
+    """Drains the sandbox's stderr (runsc's own messages) into a bounded buffer.
 
-    def __init__(self, fd: int) -> None:
+    A thread reads it, so what runsc wrote just before it exited may not be in ``data``
+    yet when the caller learns that it exited (its channel closed): ``finish`` waits for
+    the end of the stream, which comes once every process that could write to it has
+    exited. ``wake`` (a socket's ``shutdown``) ends a read that would otherwise outlive
+    the stream's owner, so that its fd is never read after it was closed (and reused).
+    """
+
+    def __init__(self, fd: int, wake: Callable[[], None] | None = None) -> None:
         self.data = bytearray()
+        self._wake = wake
         self._thread = threading.Thread(target=self._drain, args=(fd,), daemon=True,
                                         name="gvisor-magic-stderr")
         self._thread.start()
@@ -81,6 +92,18 @@ class _StderrTail:
             while chunk := os.read(fd, 65536):
                 self.data += chunk
                 del self.data[:-_STDERR_KEEP]
+
+    def finish(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the end of the stream; True if it came."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        """Before the stream's fd is closed: its end, or the reader woken and gone."""
+        if not self.finish(timeout) and self._wake is not None:
+            with contextlib.suppress(OSError):
+                self._wake()
+            self._thread.join(timeout)
 
     def text(self) -> str:
         return bytes(self.data).decode("utf-8", "replace").strip()
@@ -103,6 +126,7 @@ class RunscTransport:
         self.sandbox_id = f"gvisor-magic-{secrets.token_hex(6)}"
         self._runsc = runsc
         self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: _StderrTail | None = None
         self.layout = None
         self.guard: MemoryGuard | None = None
         self.network: SandboxNetwork | None = None
@@ -145,6 +169,9 @@ class RunscTransport:
             self.guard.watch(self.proc.pid, whole_sandbox=False)
             for pair in (self._channel, self._errors):
                 pair[1].close()  # runsc has them now
+            errors = self._errors[0]
+            self._stderr = _StderrTail(errors.fileno(),
+                                       wake=lambda: errors.shutdown(socket.SHUT_RD))
         except OSError as exc:
             self.close()
             raise SandboxStartError("runsc", f"cannot start the sandbox: {exc}",
@@ -153,7 +180,6 @@ class RunscTransport:
             self.close()
             raise
         self.stdout_fd = self._channel[0].fileno()
-        self._stderr = _StderrTail(self._errors[0].fileno())
 
     def send(self, data: bytes) -> None:
         self._channel[0].sendall(data)
@@ -162,7 +188,26 @@ class RunscTransport:
         return self.proc is not None and self.proc.poll() is None
 
     def stderr_text(self) -> str:
-        return self._stderr.text() if self.proc is not None else ""
+        """runsc's own messages: while the sandbox runs, those read so far; once it has
+        ended or is ending (runsc exited, the agent's channel closed, or ``close``d), all
+        of them, waiting up to ``STDERR_GRACE`` for the end of the stream. An error built
+        on the channel's end (a runsc that failed at start) then always names runsc's own
+        reason, which its stderr reader might not have read yet (seen here: "the sandbox
+        agent closed its channel (no message)")."""
+        if self._stderr is None:
+            return ""
+        if self.proc is None or self.proc.poll() is not None or self._channel_ended():
+            self._stderr.finish(STDERR_GRACE)
+        return self._stderr.text()
+
+    def _channel_ended(self) -> bool:
+        """Whether the agent's end of the channel is closed (the sandbox is going)."""
+        try:
+            return self._channel[0].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing to read
+        except OSError:
+            return True  # closed here
 
     def _kill_sandbox(self) -> None:
         """The memory watchdog's kill: the whole sandbox (the session replaces it)."""
@@ -187,14 +232,18 @@ class RunscTransport:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, 9)
                 self.proc.wait(timeout=10)
-        for end in (*self._channel, *self._errors):
-            end.close()
         if self.proc is not None:
             state = os.path.join(self.run_dir, "state")
             if os.path.isdir(state) and os.listdir(state):
                 self._runsc_quietly("delete", "--force", self.sandbox_id)
             kill_processes_mentioning(self.sandbox_id, "sandbox")
             self.proc = None
+        if self._stderr is not None:
+            # Everything that held the stream is gone: read it to its end (stderr_text
+            # stays whole after close), and never read its fd once closed below.
+            self._stderr.stop(STDERR_GRACE)
+        for end in (*self._channel, *self._errors):
+            end.close()
         if self.guard is not None:
             self.guard.close()
         if self.network is not None:

@@ -11,9 +11,13 @@ It starts a warm runsc sandbox (``IsolatedSession``) with the layout of ``%%isol
 off or an allowlist, limits including memory), plus ``DIR`` read-write at its own path,
 where the kernel's ZMQ IPC sockets are made (``runsc --host-uds=create``), and runs the
 kernel there as its one command. It ends the sandbox on SIGTERM or SIGHUP (shutdown,
-restart) and when the server that started it dies; if it is killed, the sandbox's reaper
-ends the sandbox. The kernel's exit
-status is its own (137 after a memory kill), so Jupyter sees a dead kernel as it would.
+restart) and when the server that started it dies. Only the first such signal stops the
+kernel: one that comes while the sandbox is being removed (Jupyter sends SIGTERM when a
+kernel has not exited a few seconds after its shutdown request, which a loaded machine
+can take just to remove the sandbox) is ignored, so the removal is never cut short. If it
+is killed (SIGKILL), the provisioner removes what it left (``GvisorProvisioner.cleanup``).
+The kernel's exit status is its own (137 after a memory kill), so Jupyter sees a dead
+kernel as it would.
 
 Fails closed: where no runsc sandbox can start, it says why on stderr and exits 1; it
 never runs the kernel anywhere else. With ``--ready-fd N`` it also tells the provisioner,
@@ -151,8 +155,26 @@ def _forward(stream: str, text: str) -> None:
     target.flush()
 
 
-def _stop(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+class _Stop:
+    """The SIGTERM/SIGHUP handler: stops the kernel once, and never the sandbox's removal.
+
+    While ``armed`` (the kernel runs), the first signal raises ``KeyboardInterrupt`` in the
+    main thread, which ends the kernel's command; every other one is only noted
+    (``requested``). Raising at any other time could cut short the sandbox's start (its
+    transport made but not yet the session's) or its removal (``session.close``), leaving
+    its run dir and processes behind: seen here under load, where Jupyter's SIGTERM came
+    while ``close`` was running ``runsc kill`` or removing the run dir.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.requested = False
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.requested = True
+        if self.armed:
+            self.armed = False  # one KeyboardInterrupt, whatever comes next
+            raise KeyboardInterrupt
 
 
 def _end_with_parent(parent: int, every: float = 1.0) -> None:
@@ -177,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gvisor-magic: bad Python 3 (gVisor) kernel settings: {exc}", file=sys.stderr)
         ready.tell(f"bad kernel settings: {exc}")
         return 2
+    stop = _Stop()
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _stop)
+        signal.signal(signum, stop)
     # The kernel is interrupted by a message ("interrupt_mode": "message"); a Ctrl-C meant
     # for the server that started us is not for the kernel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -192,14 +215,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             ready.tell(str(exc))
             return EXIT_UNAVAILABLE
+        if stop.requested:  # stopped while its sandbox started: no kernel
+            ready.tell("the launcher was stopped (SIGTERM or SIGHUP) as its sandbox started")
+            return 0
         ready.tell("ok\n")
         env = {name: os.environ[name] for name in PASSED if name in os.environ}
         env.update(KERNEL_ENV)
         env["PYTHONPATH"] = os.pathsep.join([*spec.python_path, PACKAGES])
         if not spec.network.enabled:
             env["GVISOR_MAGIC_PIP_NOTE"] = PIP_NOTE.format(packages=PACKAGES)
-        result = session.run(kernel_argv(args.argv), timeout=None, env=env,
-                             on_output=_forward)
+        stop.armed = True
+        try:
+            if stop.requested:  # a signal came just before it was armed
+                stop.armed = False
+                raise KeyboardInterrupt
+            result = session.run(kernel_argv(args.argv), timeout=None, env=env,
+                                 on_output=_forward)
+        finally:
+            # A KeyboardInterrupt raised here (it can be, before this line) is the one
+            # the outer ``except`` takes; none comes after it.
+            stop.armed = False
         if result.error:
             print(f"gvisor-magic: {result.error}", file=sys.stderr, flush=True)
         code = result.returncode

@@ -1,6 +1,6 @@
 """The ``jupyter_client`` kernel provisioner of "Python 3 (gVisor)" (``gvisor-provisioner``).
 
-It is ``LocalProvisioner`` with three changes:
+It is ``LocalProvisioner`` with four changes:
 
 - before anything starts, it checks that a runsc sandbox can run here and raises with the
   reason and the fix if not, so the notebook shows why and no kernel runs (fail closed);
@@ -15,7 +15,13 @@ It is ``LocalProvisioner`` with three changes:
   command (ipykernel) inside the sandbox. ``launch_kernel`` returns only once the launcher
   says its sandbox started; if it could not (runsc broke since the probe, say), the start
   fails with the launcher's reason instead of handing the notebook a dead kernel, and the
-  next start probes runsc again.
+  next start probes runsc again;
+- a kernel shut down leaves nothing, however Jupyter ended it: the launcher removes its
+  sandbox when it is asked (shutdown request, SIGTERM), and when Jupyter killed it (SIGKILL,
+  ``shutdown_kernel(now=True)`` or a kernel that did not exit within
+  ``shutdown_wait_time``), ``cleanup`` kills the sandbox's processes and removes its run
+  dir itself (``kernel_dirs.remove_run_dirs_of``). The launcher is told where to make run
+  dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look.
 
 Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see the README,
 "A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``.
@@ -37,7 +43,9 @@ from jupyter_client.provisioning import LocalProvisioner
 from tornado.web import HTTPError
 from traitlets import Bool, Dict, List, Unicode, Union
 
-from ..backends.kernel_dirs import make_kernel_dir
+from ..backends.kernel_dirs import make_kernel_dir, remove_run_dirs_of
+from ..backends.layout import caller_identity
+from ..backends.runsc import ENV_STATE_DIR, state_base
 
 #: How long the launcher may take to start its sandbox before the start counts as failed
 #: (a sandbox starts in well under a second here; a loaded machine may take several).
@@ -137,6 +145,9 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     sockets_dir: str | None = None
     #: The pipe on which the launcher says whether its sandbox started (read end, write end).
     _ready_pipe: tuple[int, int] | None = None
+    #: The running launcher, and where it makes its sandboxes' run dirs.
+    _launcher: subprocess.Popen | None = None
+    _state_base: str | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         why = unavailable()
@@ -154,6 +165,12 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             km.cache_ports = False
             km.ip = os.path.join(self.sockets_dir, "k")
         kwargs = await super().pre_launch(**kwargs)
+        env = kwargs["env"] = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+        # Where the launcher makes its sandboxes' run dirs, said to it: if it is killed,
+        # cleanup() removes what it left there.
+        self._state_base = env.get(ENV_STATE_DIR) or state_base(caller_identity().rootless)[0]
+        if self._state_base:
+            env[ENV_STATE_DIR] = self._state_base
         cmd: list[str] = list(kwargs["cmd"])
         inside = os.path.join(self.sockets_dir, "connection.json")
         if km is not None and km.connection_file:
@@ -205,6 +222,7 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
         finally:
             self._close_ready_pipe()
         if why is None:
+            self._launcher = self.process
             return info
         if self.process is not None:
             if self.process.poll() is None:
@@ -236,5 +254,22 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
         self._close_ready_pipe()
+        await asyncio.get_running_loop().run_in_executor(None, self._reclaim)
         if not restart:
             self._remove_sockets_dir()
+
+    def _reclaim(self) -> None:
+        """Remove the sandbox of the launcher that just ended, if it could not (killed)."""
+        launcher, self._launcher = self._launcher, None
+        if launcher is None or not self._state_base:
+            return
+        try:
+            launcher.wait(timeout=EXIT_GRACE)  # Jupyter's SIGKILL may not have landed yet
+        except subprocess.TimeoutExpired:
+            self.log.warning("gvisor: the kernel's launcher %s is still running after its "
+                             "shutdown; its sandbox is left to it", launcher.pid)
+            return
+        removed = remove_run_dirs_of(launcher.pid, self._state_base)
+        if removed:
+            self.log.info("gvisor: the kernel's launcher was killed (status %s); removed its "
+                          "sandbox: %s", launcher.returncode, ", ".join(removed))

@@ -1,5 +1,6 @@
-"""How the provisioner learns whether a launcher's sandbox started, and how kernel dirs are
-named; real child processes and pipes, no runsc (the real thing: tests/test_gvisor_kernel.py)."""
+"""How the provisioner learns whether a launcher's sandbox started, how kernel dirs are
+named, what a killed launcher's sandbox leaves and how the launcher takes a stop signal;
+real child processes and pipes, no runsc (the real thing: tests/test_gvisor_kernel.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from gvisor_magic.backends.kernel_dirs import PREFIX, owner_of
+from gvisor_magic.backends.kernel_dirs import PREFIX, owner_of, remove_run_dirs_of
+from gvisor_magic.kernel.launch import _Stop
 from gvisor_magic.kernel.provisioner import wait_for_start
 
 
@@ -62,3 +64,41 @@ def test_kernel_dir_names() -> None:
     for name in (f"{PREFIX}abcd1234", f"{PREFIX}12", f"{PREFIX}x-1", "gvisor-magic-1234-ab",
                  f"{PREFIX}1234-"):
         assert owner_of(name) is None, name
+
+
+def test_what_a_killed_launcher_left_is_removed(tmp_path) -> None:
+    """Its run dirs go, after what still mentions them (its sandbox's runsc) was killed;
+    a live process's run dir, a kernel dir and other names stay."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"gvisor-magic-{dead.pid}-abc_12"
+    (left / "state").mkdir(parents=True)
+    (left / "state" / "x").write_text("x")
+    runsc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
+                              str(left / "state")], stdin=subprocess.PIPE)
+    keep = [tmp_path / f"gvisor-magic-{os.getpid()}-abc_12",
+            tmp_path / f"{PREFIX}{dead.pid}-abc_12", tmp_path / f"gvisor-magic-{dead.pid}"]
+    for path in keep:
+        path.mkdir()
+    try:
+        assert remove_run_dirs_of(dead.pid, str(tmp_path)) == [str(left)]
+        assert runsc.wait(timeout=10) == -9, "its sandbox's process was not killed"
+    finally:
+        runsc.kill()
+        runsc.wait()
+        runsc.stdin.close()
+    assert not left.exists()
+    assert all(path.exists() for path in keep)
+    assert remove_run_dirs_of(os.getpid(), str(tmp_path)) == [], "a live process's dir went"
+
+
+def test_a_stop_signal_interrupts_the_kernel_once_and_never_its_removal() -> None:
+    stop = _Stop()
+    stop(15, None)  # while the sandbox starts: noted only
+    assert stop.requested and not stop.armed
+    stop.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        stop(15, None)  # the kernel runs: it is interrupted
+    stop(15, None)  # again, as the sandbox is removed: noted only
+    stop(1, None)
+    assert stop.requested and not stop.armed
