@@ -53,6 +53,8 @@ RELAY_CONNECTIONS_MAX = 256
 #: Connections accepted beyond those, each waiting (a descriptor, no thread) for a slot;
 #: more at once are closed.
 RELAY_WAITING_MAX = 1024
+#: How often waiting connections are retried when no thread could be made for them.
+RELAY_RETRY_EVERY = 0.2
 _RELAY = {"open": 0, "channel": None}
 _RELAY_WAITING = []
 _RELAY_LOCK = _thread.allocate_lock()
@@ -114,12 +116,18 @@ def take_attempts():
 
 def _relay_accept_loop(listener, channel):
     _RELAY["channel"] = channel
+    # A connection whose thread could not be made waits; the loop retries it when it wakes.
+    listener.settimeout(RELAY_RETRY_EVERY)
     while True:
         try:
             client = _socket.socket(fileno=listener._accept()[0])
+        except TimeoutError:
+            _relay_retry_waiting()
+            continue
         except OSError:
             time.sleep(0.05)  # out of descriptors, say: keep serving the others
             continue
+        client.settimeout(None)
         with _RELAY_LOCK:
             start = _RELAY["open"] < RELAY_CONNECTIONS_MAX
             if start:
@@ -136,7 +144,7 @@ def _relay_accept_loop(listener, channel):
 def _relay_start(client):
     """Serve ``client`` in a thread of its own; it holds one of the connections' slots."""
     if not _relay_spawn(client):
-        _relay_finished(client)
+        _relay_defer(client)
 
 
 def _relay_spawn(client):
@@ -151,17 +159,60 @@ def _relay_spawn(client):
     return True
 
 
+def _relay_defer(client):
+    """No thread could be made for ``client`` (the sandbox's process limit counts threads,
+    and those of connections just ended may not have exited yet): it gives its slot back
+    and waits at the front, never dropped (seen here 2026-12-07: a request made right after
+    1,000 connections were opened and closed was reset, about one run in seven)."""
+    with _RELAY_LOCK:
+        _RELAY["open"] -= 1
+        _RELAY_WAITING.insert(0, client)
+
+
+def _relay_retry_waiting():
+    """Start what waits while slots are free (after a thread could not be made)."""
+    while True:
+        with _RELAY_LOCK:
+            if not _RELAY_WAITING or _RELAY["open"] >= RELAY_CONNECTIONS_MAX:
+                return
+            client = _RELAY_WAITING.pop(0)
+            _RELAY["open"] += 1
+        if _relay_gone(client):
+            _relay_finished(client)
+            continue
+        if not _relay_spawn(client):
+            _relay_defer(client)
+            return
+
+
 def _relay_finished(client):
-    """``client`` is done: its slot goes to the oldest waiting connection, if any."""
-    while client is not None:
-        _relay_close(client)
+    """``client`` is done: its slot goes to the oldest waiting connection still open."""
+    _relay_close(client)
+    while True:
         with _RELAY_LOCK:
             waiting = _RELAY_WAITING.pop(0) if _RELAY_WAITING else None
             if waiting is None:
                 _RELAY["open"] -= 1
-        if waiting is None or _relay_spawn(waiting):
-            return
-        client = waiting  # no thread for it either: it is done too
+                return
+        if _relay_gone(waiting):
+            # Closed while it waited: nothing to serve, no thread, no stream (after a
+            # flood of 1,000 connections, serving each one left a request behind them
+            # waiting 9-13 s; seen here 2026-12-07).
+            _relay_close(waiting)
+            continue
+        if not _relay_spawn(waiting):
+            _relay_defer(waiting)
+        return
+
+
+def _relay_gone(client):
+    """Whether a waiting connection was closed by its client before anything was sent."""
+    try:
+        return client.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _relay_close(sock):
