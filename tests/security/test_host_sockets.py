@@ -278,3 +278,37 @@ def test_a_kernel_sandbox_makes_its_own_sockets_but_reaches_no_host_socket(
     assert sockets.connected == [], sockets.connected
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert all(found[p].startswith("ERR") for p in paths), found
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_no_host_socket_is_reachable_on_docker(flavour, places, docker_works, request):
+    """Docker's runsc runtime runs without any --host-uds (and refuses proxied networks):
+    the same sockets stay unreached there, one-shot, reused and in a session."""
+    paths = socket_paths(places)
+    argv = [PYTHON, "-I", "-c", PROBE, json.dumps(paths), "", ""]
+    with host_sockets(paths) as sockets:
+        argv[-2] = sockets.abstract
+        work, repo = places["work"], places["repo"]
+        if flavour == "session":
+            with IsolatedSession(work, repo, mode="docker") as session:
+                result = session.run(argv, timeout=TIMEOUT)
+        else:
+            reused = flavour == "reused"
+            if reused:
+                run_command_isolated("true", working_dir=work, repo_path=repo, mode="docker",
+                                     timeout=TIMEOUT)
+            try:
+                result = run_command_isolated(argv, working_dir=work, repo_path=repo,
+                                              mode="docker", timeout=TIMEOUT, reuse=reused)
+            finally:
+                POOL.reset()
+            assert not reused or "reused" in result.details, result.describe()
+        assert result.isolated and result.success, result.describe() + result.stderr[-2000:]
+        found = json.loads(result.stdout.strip().splitlines()[-1])
+    reached = [p for p in [*paths, "abstract"] if not found[p].startswith("ERR")]
+    request.node.user_properties.append(("security", {
+        "probe": "host Unix sockets in the mounts (network off)", "backend": "docker",
+        "flavour": flavour, "outcome": "LEAKED" if sockets.connected or reached else "blocked",
+        "evidence": f"host saw {sockets.connected}, inside connected to {reached}"[:300]}))
+    assert sockets.connected == [], sockets.connected
+    assert reached == [], found
