@@ -416,9 +416,30 @@ def _private_keys_in(directory: str) -> list[str]:
             for entry in entries:  # the types come with the listing: links cost no stat
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
-                elif entry.is_file(follow_symlinks=False) and _holds_private_key(entry.path):
+                elif entry.is_file(follow_symlinks=False) and _key_in_entry(entry):
                     found.append(entry.path)
     return found
+
+
+#: (inode, size, mtime) of a file last read for a key -> whether it held one: a sandbox's
+#: start reads only what changed since the last (the CA bundle is ~200 KB).
+_KEY_SEEN: dict[str, tuple[tuple[int, int, int], bool]] = {}
+
+
+def _key_in_entry(entry: os.DirEntry) -> bool:
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except OSError:
+        return True  # not readable to us: not shown either
+    stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+    seen = _KEY_SEEN.get(entry.path)
+    if seen is not None and seen[0] == stamp:
+        return seen[1]
+    holds = _holds_private_key(entry.path)
+    if len(_KEY_SEEN) > 4096:
+        _KEY_SEEN.clear()
+    _KEY_SEEN[entry.path] = (stamp, holds)
+    return holds
 
 
 def _holds_private_key(path: str) -> bool:
