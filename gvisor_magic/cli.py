@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from . import __version__, registry
 from .egress.policy import NetworkPolicy, PolicyError
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
-from .request import MODES, Limits
+from .request import Limits, valid_modes
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -55,8 +55,12 @@ def _doctor(args: argparse.Namespace) -> int:
 def _kernel_readiness(info) -> dict[str, object]:
     from .kernel.kernelspec import installed, readiness
 
-    runsc = info.backends["runsc"]
-    ok, reason = readiness(runsc.available, runsc.reason)
+    name = registry.kernel_backend()
+    status = info.backends.get(name) if name else None
+    if status is None:
+        ok, reason = False, "no backend here can host a gVisor kernel"
+    else:
+        ok, reason = readiness(status.available, status.reason)
     try:
         where = installed()
     except ImportError:
@@ -176,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="report what was detected and which backend works")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.add_argument("--mode", choices=MODES, default=None)
+    doctor.add_argument("--mode", choices=valid_modes(), default=None)
     doctor.add_argument("--require-isolation", action="store_true",
                         help="exit 1 unless commands would run under gVisor")
     doctor.set_defaults(handler=_doctor)
 
     run = sub.add_parser("run", help="run a command: gvisor-magic run [options] -- CMD ARGS...")
-    run.add_argument("--mode", choices=MODES, default=None,
+    run.add_argument("--mode", choices=valid_modes(), default=None,
                      help="backend (default: $GVISOR_MAGIC_MODE or auto)")
     run.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     run.add_argument("--workdir", default=None,

@@ -13,6 +13,8 @@ import platform
 import sys
 from dataclasses import dataclass
 
+from . import registry
+
 GVISOR_KERNEL_RELEASE = "4.4.0"
 #: What a pod with ``runtimeClassName: gvisor`` gets instead of a sandbox per command.
 POD_GVISOR_NOTE = (
@@ -116,15 +118,20 @@ def _cgroup_evidence() -> list[str]:
     return found
 
 
-def preferred_backends(facts: HostFacts) -> tuple[tuple[str, ...], str]:
-    """The order ``auto`` tries backends in, and why (the seed's rules)."""
+def place_of(facts: HostFacts) -> str:
+    """Where this process runs, as ``registry.PLACES`` names it."""
     if not facts.is_linux:
-        return ("subprocess",), f"gVisor runs only on Linux; this is {facts.platform}"
-    if facts.in_container:
-        return ("runsc", "docker", "subprocess"), (
-            "inside a container/pod: runsc directly, for isolation within the container")
-    return ("docker", "runsc", "subprocess"), (
-        "Linux host: Docker with the runsc runtime when configured, else runsc directly")
+        return "other"
+    return "container" if facts.in_container else "host"
+
+
+def preferred_backends(facts: HostFacts) -> tuple[tuple[str, ...], str]:
+    """The order ``auto`` tries backends in, and why (each row's ``rank`` in the registry)."""
+    place = place_of(facts)
+    why = registry.PLACES[place]
+    if place == "other":
+        why += f"; this is {facts.platform}"
+    return registry.auto_order(place), why
 
 
 @dataclass(frozen=True)
@@ -158,14 +165,6 @@ class EnvironmentInfo:
         return self.facts.pod_runs_gvisor
 
     @property
-    def runsc(self) -> BackendStatus:
-        return self.backends["runsc"]
-
-    @property
-    def docker(self) -> BackendStatus:
-        return self.backends["docker"]
-
-    @property
     def isolated(self) -> bool:
         return self.backends[self.auto_backend].isolated if self.auto_backend else False
 
@@ -187,10 +186,7 @@ class EnvironmentInfo:
             f"auto order: {' > '.join(self.preference)} ({self.preference_reason})",
             "",
         ]
-        for name in ("runsc", "docker", "subprocess"):
-            status = self.backends.get(name)
-            if status is None:
-                continue
+        for name, status in self.backends.items():
             mark = "ok " if status.available else "no "
             version = f" [{status.version}]" if status.version else ""
             lines.append(f"  {mark} {name}{version}: {status.reason}")

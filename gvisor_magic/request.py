@@ -8,12 +8,14 @@ every mistake gets one precise message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from . import registry
 from .egress.policy import NetworkPolicy, PolicyError
 from .errors import InvalidRequestError
 from .protected import PathPolicy, ProtectionPlan
@@ -207,22 +209,160 @@ class SandboxSpec:
         kernel_dir: str | os.PathLike[str] | None = None,
         python_path: Sequence[str] = (),
     ) -> SandboxSpec:
+        """The API's face of ``from_options``: typed keywords, ``limits`` a ``Limits``."""
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be a gvisor_magic.Limits, got {type(limits).__name__}")
-        if not isinstance(shell, str) or not shell:
-            raise InvalidRequestError(f"shell must be a program name or path, got {shell!r}")
-        return cls(
-            working_dir=_check_dir(working_dir, "working_dir"),
-            repo_path=_check_dir(repo_path, "repo_path"),
-            network=check_network(network),
-            limits=limits or Limits(),
-            protection=protected_paths if isinstance(protected_paths, PathPolicy)
-            else PathPolicy.parse(protected_paths),
-            shell=shell,
-            kernel_dir=_check_dir(kernel_dir, "kernel_dir"),
-            python_path=tuple(d for d in (_check_dir(p, "python_path entry")
-                                          for p in python_path) if d),
-        )
+        return cls.from_options({
+            "working_dir": working_dir, "repo_path": repo_path, "network": network,
+            "limits": limits, "shell": shell, "protected_paths": protected_paths,
+            "kernel_dir": kernel_dir, "python_path": python_path})
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object],
+                     base: SandboxSpec | None = None) -> SandboxSpec:
+        """The sandbox ``options`` describe, over ``base`` (else the defaults): the one
+        reader of sandbox settings, given as user text (``"2G"``, ``"pypi"``,
+        ``["memory=1G"]``) or typed (``True``, ``Limits``, ``NetworkPolicy``, ``PathPolicy``).
+
+        The names are ``SPEC_OPTIONS``, as ``%config Isolation.<name>``, the kernelspec's
+        config and ``build`` spell them. A value of None is not given: ``base``'s stands.
+        A given value replaces ``base``'s, but for two: ``limits`` change the limits they
+        name (a mapping, or ``NAME=VALUE`` strings; a ``Limits`` replaces them all), and
+        ``allow_hosts`` are added to the network (``NetworkPolicy.combined``: an allowlist
+        grows, off becomes one, public keeps the public internet). A bad value raises
+        ``InvalidRequestError`` (``TypeError`` for a value of the wrong kind).
+        """
+        if not isinstance(options, Mapping):
+            raise TypeError(f"sandbox options must be a mapping, got {type(options).__name__}")
+        for name in options:
+            if name not in SPEC_OPTIONS:
+                raise InvalidRequestError(f"unknown sandbox setting {name!r}: expected one "
+                                          f"of {', '.join(SPEC_OPTIONS)}")
+        given = {name: value for name, value in options.items() if value is not None}
+        spec = base or cls()
+        changes: dict[str, object] = {"plan": None}
+        for name in ("working_dir", "repo_path", "kernel_dir"):
+            if name in given:
+                changes[name] = _check_dir(given[name], name)
+        network = check_network(given["network"]) if "network" in given else spec.network
+        changes["network"] = _allow_hosts(network, given.get("allow_hosts") or ())
+        if "limits" in given:
+            changes["limits"] = _check_limits(given["limits"], spec.limits)
+        if "protected_paths" in given:
+            rules = given["protected_paths"]
+            changes["protection"] = rules if isinstance(rules, PathPolicy) \
+                else PathPolicy.parse(rules)  # type: ignore[arg-type]
+        if "shell" in given:
+            shell = given["shell"]
+            if not isinstance(shell, str) or not shell:
+                raise InvalidRequestError(f"shell must be a program name or path, got {shell!r}")
+            changes["shell"] = shell
+        if "python_path" in given:
+            changes["python_path"] = _check_dirs(given["python_path"], "python_path")
+        return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+
+    def to_options(self) -> dict[str, object]:
+        """Every setting but ``plan`` (host state), as ``from_options`` reads them back:
+        plain JSON values."""
+        entries = _allow_entries(self.network)
+        network: object = {"off": False, "host": "host", "public": True}.get(
+            self.network.mode, entries)
+        return {
+            "working_dir": self.working_dir, "repo_path": self.repo_path,
+            "network": network, "allow_hosts": entries if self.network.mode == "public" else [],
+            "limits": dataclasses.asdict(self.limits),
+            "protected_paths": [*(("+" + name) if name.startswith(("+", "-")) else name
+                                  for name in self.protection.extra),
+                                *("-" + name for name in self.protection.relaxed)],
+            "shell": self.shell, "kernel_dir": self.kernel_dir,
+            "python_path": list(self.python_path)}
+
+    def to_json(self) -> str:
+        """``to_options`` as JSON: ``from_json`` reads it back, checking it again."""
+        return json.dumps(self.to_options(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SandboxSpec:
+        """The spec ``to_json`` wrote, checked again (its dirs must exist here, now)."""
+        try:
+            options = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequestError(f"a sandbox spec must be JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise InvalidRequestError("a sandbox spec must be a JSON object of settings, "
+                                      f"got {type(options).__name__}")
+        return cls.from_options(options)
+
+
+#: The names ``SandboxSpec.from_options`` reads.
+SPEC_OPTIONS = ("working_dir", "repo_path", "network", "allow_hosts", "limits",
+                "protected_paths", "shell", "kernel_dir", "python_path")
+
+
+def parse_pairs(items: Iterable[str] | str, what: str, *,
+                form: str = "KEY=VALUE") -> dict[str, str]:
+    """``["A=1", "B= x=y"]`` -> ``{"A": "1", "B": " x=y"}``: the one reader of ``KEY=VALUE``
+    text (``--env``, ``--limit``, ``limits=[...]``).
+
+    The key is stripped of the blanks around it; the value is kept as written (a
+    variable's value may start or end with a space; the limits' reader strips its own) and
+    may hold ``=`` (the first one splits). A key given twice takes its last value, as a
+    repeated command-line option does. ``what`` names the option in messages (``--env``),
+    ``form`` what it takes.
+    """
+    pairs: dict[str, str] = {}
+    for item in [items] if isinstance(items, str) else items:
+        if not isinstance(item, str):
+            raise TypeError(f"{what} expects {form} strings, got {item!r}")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidRequestError(f"{what} expects {form}, got {item!r}")
+        if not key.strip():
+            raise InvalidRequestError(f"{what} expects {form}, got {item!r}: the name before "
+                                      f"'=' is empty (e.g. {what} {form.split('=')[0]}"
+                                      f"{item})")
+        pairs[key.strip()] = value
+    return pairs
+
+
+def _allow_hosts(network: NetworkPolicy, hosts: object) -> NetworkPolicy:
+    """``allow_hosts``: a list of hosts, or text of them separated by commas or blanks."""
+    if isinstance(hosts, str):
+        hosts = [word for word in re.split(r"[,\s]+", hosts) if word]
+    if not isinstance(hosts, (list, tuple)):
+        raise TypeError(f"allow_hosts must be a list of hosts, got {type(hosts).__name__}")
+    try:
+        return network.combined(hosts)
+    except PolicyError as exc:
+        raise InvalidRequestError(f"allow_hosts: {exc}") from None
+
+
+def _allow_entries(network: NetworkPolicy) -> list[str]:
+    """What ``NetworkPolicy.allowing`` makes ``network``'s rules from, in their order: a
+    preset's name for its rules, each other rule as written."""
+    entries: list[str] = []
+    for rule in network.rules:
+        entry = rule.preset or str(rule)
+        if not (rule.preset and entry in entries):
+            entries.append(entry)
+    return entries
+
+
+def _check_limits(value: object, base: Limits) -> Limits:
+    if isinstance(value, Limits):
+        return value
+    if isinstance(value, (str, list, tuple)):
+        value = parse_pairs(value, "limits", form="NAME=VALUE")
+    if not isinstance(value, Mapping):
+        raise TypeError("limits must be a mapping, NAME=VALUE strings or a Limits, got "
+                        f"{type(value).__name__}")
+    return Limits.parse(value, base)
+
+
+def _check_dirs(paths: object, name: str) -> tuple[str, ...]:
+    if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
+        raise TypeError(f"{name} must be a list of directories, got {type(paths).__name__}")
+    return tuple(d for d in (_check_dir(p, f"{name} entry") for p in paths) if d)
 
 
 @dataclass(frozen=True)
@@ -418,6 +558,11 @@ def check_max_output(max_output: object) -> int | None:
     return max_output
 
 
+def valid_modes() -> tuple[str, ...]:
+    """What ``mode=`` takes: ``auto`` and every backend of the registry."""
+    return ("auto", *registry.names())
+
+
 def resolve_mode(mode: str | None) -> str:
     """The backend mode: the argument, else ``$GVISOR_MAGIC_MODE``, else ``auto``."""
     source = "mode"
@@ -427,8 +572,8 @@ def resolve_mode(mode: str | None) -> str:
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a str, got {type(mode).__name__}")
     value = mode.strip().lower()
-    if value not in MODES:
-        raise InvalidRequestError(f"unknown {source} {mode!r}: expected one of {', '.join(MODES)}")
+    if value not in (modes := valid_modes()):
+        raise InvalidRequestError(f"unknown {source} {mode!r}: expected one of {', '.join(modes)}")
     return value
 
 

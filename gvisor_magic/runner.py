@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from . import registry
 from .backends.base import Backend, BackendStatus
 from .backends.layout import plan_for, protection_details
-from .backends.runsc import make_run_dir
 from .detect import (
     POD_GVISOR_NOTE,
     EnvironmentInfo,
@@ -44,6 +43,7 @@ from .request import (
     resolve_reuse,
 )
 from .result import RUNTIME_FAILURE, CommandResult, network_fields
+from .run_dirs import make_run_dir
 from .warm import POOL, WarmSandbox
 
 log = logging.getLogger("gvisor_magic")
@@ -79,7 +79,7 @@ class _Registry:
         backend = self.backend(name)
         if backend is None:
             needs = registry.entry(name).requires
-            status = BackendStatus(name, False, name != "subprocess",
+            status = BackendStatus(name, False, registry.isolates(name),
                                    f"the {name} backend cannot import its library ({needs})",
                                    fix=f"pip install {needs}")
         else:
@@ -121,7 +121,7 @@ def plan(mode: str, require_isolation: bool) -> tuple[list[str], str]:
     if mode != "auto":
         return [mode], f"mode={mode!r} was requested"
     order, why = preferred_backends(facts)
-    names = [n for n in order if not (require_isolation and n == "subprocess")]
+    names = [n for n in order if registry.isolates(n) or not require_isolation]
     return names, why
 
 
@@ -135,7 +135,7 @@ def detect_environment(*, refresh: bool = False, mode: str | None = None,
     facts = host_facts()
     order, order_reason = preferred_backends(facts)
     statuses = {name: REGISTRY.status(name, refresh=refresh)
-                for name in ("runsc", "docker", "subprocess")}
+                for name in registry.names()}
     names, _ = plan(mode, require)
     chosen = next((n for n in names if statuses[n].available), "")
     skipped = {n: statuses[n].reason for n in names[:names.index(chosen)]} if chosen else {
@@ -162,7 +162,7 @@ def is_gvisor_available(*, refresh: bool = False) -> bool:
         REGISTRY.forget()
     order, _ = preferred_backends(facts)
     return any(REGISTRY.status(name, refresh=refresh).available
-               for name in order if name != "subprocess")
+               for name in order if registry.isolates(name))
 
 
 def isolation_required(require_isolation: bool, network: NetworkPolicy) -> bool:
@@ -174,18 +174,19 @@ def isolation_required(require_isolation: bool, network: NetworkPolicy) -> bool:
 def check_mode_can_isolate(mode: str, require_isolation: bool,
                            network: NetworkPolicy | None = None) -> None:
     """Refuse at once a mode that never isolates when isolation is required."""
-    if mode != "subprocess":
+    if mode == "auto" or registry.isolates(mode):
         return
+    isolating = " or ".join(f"mode={n!r}" for n in registry.names() if registry.isolates(n))
     if network is not None and network.proxied:
         raise IsolationUnavailable(
             f"network {network.describe()!r} is enforced only in a gVisor sandbox (through "
-            "the host's filtering proxy), and mode='subprocess' never isolates: it would "
+            f"the host's filtering proxy), and mode={mode!r} never isolates: it would "
             "run with the host's whole network",
-            {"subprocess": "runs on the host without gVisor; use mode='runsc'"})
+            {mode: f"runs on the host without gVisor; use {isolating}"})
     if require_isolation:
         raise IsolationUnavailable(
-            "isolation is required, but mode='subprocess' never isolates",
-            {"subprocess": "runs on the host without gVisor"})
+            f"isolation is required, but mode={mode!r} never isolates",
+            {mode: "runs on the host without gVisor"})
 
 
 def run_command_isolated(
@@ -253,7 +254,7 @@ def run_fresh(request: CommandRequest, *, mode: str, require_isolation: bool,
         scratch = make_run_dir(tempfile.gettempdir())
         request = request.with_spec(working_dir=os.path.realpath(scratch))
     try:
-        if names != ["subprocess"]:
+        if any(registry.isolates(name) for name in names):
             # Looked at once, before any backend runs: the post-run check compares with it.
             request = request.with_spec(plan=plan_for(request.spec))
         return _run_first_that_starts(request, names, why, mode, require, on_output)
@@ -381,8 +382,9 @@ def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str,
                  duration: float) -> CommandResult:
     """Stamp the fallback reason and the whole wall time (sandbox set-up included)."""
     fallback = _join(reasons) if reasons else None
-    if fallback is None and not result.isolated and mode == "subprocess":
-        fallback = "mode 'subprocess' was requested: gVisor was not used"
+    if fallback is None and not result.isolated and mode != "auto" \
+            and not registry.isolates(mode):
+        fallback = f"mode {mode!r} was requested: gVisor was not used"
     if not result.isolated and inside_gvisor():
         # Not isolated from the kernel, but not on the node's kernel either: say which.
         fallback = POD_GVISOR_NOTE + (f"; {fallback}" if fallback else "")

@@ -135,8 +135,8 @@ class IsolatedSession:
         Only runsc keeps a sandbox warm; everything else (Docker, the host) runs
         each command through ``run_command_isolated``, whose results say where.
         """
-        if self.mode == "subprocess":
-            self.cold_reason = "mode 'subprocess': commands run on the host, one by one"
+        if self.mode != "auto" and not registry.isolates(self.mode):
+            self.cold_reason = f"mode {self.mode!r}: commands run on the host, one by one"
             return
         require = isolation_required(self.require_isolation, self.spec.network)
         names = [name for name in plan(self.mode, require)[0]

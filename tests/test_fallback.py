@@ -101,7 +101,8 @@ def test_sandbox_killed_mid_command_is_reported_not_rerun(runsc_works, tmp_path)
 
 def test_detect_environment_reports_every_backend(runsc_works):
     info = detect_environment(refresh=True)
-    assert info.runsc.available and info.runsc.version.startswith("runsc version")
+    runsc = info.backends["runsc"]
+    assert runsc.available and runsc.version.startswith("runsc version")
     assert info.backends["subprocess"].available and not info.backends["subprocess"].isolated
     assert info.auto_backend in ("runsc", "docker")
     assert info.isolated

@@ -537,8 +537,8 @@ class IsolatedMagics(Magics):
         info = detect_environment(mode=self.settings.mode,
                                   require_isolation=self.settings.require_isolation)
         self.state.session = self.sessions.describe()
-        runsc = info.backends.get("runsc")
-        self.state.runsc_version = runsc.version if runsc is not None else None
+        default = info.backends.get(info.auto_backend)
+        self.state.version = default.version if default is not None else None
         self.state.require_isolation = info.require_isolation
         self.state.network = self.settings.network_policy().describe()
         self.state.pod_gvisor = info.pod_runs_gvisor

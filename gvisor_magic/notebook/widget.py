@@ -49,7 +49,8 @@ class IsolationState:
     backend: str = "unknown"
     isolated: bool = False
     fallback_reason: str | None = None
-    runsc_version: str | None = None
+    #: What the default backend's probe said of its version ("runsc version ...").
+    version: str | None = None
     #: The default network in words ("off", "allowlist: pypi", ...).
     network: str = "off"
     require_isolation: bool = False
@@ -133,8 +134,8 @@ class IsolationState:
                     "the pod's gVisor sandbox, shared with the kernel" if self.pod_gvisor
                     else "none (runs on the host)"), None),
                 ("network", self.network, RED if self.network.startswith("HOST") else None)]
-        if self.runsc_version:
-            rows.append(("runsc", self.runsc_version, None))
+        if self.version:
+            rows.append(("version", self.version, None))
         if self.session:
             rows.append(("session", self.session, None))
         if self.limits:
