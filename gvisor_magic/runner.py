@@ -219,7 +219,7 @@ def run_command_isolated(
     recent call (same working dir, repo, network, limits, protected paths, shell) runs in
     a warm sandbox kept for it, emptied of the last call's processes, ``/tmp`` and
     ``HOME`` (see ``gvisor_magic.warm.WarmPool``).
-    See the README for the sandbox policy (mounts, environment, limits, protected paths).
+    See docs/sandbox.md for the sandbox policy (mounts, environment, limits, protected paths).
     """
     request = CommandRequest.build(
         command, working_dir=working_dir, repo_path=repo_path, timeout=timeout, env=env,

@@ -1,4 +1,4 @@
-"""The README's performance sentences say what its own table shows.
+"""The performance sentences (docs/performance.md) say what its own table shows.
 
 A ratio quoted in prose is checked against the table it is drawn from, so a rerun that
 updates the table without the sentence (or the reverse) fails here.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PERFORMANCE = Path(__file__).resolve().parents[2] / "docs" / "performance.md"
 COLUMNS = ("/bin/true", "ls /", "git status", "python3")
 
 
@@ -30,7 +30,7 @@ def _row(rows: dict[str, list[float]], words: str) -> list[float]:
 
 
 def test_repeated_one_shot_ratios_are_the_tables() -> None:
-    text = README.read_text()
+    text = PERFORMANCE.read_text()
     rows = _programs_table(text)
     repeated = _row(rows, "one-shot `run_command_isolated`, repeated")
     runsc_do = _row(rows, "peer: `runsc do`")
@@ -42,7 +42,7 @@ def test_repeated_one_shot_ratios_are_the_tables() -> None:
 
 
 def test_fresh_sandbox_ratio_is_the_tables() -> None:
-    text = README.read_text()
+    text = PERFORMANCE.read_text()
     rows = _programs_table(text)
     fresh = _row(rows, "`reuse=False`")
     runsc_do = _row(rows, "peer: `runsc do`")
