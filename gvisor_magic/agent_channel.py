@@ -1,4 +1,5 @@
-"""The host's side of the session agent's protocol (see ``sandboxed/session_agent.py``).
+"""The host's side of the session agent's protocol (see ``sandboxed/session_agent.py``;
+its wire, shared with the agent: ``sandboxed/agent_wire.py``).
 
 ``Channel`` frames bytes; ``AgentClient`` speaks the protocol over it. Everything
 that arrives here comes from inside a sandbox and is untrusted: a frame of an
@@ -12,13 +13,12 @@ import dataclasses
 import json
 import os
 import select
-import struct
 import time
 from collections.abc import Mapping
 
 from .process import Capture, OutputCallback
 from .result import returncode_of
-from .sandboxed.session_agent import (
+from .sandboxed.agent_wire import (
     ACCEPTED,
     EXIT,
     FROM_AGENT,
@@ -29,6 +29,9 @@ from .sandboxed.session_agent import (
     RUN,
     STDERR,
     STDOUT,
+    WIRE_HEADER,
+    pack_frame,
+    parse_header,
 )
 
 __all__ = ["MAX_FRAME", "AgentClient", "AgentRun", "Channel", "SessionBroken"]
@@ -47,7 +50,7 @@ class Channel:
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         try:
-            self.transport.send(kind + struct.pack(">I", len(payload)) + payload)
+            self.transport.send(pack_frame(kind, payload))
         except (OSError, ValueError) as exc:
             raise SessionBroken(f"cannot write to the sandbox agent: {exc}") from exc
 
@@ -69,17 +72,17 @@ class Channel:
                 return None
 
     def _parse(self) -> tuple[bytes, bytes] | None:
-        if len(self._buffer) < 5:
+        start = WIRE_HEADER.size
+        if len(self._buffer) < start:
             return None
-        kind = bytes(self._buffer[:1])
-        size = struct.unpack(">I", self._buffer[1:5])[0]
+        kind, size = parse_header(self._buffer[:start])
         if kind not in FROM_AGENT or size > MAX_FRAME:
             raise SessionBroken(f"malformed frame from the sandbox agent (type {kind!r}, "
                                 f"{size} bytes)")
-        if len(self._buffer) < 5 + size:
+        if len(self._buffer) < start + size:
             return None
-        payload = bytes(self._buffer[5:5 + size])
-        del self._buffer[:5 + size]
+        payload = bytes(self._buffer[start:start + size])
+        del self._buffer[:start + size]
         return kind, payload
 
 

@@ -12,6 +12,9 @@ of the working dir after the command finds them by what changed since it
 started, moves each into the quarantine directory (never deletes it), and
 reports it in ``result.details["quarantined"]``. The same walk removes set-ID
 bits (``gvisor_magic.setid``).
+
+``epilogue`` is what every isolated command's result goes through, one-shot, in a warm
+sandbox of the pool or in an ``IsolatedSession``, interrupted or not.
 """
 
 from __future__ import annotations
@@ -29,10 +32,21 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .protected import READ_ONLY, SCRUBBED, ProtectionPlan, quarantine_root
+from .protected import (
+    READ_ONLY,
+    SCRUBBED,
+    ProtectionPlan,
+    protection_details,
+    quarantine_root,
+)
 from .setid import MAX_ENTRIES, SETID_BITS, clear_setid
 from .stand_ins import sweep
+
+if TYPE_CHECKING:
+    from .result import CommandResult
 
 log = logging.getLogger("gvisor_magic")
 
@@ -446,3 +460,29 @@ def check_after_run(working_dir: str | None, since: float, plan: ProtectionPlan 
         log.warning("gvisor: quarantined what a sandboxed command left to run later: %s",
                     "; ".join(moved[:10]))
     return details
+
+
+def epilogue(result: CommandResult | None, *, working_dir: str | None, since: float,
+             plan: ProtectionPlan | None, isolated: bool = True,
+             mounted: ProtectionPlan | None = None, etc_scrubbed: Sequence[str] = (),
+             extra: Mapping[str, object] | None = None) -> None:
+    """After an isolated command: ``check_after_run`` (set-ID bits stripped, what would run
+    later on the host quarantined), and what the result says about it.
+
+    Runs on every outcome, ``result`` None when there is none (the command raised): the
+    check is never skipped. ``plan``: what the check compares with (the one the command
+    ran under). ``mounted``: the plan a warm sandbox was started with, and
+    ``etc_scrubbed`` the /etc files its layout scrubbed: the result says what it protected
+    (``protection_details``); None for a one-shot, whose backend's layout said it.
+    ``extra``: more details, put after those and before the check's. Nothing for a
+    command that ran on the host (``isolated`` False).
+    """
+    if not isolated:
+        return
+    after = check_after_run(working_dir, since, plan)
+    if result is None:
+        return
+    if mounted is not None:
+        result.details.update(protection_details(mounted, etc_scrubbed))
+    result.details.update(extra or {})
+    result.details.update(after)

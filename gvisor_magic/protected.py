@@ -22,8 +22,9 @@ What a mount cannot prevent (a file that did not exist and whose empty
 stand-in would change how a host tool behaves, a repository the command
 creates) is caught after the command by ``gvisor_magic.postrun``.
 
-``plan_protection`` only looks (stdlib only, no side effects); the layout
-(``backends/layout.py``) turns the plan into mounts and stand-ins.
+``plan_protection`` only looks (stdlib only, no side effects); ``plan_for`` asks it about a
+sandbox's mounts, the layout (``backends/layout.py``) turns the plan into mounts and
+stand-ins, and ``protection_details`` is what a result says about it.
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import stand_ins
 from .errors import InvalidRequestError
+
+if TYPE_CHECKING:  # request imports this module: never at run time
+    from .request import SandboxSpec
 
 ENV_PROTECTED = "GVISOR_MAGIC_PROTECTED_PATHS"
 ENV_QUARANTINE = "GVISOR_MAGIC_QUARANTINE_DIR"
@@ -657,3 +662,30 @@ def plan_protection(writable: Sequence[str], readable: Sequence[str] = (),
             "directory (for example the project's own), or relax entries with "
             "protected_paths=['-NAME']")
     return planner.plan
+
+
+def plan_for(spec: SandboxSpec) -> ProtectionPlan:
+    """The protection plan for this sandbox's mounts: its working dir (writable) and
+    repository (read-only), under its ``protection`` policy."""
+    return plan_protection([spec.working_dir] if spec.working_dir else [],
+                           [spec.repo_path] if spec.repo_path else [],
+                           spec.protection)
+
+
+def protection_details(plan: ProtectionPlan, etc_scrubbed: Sequence[str] = ()
+                       ) -> dict[str, str]:
+    """What a result says about its sandbox's protection; ``etc_scrubbed``: the host /etc
+    files its layout showed without their credentials (``SandboxLayout.etc_scrubbed``)."""
+    details = {}
+    if plan.by_action(HIDDEN):
+        details["masked_secrets"] = ", ".join(plan.by_action(HIDDEN))
+    protected = plan.by_action(READ_ONLY) + plan.by_action(SCRUBBED)
+    if protected:
+        details["protected"] = ", ".join(sorted(protected))
+    if plan.by_action(SCRUBBED) or etc_scrubbed:
+        details["scrubbed"] = ", ".join([*plan.by_action(SCRUBBED), *etc_scrubbed])
+    if plan.relaxed:
+        details["relaxed_protection"] = ", ".join(plan.relaxed)
+    if plan.note:
+        details["protection_note"] = plan.note
+    return details

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 
 from . import registry
 from .backends.base import Backend, BackendStatus
-from .backends.layout import plan_for, protection_details
 from .detect import (
     POD_GVISOR_NOTE,
     EnvironmentInfo,
@@ -28,9 +27,9 @@ from .detect import (
 )
 from .egress.policy import NetworkPolicy
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
-from .postrun import check_after_run
+from .postrun import epilogue
 from .process import OutputCallback
-from .protected import PathPolicy
+from .protected import PathPolicy, plan_for
 from .request import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_SHELL,
@@ -303,23 +302,25 @@ def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
                  exc.reason)
         return None, None
     except CommandInterrupted as exc:
-        exc.result.details.update(_reuse_details(sandbox))
-        _after_run(REGISTRY.backend(name), request, wall, exc.result)
+        _after_reuse(sandbox, request, wall, exc.result)
         exc.result = _with_reason(exc.result, {}, mode, time.monotonic() - started)
         raise
     finally:
         POOL.give_back(sandbox)
-    result.details.update(_reuse_details(sandbox))
-    _after_run(REGISTRY.backend(name), request, wall, result)
+    _after_reuse(sandbox, request, wall, result)
     return _with_reason(result, {}, mode, time.monotonic() - started), None
 
 
-def _reuse_details(sandbox: WarmSandbox) -> dict[str, object]:
-    """What a fresh sandbox's result says about its mounts, and which sandbox it was."""
-    return {**protection_details(sandbox.spec.plan, sandbox.etc_scrubbed),
-            "sandbox_id": sandbox.sandbox_id,
-            "reused": f"call {sandbox.commands} of a warm sandbox kept for this spec (each "
-                      "call starts with an empty /tmp and HOME and no process of another)"}
+def _after_reuse(sandbox: WarmSandbox, request: CommandRequest, since: float,
+                 result: CommandResult) -> None:
+    """The epilogue of a command run in ``sandbox``: what its mounts protected and which
+    sandbox it was, as a fresh sandbox's result says, then the post-run check."""
+    epilogue(result, working_dir=request.working_dir, since=since, plan=request.plan,
+             mounted=sandbox.spec.plan, etc_scrubbed=sandbox.etc_scrubbed,
+             extra={"sandbox_id": sandbox.sandbox_id,
+                    "reused": f"call {sandbox.commands} of a warm sandbox kept for this spec "
+                              "(each call starts with an empty /tmp and HOME and no process "
+                              "of another)"})
 
 
 def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, mode: str,
@@ -373,9 +374,9 @@ def _not_started(name: str, reason: str, request: CommandRequest) -> CommandResu
 
 def _after_run(backend: Backend, request: CommandRequest, since: float,
                result: CommandResult) -> None:
-    """Set-ID bits stripped, what would run later quarantined (``postrun``)."""
-    if backend.isolated:
-        result.details.update(check_after_run(request.working_dir, since, request.plan))
+    """The epilogue of a one-shot run: its backend's layout already said what it protected."""
+    epilogue(result, working_dir=request.working_dir, since=since, plan=request.plan,
+             isolated=backend.isolated)
 
 
 def _with_reason(result: CommandResult, reasons: dict[str, str], mode: str,

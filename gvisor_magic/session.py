@@ -21,11 +21,10 @@ from collections.abc import Mapping, Sequence
 from types import EllipsisType
 
 from . import registry
-from .backends.layout import plan_for, protection_details
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
-from .postrun import check_after_run
+from .postrun import epilogue
 from .process import OutputCallback
-from .protected import PathPolicy
+from .protected import PathPolicy, ProtectionPlan, plan_for
 from .request import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_SHELL,
@@ -226,26 +225,18 @@ class IsolatedSession:
             plan = self._check_protection()
             if self._warm is None:
                 return self._run_cold(request, on_output)
-            since = time.time()
             try:
                 try:
-                    result = self._run_warm(request, on_output)
+                    return self._run_warm(request, on_output, plan)
                 except SandboxStartError:
                     # The agent never accepted the command, so it did not run: one
                     # more try on a fresh sandbox is safe (and never a re-run).
                     self._start_locked()
                     if self._warm is None:
                         return self._run_cold(request, on_output)
-                    result = self._run_warm(request, on_output)
+                    return self._run_warm(request, on_output, plan)
             finally:
                 self._arm_idle_timer()
-                # Set-ID bits stripped, what would run later on the host quarantined.
-                after = check_after_run(self.spec.working_dir, since, plan)
-            warm = self._warm  # None once a dead sandbox was retired by this command
-            result.details.update(protection_details(
-                plan, warm.etc_scrubbed if warm is not None else ()))
-            result.details.update(after)
-            return result
 
     def _check_protection(self):
         """Look at the protected paths again; replace the sandbox if they changed.
@@ -272,23 +263,30 @@ class IsolatedSession:
         result.details["session"] = f"one-shot ({self.cold_reason})"
         return result
 
-    def _run_warm(self, request: CommandRequest, on_output: OutputCallback | None
-                  ) -> CommandResult:
+    def _run_warm(self, request: CommandRequest, on_output: OutputCallback | None,
+                  plan: ProtectionPlan) -> CommandResult:
+        """Run ``request`` in the warm sandbox, then the epilogue (``postrun.epilogue``)
+        against ``plan``, whatever the outcome (interrupted, or no result at all)."""
         warm = self._warm
         assert warm is not None
         note, self._note = self._note, None
         details = {"session": warm.sandbox_id, **({"session_note": note} if note else {})}
+        since, result = time.time(), None
         try:
             result = warm.run(request, on_output)
         except CommandInterrupted as exc:
-            exc.result.details.update(details)
+            result = exc.result
             raise
         finally:
             if warm.retired is not None:  # failed, tainted or interrupted mid-start
                 self._stop_locked()
                 if warm.retired:
                     self._note = warm.retired
-        result.details.update(details)
+            if result is not None:
+                result.details.update(details)
+            now = self._warm  # None once a dead sandbox was retired by this command
+            epilogue(result, working_dir=self.spec.working_dir, since=since, plan=plan,
+                     mounted=plan, etc_scrubbed=now.etc_scrubbed if now is not None else ())
         return result
 
 

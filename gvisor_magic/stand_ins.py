@@ -213,12 +213,13 @@ def _end_sandboxes_of(pid: str) -> None:
     """Kill what still serves the sandboxes of ``pid``, a caller that no longer runs.
 
     A one-shot ``runsc run`` is in a session of its own and outlives a caller killed with
-    SIGKILL until its command ends; its run dir (``backends.runsc.make_run_dir``), on the
+    SIGKILL until its command ends; its run dir (``run_dirs.make_run_dir``), on the
     command lines of runsc and its gofer and sandbox processes, is named after the caller.
     """
     from .process import kill_processes_mentioning
+    from .run_dirs import PREFIX
 
-    kill_processes_mentioning(f"gvisor-magic-{pid}-", "a sandbox whose caller no longer runs")
+    kill_processes_mentioning(f"{PREFIX}{pid}-", "a sandbox whose caller no longer runs")
 
 
 #: The label the Docker backend puts on its containers (``backends.docker.LABEL``).

@@ -21,11 +21,11 @@ import time
 from . import registry
 from .agent_channel import AgentClient, SessionBroken
 from .backends.base import Transport
-from .backends.layout import plan_for
 from .egress.sandbox import agent_attempts
 from .errors import CommandInterrupted, SandboxStartError
 from .memory import OOM_RETURNCODE
 from .process import Capture, OutputCallback
+from .protected import plan_for
 from .request import CommandRequest, SandboxSpec, sandbox_env
 from .result import KILLED, CommandResult, network_fields
 

@@ -28,11 +28,11 @@ from ..process import OutputCallback, kill_processes_mentioning, supervise
 from ..registry import Enforcement
 from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult, returncode_of
+from ..run_dirs import make_run_dir
 from .base import BackendStatus
 from .docker_process import DockerProcess
 from .init import init_argv, read_attempts, read_status, started_in
 from .layout import Identity, SandboxLayout, build_layout, caller_identity
-from .runsc import make_run_dir
 
 log = logging.getLogger("gvisor_magic")
 

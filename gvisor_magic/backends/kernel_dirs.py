@@ -5,7 +5,7 @@ Each kernel has a directory of its own (mode 0700) holding a copy of its connect
 (with the HMAC key of its channels) and its five ZMQ IPC sockets. It is named
 ``gvisor-magic-kernel-PID-XXXXXXXX`` after the server (the process of the provisioner),
 and the provisioner removes it when the kernel shuts down. A server killed with SIGKILL
-cannot; so, as for every sandbox dir (``backends.runsc.make_run_dir``), the next run or
+cannot; so, as for every sandbox dir (``run_dirs.make_run_dir``), the next run or
 kernel start of the same user removes the dirs whose server no longer runs, first killing
 what still mentions them (the orphaned launcher; its sandbox ends with it).
 
@@ -23,6 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
+
+from ..run_dirs import remove_orphans, run_dirs_of
 
 log = logging.getLogger("gvisor_magic")
 
@@ -61,50 +63,7 @@ def remove_orphan_kernel_dirs(base: str | None = None) -> list[str]:
 
     if inside_gvisor():
         return []  # our own kernel's dir is mounted here, and its server is not visible
-    base = base or sockets_base()
-    try:
-        names = [name for name in os.listdir(base) if name.startswith(PREFIX)]
-    except OSError:
-        return []
-    if not names:
-        return []
-    import psutil
-
-    from ..process import kill_processes_mentioning
-
-    removed = []
-    for name in names:
-        pid = owner_of(name)
-        if pid is None or pid == os.getpid() or psutil.pid_exists(pid):
-            continue
-        path = os.path.join(base, name)
-        try:
-            info = os.lstat(path)
-        except OSError:
-            continue
-        if info.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        log.info("gvisor: removing kernel dir %s, left by server %s that no longer runs",
-                 path, pid)
-        kill_processes_mentioning(path, "kernel")
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def run_dirs_of(pid: int, base: str) -> list[str]:
-    """The sandbox run dirs (``backends.runsc.make_run_dir``: ``gvisor-magic-PID-X``) that
-    process ``pid`` made in ``base``."""
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        parts = name.split("-")
-        if len(parts) == 4 and parts[:2] == ["gvisor", "magic"] and parts[2] == str(pid):
-            found.append(os.path.join(base, name))
-    return found
+    return remove_orphans(base or sockets_base(), owner_of, "kernel dir")
 
 
 def remove_run_dirs_of(pid: int, base: str, wait: float = 10.0) -> list[str]:

@@ -16,15 +16,15 @@ import os
 import pwd
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..protected import (
     HIDDEN,
-    READ_ONLY,
     SCRUBBED,
     ProtectionPlan,
-    plan_protection,
+    plan_for,
+    protection_details,
     scrub_config_text,
 )
 from ..request import SandboxSpec, sandbox_env
@@ -238,32 +238,6 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
         # Last, so that it is mounted over whatever hides other sandboxes' state there.
         mounts.append(MountSpec(spec.kernel_dir, "bind", spec.kernel_dir, read_only=False))
     return layout
-
-
-def plan_for(spec: SandboxSpec) -> ProtectionPlan:
-    """The protection plan for this sandbox's mounts (see ``gvisor_magic.protected``)."""
-    return plan_protection([spec.working_dir] if spec.working_dir else [],
-                           [spec.repo_path] if spec.repo_path else [],
-                           spec.protection)
-
-
-def protection_details(plan: ProtectionPlan, etc_scrubbed: Sequence[str] = ()
-                       ) -> dict[str, str]:
-    """What a result says about its sandbox's protection; ``etc_scrubbed``: the host /etc
-    files its layout showed without their credentials (``SandboxLayout.etc_scrubbed``)."""
-    details = {}
-    if plan.by_action(HIDDEN):
-        details["masked_secrets"] = ", ".join(plan.by_action(HIDDEN))
-    protected = plan.by_action(READ_ONLY) + plan.by_action(SCRUBBED)
-    if protected:
-        details["protected"] = ", ".join(sorted(protected))
-    if plan.by_action(SCRUBBED) or etc_scrubbed:
-        details["scrubbed"] = ", ".join([*plan.by_action(SCRUBBED), *etc_scrubbed])
-    if plan.relaxed:
-        details["relaxed_protection"] = ", ".join(plan.relaxed)
-    if plan.note:
-        details["protection_note"] = plan.note
-    return details
 
 
 def _protect(layout: SandboxLayout, scratch: str) -> None:

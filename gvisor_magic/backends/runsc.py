@@ -21,21 +21,19 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 
-import psutil
-
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..egress.policy import Blocked
 from ..egress.sandbox import SandboxNetwork
 from ..errors import CommandInterrupted, SandboxStartError
 from ..install import command as install_command
-from ..memory import OOM_RETURNCODE, MemoryGuard, mechanism, remove_orphan_cgroups
+from ..memory import OOM_RETURNCODE, MemoryGuard, mechanism
 from ..process import Outcome, OutputCallback, kill_processes_mentioning, supervise
 from ..registry import Enforcement
 from ..request import CommandRequest
 from ..result import CommandResult, returncode_of
+from ..run_dirs import make_run_dir
 from .base import BackendStatus
 from .init import init_argv, read_attempts, read_status, started_in
-from .kernel_dirs import remove_orphan_kernel_dirs
 from .layout import Identity, build_layout, caller_identity, init_python
 from .oci import Bundle
 
@@ -156,44 +154,6 @@ def state_base(rootless: bool) -> tuple[str | None, str]:
             return candidate, f"{default} is mounted noexec"
     return None, (f"{default} is mounted noexec, which runsc cannot use inside a user "
                   "namespace, and no other writable exec-mounted directory was found")
-
-
-def make_run_dir(base: str) -> str:
-    """A private directory for one sandbox, named after this process.
-
-    The name carries our pid so that a later run can tell the directories of a
-    process that died without cleaning up (a kernel killed with SIGKILL) and
-    remove them: their sandboxes ended with their owner (the agent sees its
-    channel close; a one-shot's runsc dies with its pipes).
-    """
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    _remove_orphans(base)
-    remove_orphan_kernel_dirs()  # and those of killed Jupyter servers (kernel_dirs.py)
-    remove_orphan_cgroups()
-    return tempfile.mkdtemp(prefix=f"gvisor-magic-{os.getpid()}-", dir=base)
-
-
-def _remove_orphans(base: str) -> None:
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        parts = name.split("-")
-        if len(parts) != 4 or parts[:2] != ["gvisor", "magic"] or not parts[2].isdigit():
-            continue
-        pid = int(parts[2])
-        if pid == os.getpid() or psutil.pid_exists(pid):
-            continue
-        path = os.path.join(base, name)
-        try:
-            if os.stat(path).st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        log.info("gvisor: removing %s, left by process %s that no longer runs", path, pid)
-        kill_processes_mentioning(path, "sandbox directory")
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _noexec(path: str) -> bool:

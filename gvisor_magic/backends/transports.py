@@ -2,7 +2,7 @@
 
 A transport starts one sandbox, gives the host a byte channel to the agent
 (its stdin and stdout), and tears everything down on ``close``. The protocol
-on top of it lives in ``gvisor_magic.session``.
+on top of it lives in ``gvisor_magic.agent_channel``.
 
 Inside the sandbox that channel is a Unix socket, never a pipe: gVisor lets a
 command open PID 1's pipes again through ``/proc/1/fd``, but not a socket.
@@ -28,6 +28,7 @@ from ..errors import SandboxStartError
 from ..memory import ContainerOOMWatch, MemoryGuard
 from ..process import kill_processes_mentioning
 from ..request import SandboxSpec
+from ..run_dirs import make_run_dir
 from .init import RELAY_SOURCE
 from .layout import build_layout, caller_identity, init_python
 from .oci import Bundle
@@ -36,14 +37,16 @@ from .runsc import (
     INSTALL_HINT,
     RunscBackend,
     idmap_shims,
-    make_run_dir,
     runsc_env,
     state_base,
     state_fix,
 )
 
-AGENT_SOURCE = RELAY_SOURCE + "\n" + (
-    Path(__file__).resolve().parent.parent / "sandboxed" / "session_agent.py").read_text()
+_SANDBOXED = Path(__file__).resolve().parent.parent / "sandboxed"
+#: The agent's whole program: the relay and the wire define names only, the agent after
+#: them uses them as its own (see sandboxed/agent_wire.py).
+AGENT_SOURCE = "\n".join([RELAY_SOURCE, (_SANDBOXED / "agent_wire.py").read_text(),
+                           (_SANDBOXED / "session_agent.py").read_text()])
 _STDERR_KEEP = 64 * 1024
 #: How long an error waits for the end of runsc's stderr once the sandbox has ended.
 STDERR_GRACE = 5.0

@@ -1,11 +1,14 @@
 """PID 1 of a warm sandbox: runs commands sent by the host, one at a time.
 
 Its source is passed to the sandbox's Python with ``-I -S -c`` (never imported
-inside the sandbox), after ``egress_relay.py``'s (the network relay, see there),
-so it uses only built-in modules.
+inside the sandbox), after ``egress_relay.py``'s (the network relay, see there) and
+``agent_wire.py``'s (the wire's names, which it uses as its own), so it uses only
+built-in modules. The host may import it (it has no side effects on import) but needs
+only ``agent_wire``.
 
 Protocol, over the agent's stdin (host -> agent) and stdout (agent -> host),
-both one Unix socket: every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes, big-endian) + payload.
+both one Unix socket: every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes,
+big-endian) + payload (``agent_wire``).
 
   host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null, "fresh": bool}
                                               run a command ("fresh": empty /tmp and HOME
@@ -60,22 +63,13 @@ import select
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 
-# The wire. The host's side (gvisor_magic/agent_channel.py, gvisor_magic/session.py)
-# imports these names: this module has no side effects on import.
-RUN, GO, KILL = b"R", b"G", b"K"  # host -> agent
-HELLO, ACCEPTED, STDOUT, STDERR, EXIT = b"H", b"A", b"O", b"E", b"X"  # agent -> host
-FROM_AGENT = HELLO + ACCEPTED + STDOUT + STDERR + EXIT
-#: The largest request the agent takes (it carries the command's stdin).
-MAX_REQUEST = 16 * 1024 * 1024
-#: The largest frame the agent sends: it reads a command's output this much at a time
-#: (through pipes this large), and the host refuses anything bigger.
-MAX_FRAME = 1 << 20
-PIPE_SIZE = MAX_FRAME
-
+# The wire (RUN, GO, KILL, HELLO, ..., MAX_FRAME, PIPE_SIZE, pack_frame, parse_header) is
+# agent_wire.py's, whose source runs just before this one's: the host's side
+# (gvisor_magic/agent_channel.py) imports it from there. Only functions use its names, so
+# that the host can still import this module.
 
 # Linux ABI numbers (the same on x86_64 and arm64).
 PR_SET_DUMPABLE, PR_CAPBSET_DROP = 4, 24
@@ -289,7 +283,7 @@ def relay(channel, errors, child):
 
 
 def send(kind, payload=b""):
-    data = kind + struct.pack(">I", len(payload)) + payload
+    data = pack_frame(kind, payload)
     view = memoryview(data)
     while view:
         try:
@@ -314,8 +308,7 @@ def read_exactly(fd, size):
 
 
 def read_frame():
-    header = read_exactly(0, 5)
-    kind, size = header[:1], struct.unpack(">I", header[1:])[0]
+    kind, size = parse_header(read_exactly(0, WIRE_HEADER.size))
     if size > MAX_REQUEST:
         raise EOFError
     return kind, read_exactly(0, size)
@@ -1014,7 +1007,7 @@ def run(request):
     if tainted:
         report["tainted"] = tainted
     if EGRESS_ENV:
-        tried = take_attempts()  # noqa: F821 (egress_relay.py, put in front)
+        tried = take_attempts()  # egress_relay.py's, put in front
         if tried:
             report["blocked"] = tried
     send(EXIT, json.dumps(report).encode())
@@ -1057,9 +1050,9 @@ def main():
             pass
     ENV = dict(os.environ)
     forget_environment()
-    egress = parse_egress(options.get("--egress", ""))  # noqa: F821 (egress_relay.py)
+    egress = parse_egress(options.get("--egress", ""))  # egress_relay.py's
     if egress is not None:
-        EGRESS_ENV = start_relay(egress)  # noqa: F821
+        EGRESS_ENV = start_relay(egress)
         ENV.update(EGRESS_ENV)
     for directory, base in (("/dev/shm", BASE_SHM), ("/dev", BASE_DEV)):
         try:
