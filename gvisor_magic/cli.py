@@ -15,9 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, registry
-from .egress.policy import NetworkPolicy, PolicyError
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
-from .request import Limits, valid_modes
+from .request import Limits, SandboxSpec, parse_pairs, valid_modes
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -83,32 +82,20 @@ def _run(args: argparse.Namespace) -> int:
         target.write(text)
         target.flush()
 
-    limits = {}
-    for item in args.limit or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"gvisor-magic run: --limit expects NAME=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        limits[key.strip()] = value
-    env = {}
-    for item in args.env or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"gvisor-magic run: --env expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        env[key] = value
     try:
-        network = NetworkPolicy.parse(args.network or False).combined(args.allow_host)
-    except PolicyError as exc:
+        env = parse_pairs(args.env or (), "--env")
+        spec = SandboxSpec.from_options({
+            "working_dir": args.workdir, "repo_path": args.repo, **_sandbox_options(args)})
+    except GvisorMagicError as exc:
         print(f"gvisor-magic run: {exc}", file=sys.stderr)
         return 2
     try:
         result = run_command_isolated(
-            command[0] if args.shell else command, limits=Limits.parse(limits),
-            working_dir=args.workdir,
-            repo_path=args.repo, timeout=args.timeout, env=env, mode=args.mode,
-            require_isolation=True if args.require_isolation else None, network=network,
-            on_output=None if args.json else stream, protected_paths=args.protect)
+            command[0] if args.shell else command, limits=spec.limits,
+            working_dir=spec.working_dir, repo_path=spec.repo_path, timeout=args.timeout,
+            env=env, mode=args.mode,
+            require_isolation=True if args.require_isolation else None, network=spec.network,
+            on_output=None if args.json else stream, protected_paths=spec.protection)
     except IsolationUnavailable as exc:
         print(f"gvisor-magic: {exc}", file=sys.stderr)
         return 125
@@ -130,6 +117,15 @@ def _run(args: argparse.Namespace) -> int:
     return result.returncode
 
 
+def _sandbox_options(args: argparse.Namespace) -> dict[str, object]:
+    """The sandbox settings ``run`` and ``kernelspec`` share, as ``SandboxSpec.from_options``
+    names them: only those given."""
+    options = {"network": args.network, "allow_hosts": args.allow_host,
+               "limits": parse_pairs(args.limit or (), "--limit", form="NAME=VALUE"),
+               "protected_paths": args.protect}
+    return {name: value for name, value in options.items() if value}
+
+
 def _kernelspec(args: argparse.Namespace) -> int:
     from .kernel import DISPLAY_NAME, KERNEL_NAME, kernelspec
 
@@ -137,31 +133,14 @@ def _kernelspec(args: argparse.Namespace) -> int:
         removed = kernelspec.remove()
         print(f"removed {removed}" if removed else f"no {KERNEL_NAME} kernelspec installed")
         return 0
-    config: dict[str, object] = {}
-    try:
-        if args.network is not None:
-            NetworkPolicy.parse(args.network)  # validated here, applied by the kernel
-            config["network"] = args.network
-        if args.allow_host:
-            NetworkPolicy().combined(args.allow_host)
-            config["allow_hosts"] = list(args.allow_host)
-        limits = {}
-        for item in args.limit or ():
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--limit expects NAME=VALUE, got {item!r}")
-            limits[key.strip()] = value.strip()
-        if limits:
-            Limits.parse(limits)
-            config["limits"] = limits
-        if args.protect:
-            config["protected_paths"] = list(args.protect)
-    except (GvisorMagicError, ValueError) as exc:
-        print(f"gvisor-magic kernelspec: {exc}", file=sys.stderr)
-        return 2
     prefix = sys.prefix if args.sys_prefix else args.prefix
     try:
-        where = kernelspec.install(user=args.user, prefix=prefix, config=config)
+        # Checked by kernelspec.kernel_json, kept as written, applied by the kernel.
+        where = kernelspec.install(user=args.user, prefix=prefix,
+                                   config=_sandbox_options(args))
+    except GvisorMagicError as exc:
+        print(f"gvisor-magic kernelspec: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"gvisor-magic kernelspec: cannot install: {exc} (try --user or --sys-prefix)",
               file=sys.stderr)

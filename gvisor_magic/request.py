@@ -178,7 +178,11 @@ _SIZE_SUFFIXES = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
 class SandboxSpec:
     """What a sandbox is made of, fixed when it starts: the working dir (read-write) and
     repo (read-only) it mounts, network, limits, protected paths, and the shell a script
-    runs with. Hashable: a warm sandbox serves exactly one spec."""
+    runs with. Hashable: a warm sandbox serves exactly one spec.
+
+    Every face makes it with ``from_options`` (the API's ``build``, the magics, the CLI, the
+    kernelspec); ``to_json``/``from_json`` carry it to another process (a kernel's
+    launcher), which checks it again."""
 
     working_dir: str | None = None
     repo_path: str | None = None

@@ -9,17 +9,34 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import InvalidRequestError
+from ..request import SandboxSpec
 from . import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
+
+#: The sandbox settings a kernelspec may carry: the provisioner's traits, named as
+#: ``SandboxSpec.from_options`` names them (the rest is fixed when the kernel starts).
+SETTINGS = ("network", "allow_hosts", "limits", "protected_paths")
+
+
+def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
+    """The sandbox ``config`` describes (no working dir yet); bad settings raise
+    ``InvalidRequestError`` (``TypeError`` for a value of the wrong kind)."""
+    for name in config:
+        if name not in SETTINGS:
+            raise InvalidRequestError(f"unknown kernel setting {name!r}: expected one of "
+                                      f"{', '.join(SETTINGS)}")
+    return SandboxSpec.from_options(config)
 
 
 def kernel_json(config: Mapping[str, Any] | None = None,
                 python: str | None = None) -> dict[str, Any]:
     """The kernelspec: this environment's ipykernel, started by the gVisor provisioner.
 
-    ``config`` becomes the provisioner's settings (``network``, ``allow_hosts``,
-    ``limits``, ``protected_paths``). Interrupts are messages on the control channel:
-    no signal has to reach a process inside the sandbox.
+    ``config`` becomes the provisioner's settings (``SETTINGS``), checked here and kept as
+    written. Interrupts are messages on the control channel: no signal has to reach a
+    process inside the sandbox.
     """
+    check_settings(config or {})
     return {
         "argv": [python or sys.executable, "-m", "ipykernel_launcher", "-f",
                  "{connection_file}"],

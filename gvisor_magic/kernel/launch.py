@@ -2,9 +2,13 @@
 
 The provisioner (``provisioner.py``) starts it in place of the kernel::
 
-    python -m gvisor_magic.kernel.launch --sockets DIR --working-dir DIR [--ready-fd N]
-        [--network POLICY] [--allow-host HOST]... [--limit NAME=VALUE]... [--protect RULE]...
+    python -m gvisor_magic.kernel.launch --spec FILE [--ready-fd N]
         -- python -m ipykernel_launcher -f DIR/connection.json
+
+``FILE`` is the sandbox, a ``SandboxSpec`` as JSON (``SandboxSpec.from_json`` reads and
+checks it again): the kernel's settings, its working dir and its sockets dir ``DIR``
+(``kernel_dir``). By hand, ``--sockets DIR --working-dir DIR`` instead of ``--spec``
+give a sandbox of the default settings.
 
 It starts a warm runsc sandbox (``IsolatedSession``) with the layout of ``%%isolated``
 (the working dir read-write, protected paths, the environment an allowlist, the network
@@ -31,11 +35,11 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from ..egress.policy import NetworkPolicy, PolicyError
 from ..errors import CommandInterrupted, GvisorMagicError
-from ..request import Limits, SandboxSpec
+from ..request import SandboxSpec
 from ..session import IsolatedSession
 
 #: Exit status when the sandbox cannot start here (nothing ran).
@@ -81,46 +85,37 @@ def kernel_argv(argv: list[str]) -> list[str]:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gvisor_magic.kernel.launch",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--sockets", required=True,
-                        help="the kernel's private dir: connection file and IPC sockets")
-    parser.add_argument("--working-dir", required=True, help="mounted read-write (the cwd)")
+    parser.add_argument("--spec", metavar="FILE",
+                        help="the sandbox: a SandboxSpec as JSON (written by the provisioner)")
+    parser.add_argument("--sockets", help="without --spec: the kernel's private dir "
+                        "(connection file and IPC sockets)")
+    parser.add_argument("--working-dir", help="without --spec: mounted read-write (the cwd)")
     parser.add_argument("--ready-fd", type=int, default=None, metavar="N",
                         help="an inherited pipe: 'ok' once the sandbox runs, else the reason")
-    parser.add_argument("--network", default="off",
-                        help="off (default), a preset (pypi...), a host, or 'public'")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]")
-    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                        help="a limit, as Isolation.limits: memory=2G, max_processes=100")
-    parser.add_argument("--protect", action="append", default=[], metavar="RULE",
-                        help="a protected-path rule, as Isolation.protected_paths")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.argv[:1] == ["--"]:
         args.argv = args.argv[1:]
     if not args.argv:
         parser.error("give the kernel's command after --")
+    if (args.spec is None) == (args.sockets is None or args.working_dir is None):
+        parser.error("give --spec FILE, or --sockets DIR and --working-dir DIR")
     return args
 
 
 def spec_of(args: argparse.Namespace) -> SandboxSpec:
     """The sandbox the kernel runs in; bad settings raise ``InvalidRequestError``."""
-    limits = {}
-    for item in args.limit:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--limit {item!r}: expected NAME=VALUE")
-        limits[name.strip()] = value.strip()
-    network = args.network if args.network not in ("", "off") else False
-    return SandboxSpec.build(
-        args.working_dir, network=NetworkPolicy.parse(network).combined(args.allow_host),
-        limits=Limits.parse(limits), protected_paths=args.protect or None,
-        kernel_dir=args.sockets, python_path=python_path())
+    if args.spec is not None:
+        return SandboxSpec.from_json(Path(args.spec).read_text())
+    return SandboxSpec.from_options({"working_dir": args.working_dir,
+                                     "kernel_dir": args.sockets,
+                                     "python_path": python_path(os.environ)})
 
 
-def python_path() -> list[str]:
-    """This process's PYTHONPATH dirs (the kernel imports what the server imports)."""
+def python_path(environ: Mapping[str, str]) -> list[str]:
+    """The dirs of ``environ``'s PYTHONPATH (the kernel imports what the server imports)."""
     found = []
-    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    for entry in environ.get("PYTHONPATH", "").split(os.pathsep):
         if entry and os.path.isdir(entry):
             found.append(os.path.realpath(entry))
     return list(dict.fromkeys(found))
@@ -195,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ready = _Ready(args.ready_fd)
     try:
         spec = spec_of(args)
-    except (GvisorMagicError, PolicyError, ValueError) as exc:
+    except (GvisorMagicError, OSError, TypeError, ValueError) as exc:
         print(f"gvisor-magic: bad Python 3 (gVisor) kernel settings: {exc}", file=sys.stderr)
         ready.tell(f"bad kernel settings: {exc}")
         return 2

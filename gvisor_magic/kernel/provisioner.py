@@ -11,11 +11,15 @@ It is ``LocalProvisioner`` with four changes:
   sandboxes never see. The directory is named after the server's pid
   (``backends/kernel_dirs.py``): if the server is killed, the next run or kernel start of
   the same user removes it;
-- the command is ``python -m gvisor_magic.kernel.launch``, which runs the kernelspec's own
-  command (ipykernel) inside the sandbox. ``launch_kernel`` returns only once the launcher
-  says its sandbox started; if it could not (runsc broke since the probe, say), the start
-  fails with the launcher's reason instead of handing the notebook a dead kernel, and the
-  next start probes runsc again;
+- the command is ``python -m gvisor_magic.kernel.launch --spec FILE``, which runs the
+  kernelspec's own command (ipykernel) inside the sandbox ``FILE`` describes: the
+  ``SandboxSpec`` (``to_json``) made here from the settings, the notebook's dir and the
+  sockets dir, written beside the kernel's connection file (a hidden file, mode 0600, that
+  Jupyter's ``kernel-*.json`` globs never match) and removed as soon as the launcher has
+  said whether its sandbox started (it reads the file first), else at ``cleanup``.
+  ``launch_kernel`` returns only once the launcher says its sandbox started; if it could
+  not (runsc broke since the probe, say), the start fails with the launcher's reason
+  instead of handing the notebook a dead kernel, and the next start probes runsc again;
 - a kernel shut down leaves nothing, however Jupyter ended it: the launcher removes its
   sandbox when it is asked (shutdown request, SIGTERM), and when Jupyter killed it (SIGKILL,
   ``shutdown_kernel(now=True)`` or a kernel that did not exit within
@@ -24,7 +28,8 @@ It is ``LocalProvisioner`` with four changes:
   dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look.
 
 Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see the README,
-"A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``.
+"A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``
+(``kernelspec.SETTINGS``), read by ``SandboxSpec.from_options``; a bad one stops the start.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -46,6 +52,10 @@ from traitlets import Bool, Dict, List, Unicode, Union
 from ..backends.kernel_dirs import make_kernel_dir, remove_run_dirs_of
 from ..backends.layout import caller_identity
 from ..backends.runsc import ENV_STATE_DIR, state_base
+from ..errors import InvalidRequestError
+from ..request import SandboxSpec
+from .kernelspec import SETTINGS, check_settings
+from .launch import python_path
 
 #: How long the launcher may take to start its sandbox before the start counts as failed
 #: (a sandbox starts in well under a second here; a loaded machine may take several).
@@ -132,6 +142,23 @@ def wait_for_start(fd: int, process: subprocess.Popen, timeout: float = START_TI
     return reason
 
 
+def write_spec(spec: SandboxSpec, connection_file: str | None) -> str:
+    """Write ``spec`` as JSON (mode 0600) beside ``connection_file``, named after it
+    (``.kernel-ID.sandbox.json``), else in the temporary dir; its path."""
+    if not connection_file:
+        fd, path = tempfile.mkstemp(prefix=".gvisor-kernel-", suffix=".sandbox.json")
+    else:
+        stem = os.path.basename(connection_file).removesuffix(".json")
+        path = os.path.join(os.path.dirname(connection_file), f".{stem}.sandbox.json")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a restart's: made again, never written through
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
+        handle.write(spec.to_json())
+    return path
+
+
 class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Starts the kernel inside a gVisor sandbox; refuses where gVisor cannot run."""
 
@@ -143,6 +170,8 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     protected_paths = List(Unicode(), config=True, help="protected-path rules")
 
     sockets_dir: str | None = None
+    #: The sandbox's ``SandboxSpec`` as JSON, read by the launcher (``write_spec``).
+    spec_file: str | None = None
     #: The pipe on which the launcher says whether its sandbox started (read end, write end).
     _ready_pipe: tuple[int, int] | None = None
     #: The running launcher, and where it makes its sandboxes' run dirs.
@@ -154,6 +183,13 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
         if why is not None:
             self.log.error("gvisor: %s", why)
             raise GvisorKernelUnavailable(why)
+        try:
+            settings = check_settings({name: getattr(self, name) for name in SETTINGS})
+        except (InvalidRequestError, TypeError) as exc:
+            why = (f"Python 3 (gVisor) cannot start: bad kernel settings: {exc}. No kernel "
+                   "was started: this kernel never runs outside gVisor.")
+            self.log.error("gvisor: %s", why)
+            raise GvisorKernelUnavailable(why) from None
         km = self.parent
         if self.sockets_dir is None or not os.path.isdir(self.sockets_dir):
             # Named after this process (the server): when it dies without cleaning up, the
@@ -177,29 +213,19 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             shutil.copyfile(km.connection_file, inside)
             os.chmod(inside, 0o600)
             cmd = [inside if arg == km.connection_file else arg for arg in cmd]
+        spec = SandboxSpec.from_options({
+            "working_dir": os.path.realpath(kwargs.get("cwd") or os.getcwd()),
+            "kernel_dir": self.sockets_dir, "python_path": python_path(env)}, settings)
+        self._remove_spec_file()
+        self.spec_file = write_spec(spec, km.connection_file if km is not None else None)
         self._close_ready_pipe()
         read_end, write_end = os.pipe()
         self._ready_pipe = (read_end, write_end)
         # Only the launcher gets it (Popen's pass_fds): launchers started at the same time
         # by this server do not, so its end closes when the launcher closes it.
         kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end)
-        launcher = [sys.executable, "-m", "gvisor_magic.kernel.launch",
-                    "--sockets", self.sockets_dir, "--ready-fd", str(write_end),
-                    "--working-dir", os.path.realpath(kwargs.get("cwd") or os.getcwd())]
-        network = self.network
-        if network is True:
-            launcher += ["--network", "public"]
-        elif isinstance(network, str) and network:
-            launcher += ["--network", network]
-        elif isinstance(network, list) and network:
-            launcher += ["--network", ",".join(network)]
-        for host in self.allow_hosts:
-            launcher += ["--allow-host", host]
-        for name, value in self.limits.items():
-            launcher += ["--limit", f"{name}={value}"]
-        for rule in self.protected_paths:
-            launcher += ["--protect", rule]
-        kwargs["cmd"] = [*launcher, "--", *cmd]
+        kwargs["cmd"] = [sys.executable, "-m", "gvisor_magic.kernel.launch",
+                         "--spec", self.spec_file, "--ready-fd", str(write_end), "--", *cmd]
         self.log.info("gvisor: starting the kernel in a gVisor sandbox (sockets in %s)",
                       self.sockets_dir)
         return kwargs
@@ -211,6 +237,7 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             info = await super().launch_kernel(cmd, **kwargs)
         except BaseException:
             self._close_ready_pipe()
+            self._remove_spec_file()
             raise
         assert self._ready_pipe is not None
         read_end, write_end = self._ready_pipe
@@ -221,6 +248,7 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
                 None, wait_for_start, read_end, self.process)
         finally:
             self._close_ready_pipe()
+            self._remove_spec_file()  # read before the launcher says anything
         if why is None:
             self._launcher = self.process
             return info
@@ -251,9 +279,16 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             shutil.rmtree(self.sockets_dir, ignore_errors=True)
             self.sockets_dir = None
 
+    def _remove_spec_file(self) -> None:
+        if self.spec_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spec_file)
+            self.spec_file = None
+
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
         self._close_ready_pipe()
+        self._remove_spec_file()  # if a start was cut short; a restart writes it again
         await asyncio.get_running_loop().run_in_executor(None, self._reclaim)
         if not restart:
             self._remove_sockets_dir()

@@ -14,7 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -25,10 +25,9 @@ from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, 
 from traitlets.config import Config, Configurable
 
 from .. import registry
-from ..egress.policy import NetworkPolicy, PolicyError
+from ..egress.policy import NetworkPolicy
 from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
-from ..protected import PathPolicy
-from ..request import MODES, Limits, SandboxSpec
+from ..request import MODES, Limits, SandboxSpec, parse_pairs
 from ..result import CommandResult
 from ..runner import detect_environment, run_command_isolated
 from .kernel_session import KernelSessions
@@ -125,18 +124,12 @@ def split_options(line: str) -> tuple[list[str], str]:
             return tokens, line[start:].strip()
 
 
-def _pairs(items: Sequence[str], option: str, what: str) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{option} expects {what}, got {item!r}")
-        pairs[key.strip()] = value
-    return pairs
-
-
 def _default_shell() -> str:
     return shutil.which("bash") or "/bin/sh"
+
+
+#: The settings of ``Isolation`` that make its sandbox (``Isolation.spec``).
+SANDBOX_SETTINGS = ("network", "limits", "protected_paths", "shell")
 
 
 class Isolation(Configurable):
@@ -203,36 +196,29 @@ class Isolation(Configurable):
             raise TraitError("Isolation.max_output must be a positive number of bytes")
         return proposal["value"]
 
-    @validate("limits")
-    def _check_limits(self, proposal):
+    @validate("network", "limits", "protected_paths")  # shell: below, as an executable
+    def _check_sandbox_setting(self, proposal):
+        name = proposal["trait"].name
         try:
-            Limits.parse(proposal["value"])
+            SandboxSpec.from_options({name: proposal["value"]})
         except (InvalidRequestError, TypeError) as exc:
-            raise TraitError(f"Isolation.limits: {exc}") from None
+            text = str(exc)  # "network: ..." and "limits.memory: ..." name it already
+            raise TraitError(f"Isolation.{text}" if text.startswith(name)
+                             else f"Isolation.{name}: {text}") from None
         return proposal["value"]
 
-    @validate("protected_paths")
-    def _check_protected_paths(self, proposal):
-        try:
-            PathPolicy.parse(proposal["value"])
-        except (InvalidRequestError, TypeError) as exc:
-            raise TraitError(f"Isolation.protected_paths: {exc}") from None
-        return proposal["value"]
-
-    @validate("network")
-    def _check_network(self, proposal):
-        try:
-            NetworkPolicy.parse(proposal["value"])
-        except PolicyError as exc:
-            raise TraitError(f"Isolation.network: {exc}") from None
-        return proposal["value"]
+    def spec(self, options: Mapping[str, object] | None = None) -> SandboxSpec:
+        """The sandbox of these settings, then ``options`` over them (a cell's, named as
+        ``SandboxSpec.from_options`` names them)."""
+        own = SandboxSpec.from_options({name: getattr(self, name) for name in SANDBOX_SETTINGS})
+        return SandboxSpec.from_options(options or {}, own)
 
     def network_policy(self) -> NetworkPolicy:
-        return NetworkPolicy.parse(self.network)
+        return self.spec().network
 
-    def effective_limits(self, overrides: dict[str, str] | None = None) -> Limits:
+    def effective_limits(self, overrides: Mapping[str, str] | None = None) -> Limits:
         """The defaults, then ``Isolation.limits``, then a cell's ``--limit`` options."""
-        return Limits.parse(overrides or {}, Limits.parse(self.limits))
+        return self.spec({"limits": overrides}).limits
 
     @validate("shell")
     def _check_shell(self, proposal):
@@ -289,17 +275,16 @@ class IsolatedMagics(Magics):
         if self.settings.route_bang:
             self.router.install()
         if self.settings.warm_session and self.settings.prewarm:
-            self.sessions.prewarm(self._spec(os.getcwd(), None, None),
-                                  self.settings.mode, self.settings.require_isolation)
+            self.sessions.prewarm(self.spec(), self.settings.mode,
+                                  self.settings.require_isolation)
 
-    def _spec(self, workdir: str, repo: str | None, network: NetworkPolicy | None,
-              limits: Limits | None = None) -> SandboxSpec:
-        settings = self.settings
-        return SandboxSpec.build(
-            os.path.realpath(workdir), repo and os.path.realpath(repo),
-            network=settings.network_policy() if network is None else network,
-            limits=limits or settings.effective_limits(), shell=settings.shell,
-            protected_paths=list(settings.protected_paths))
+    def spec(self, options: Mapping[str, object] | None = None) -> SandboxSpec:
+        """The sandbox a command runs in: ``Isolation``'s settings, then a cell's
+        ``options`` (``working_dir``, ``network``... as ``SandboxSpec.from_options`` reads
+        them), in the kernel's current directory unless they name another."""
+        options = dict(options or {})
+        options["working_dir"] = options.get("working_dir") or os.getcwd()
+        return self.settings.spec(options)
 
     def _route_changed(self, change) -> None:
         if change["new"]:
@@ -312,12 +297,11 @@ class IsolatedMagics(Magics):
     def run(self, command: str | Sequence[str], *, capture: bool = False,
             quiet: bool | None = None, stdin: str | None = None,
             mode: str | None = None, timeout: float | str | None = "trait",
-            workdir: str | None = None, repo: str | None = None,
-            env: dict[str, str] | None = None, network: NetworkPolicy | None = None,
+            spec: SandboxSpec | None = None, env: dict[str, str] | None = None,
             require_isolation: bool | None = None, show_stdout: bool = True,
-            show_stderr: bool = True, fresh: bool = False,
-            limits: dict[str, str] | None = None) -> CommandResult:
-        """Run ``command`` (a shell script, or an argv), stream it, record it in the widget."""
+            show_stderr: bool = True, fresh: bool = False) -> CommandResult:
+        """Run ``command`` (a shell script, or an argv) in ``spec`` (default: ``self.spec()``),
+        stream it, record it in the widget."""
 
         def stream(name: str, text: str) -> None:
             if capture or (name == "stdout" and not show_stdout) or (
@@ -334,27 +318,22 @@ class IsolatedMagics(Magics):
             None, settings.require_isolation)
         require = settings.require_isolation if require_isolation is None else require_isolation
         seconds = settings.timeout if timeout == "trait" else timeout
-        effective = settings.effective_limits(limits)
         try:
+            spec = spec or self.spec()
             # A cell that names another backend runs one-shot there: the kernel's warm
             # sandbox (its /tmp, HOME) stays for the cells that follow.
             if settings.warm_session and not fresh and mode in (None, settings.mode):
-                session = self.sessions.get(
-                    self._spec(workdir or os.getcwd(), repo, network, effective),
-                    mode or settings.mode, require)
+                session = self.sessions.get(spec, mode or settings.mode, require)
                 self.state.session = "starting" if session.state == "stopped" else None
                 result = session.run(command, timeout=seconds, env=env, on_output=stream,
                                      stdin=stdin, max_output=settings.max_output)
             else:
                 result = run_command_isolated(
-                    command, working_dir=workdir or os.getcwd(), repo_path=repo,
+                    command, working_dir=spec.working_dir, repo_path=spec.repo_path,
                     timeout=seconds, env=env, mode=mode or settings.mode,
-                    require_isolation=require,
-                    network=settings.network_policy() if network is None else network,
-                    on_output=stream,
-                    stdin=stdin, max_output=settings.max_output, shell=settings.shell,
-                    limits=effective,
-                    protected_paths=list(settings.protected_paths))
+                    require_isolation=require, network=spec.network, on_output=stream,
+                    stdin=stdin, max_output=settings.max_output, shell=spec.shell,
+                    limits=spec.limits, protected_paths=spec.protection)
         except IsolationUnavailable as exc:
             self.state.record_blocked(str(exc).splitlines()[0], own_choice=own_choice)
             VIEWS.refresh(self.state)
@@ -421,10 +400,9 @@ class IsolatedMagics(Magics):
 
     def _run_with(self, args: Any, command: str, *, capture: bool = False) -> CommandResult:
         """Run ``command`` with the parsed options of either face of ``isolated``."""
-        env = _pairs(args.env, "--env", "KEY=VALUE")
-        limits = _pairs(args.limit, "--limit", "NAME=VALUE")
         try:
-            self.settings.effective_limits(limits)  # a bad limit stops it before it runs
+            env = parse_pairs(args.env, "--env")
+            limits = parse_pairs(args.limit, "--limit", form="NAME=VALUE")
         except InvalidRequestError as exc:
             raise UsageError(str(exc)) from None
         if args.timeout is not None and not args.timeout > 0:
@@ -437,27 +415,21 @@ class IsolatedMagics(Magics):
             name = getattr(args, option)
             if name and not name.isidentifier():
                 raise UsageError(f"--{option} expects a variable name, got {name!r}")
+        try:
+            spec = self.spec({"working_dir": args.workdir, "repo_path": args.repo,
+                              "network": args.network, "allow_hosts": args.allow_host,
+                              "limits": limits})
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
         result = self.run(
             command, capture=capture, mode=args.mode,
             timeout=args.timeout if args.timeout is not None else "trait",
-            workdir=args.workdir, repo=args.repo, env=env,
-            network=self._network(args.network, args.allow_host),
+            spec=spec, env=env,
             require_isolation=True if args.require_isolation else None, fresh=args.fresh,
             quiet=True if args.quiet else None,
-            show_stdout=not args.out, show_stderr=not args.err, limits=limits)
+            show_stdout=not args.out, show_stderr=not args.err)
         self._store(result, out=args.out, err=args.err, keep=args.result)
         return result
-
-    def _network(self, setting: str | None, hosts: list[str]) -> NetworkPolicy | None:
-        """``--network`` and ``--allow-host``: None when neither is given (the setting's)."""
-        if setting is None and not hosts:
-            return None
-        try:
-            base = (self.settings.network_policy() if setting is None
-                    else NetworkPolicy.parse(setting))
-            return base.combined(hosts)
-        except PolicyError as exc:
-            raise UsageError(f"--network/--allow-host: {exc}") from None
 
     # -- magics -------------------------------------------------------------------------
 
