@@ -22,10 +22,13 @@ else
 	$(PY) -m pytest
 endif
 
-# The rules alone (fallback, never twice, exit statuses, the agent's wire, the layers), with
-# fakes: seconds, no runsc, Docker or root needed. `make test` runs them too.
+# The rules alone (fallback, never twice, exit statuses, the agent's wire, the layers, the
+# egress proxy, the protected paths, request checks), with fakes: seconds, no runsc, Docker,
+# daemon or root needed (tests/conftest.py's leak check contacts no Docker there). Four
+# processes (pytest-xdist): most of the time is waiting; without nbval's plugin, whose
+# import (nbformat) costs each of them 2 s. `make test` runs them too.
 test-unit: venv
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -p no:nbval -n 4 tests/unit
 
 # runsc (Debian: bookworm-backports, else the verified official release), registered as a
 # Docker runtime; uidmap for ordinary users; /usr/bin/python3 runs the suite as one.

@@ -1,7 +1,7 @@
 """Run the hostile-probe suite and the fault tests; print probe x backend -> blocked / LEAKED.
 
 The table is built from the tests' own verdicts (``Probe.verdict`` in
-tests/security/conftest.py stores them in each report's ``user_properties``),
+tests/support/probes.py stores them in each report's ``user_properties``),
 never from a list kept here: a probe that did not run shows as missing.
 
     python scripts/security_report.py [--json FILE] [-- extra pytest args]

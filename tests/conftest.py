@@ -1,17 +1,23 @@
-"""Shared fixtures: the real runsc must be there in CI, and nothing may leak."""
+"""Shared fixtures: the real runsc must be there in CI, and nothing may leak.
+
+Helpers that are not fixtures live in tests/support/ (``from support.leaks import ...``).
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
-import psutil
 import pytest
+from support.leaks import our_containers, sandbox_processes, scratch_dirs
 
 from gvisor_magic.backends.runsc import RunscBackend
 from gvisor_magic.runner import REGISTRY
 
 IN_CI = os.environ.get("CI") == "true" or os.environ.get("GVISOR_MAGIC_TEST_REQUIRE_RUNSC") == "1"
+#: Tests here need no runsc, Docker or daemon (`make test-unit`): their leak check is cheap.
+UNIT_TESTS = Path(__file__).resolve().parent / "unit"
 
 
 # This session's own temporary directory: every sandbox state dir, bundle and
@@ -27,37 +33,6 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(SESSION_TMP, ignore_errors=True)
-
-
-def sandbox_processes() -> list[psutil.Process]:
-    """runsc processes serving sandboxes of this test session (found by their state dir)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(process.info.get("cmdline") or [])
-        except psutil.Error:
-            continue
-        if SESSION_TMP in cmdline and "gvisor-magic-" in cmdline:
-            found.append(process)
-    return found
-
-
-def our_containers() -> list[str]:
-    """Containers this test process created (by the backend's owner-pid label), if any."""
-    try:
-        import docker
-
-        client = docker.from_env(timeout=10)
-        found = client.containers.list(
-            all=True, filters={"label": f"io.github.gvisor-magic.owner-pid={os.getpid()}"})
-        client.close()
-    except Exception:  # no daemon here: nothing of ours can exist in it
-        return []
-    return [c.short_id for c in found]
-
-
-def scratch_dirs() -> set[str]:
-    return {name for name in os.listdir(SESSION_TMP) if name.startswith("gvisor-magic-")}
 
 
 @pytest.fixture(scope="session")
@@ -85,19 +60,67 @@ def docker_works() -> None:
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(monkeypatch: pytest.MonkeyPatch):
-    """Every test starts from fresh probes and must leave no sandbox or scratch dir behind."""
+def no_leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Every test starts from fresh probes and must leave no sandbox or scratch dir behind.
+
+    Under tests/unit nothing can start a sandbox or a container, so only the scratch dirs
+    are checked there: no process scan, and Docker is never contacted (nor need it run).
+    """
     for name in ("GVISOR_MAGIC_MODE", "GVISOR_MAGIC_REQUIRE_ISOLATION", "GVISOR_MAGIC_RUNSC",
                  "GVISOR_MAGIC_RUNSC_FLAGS", "GVISOR_MAGIC_DOCKER_RUNTIME", "GVISOR_MAGIC_IMAGE",
                  "GVISOR_MAGIC_STATE_DIR", "GVISOR_MAGIC_REUSE"):
         monkeypatch.delenv(name, raising=False)
+    unit = UNIT_TESTS in request.path.parents
     REGISTRY.forget()
-    before = scratch_dirs()
+    before = scratch_dirs(SESSION_TMP)
     yield
     REGISTRY.forget()
-    left = sandbox_processes()
-    assert not left, f"sandbox processes left behind: {[p.info['cmdline'] for p in left]}"
-    containers = our_containers()
-    assert not containers, f"containers left behind: {containers}"
-    new_dirs = scratch_dirs() - before
+    if not unit:
+        left = sandbox_processes(SESSION_TMP)
+        assert not left, f"sandbox processes left behind: {[p.info['cmdline'] for p in left]}"
+        containers = our_containers()
+        assert not containers, f"containers left behind: {containers}"
+    new_dirs = scratch_dirs(SESSION_TMP) - before
     assert not new_dirs, f"temporary directories left behind: {sorted(new_dirs)}"
+
+
+# -- the IPython extension in IPython's in-process shell (tests/test_magics_*.py) ------------
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+    from support.ipython_shell import history_in_memory
+
+    shell = start_ipython() or get_ipython()  # None when someone else started it first
+    # globalipapp binds a doctest-friendly `system` on the instance: take it away here so
+    # `!cmd` behaves as in a real shell (and routing can be checked exactly), then put it back.
+    previous = {name: shell.__dict__.pop(name) for name in ("system", "getoutput")
+                if name in shell.__dict__}
+    history_in_memory(shell)
+    yield shell
+    shell.__dict__.update(previous)
+
+
+@pytest.fixture
+def ip(shell, monkeypatch, tmp_path, capfd):
+    """The shell with the extension loaded in a scratch cwd; everything undone afterwards."""
+    from IPython.core.displaypub import CapturingDisplayPublisher
+
+    monkeypatch.chdir(tmp_path)  # %%isolated mounts the cwd read-write
+    saved_ns = dict(shell.user_ns)
+    shell.config.pop("Isolation", None)
+    shell.run_line_magic("load_ext", "gvisor_magic")
+    capfd.readouterr()
+    # Rich displays (the status badge) are recorded apart from the streams, as a
+    # notebook keeps a display_data output apart from stdout and stderr.
+    terminal_publisher, shell.display_pub = shell.display_pub, CapturingDisplayPublisher()
+    yield shell
+    shell.display_pub = terminal_publisher
+    shell.run_line_magic("unload_ext", "gvisor_magic")
+    shell.config.pop("Isolation", None)
+    for name in set(shell.user_ns) - set(saved_ns):
+        del shell.user_ns[name]
+    shell.user_ns.update(saved_ns)
+    assert "system" not in shell.__dict__ and "getoutput" not in shell.__dict__

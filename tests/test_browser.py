@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from kernel_helpers import GVISOR_ENV
+from support.kernel_helpers import GVISOR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -65,8 +65,7 @@ def test_run_json_and_bad_input(runsc_works):
 
 
 def test_run_takes_a_network_allowlist_and_reports_what_it_refused(runsc_works, tmp_path):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from egress_servers import plain_server
+    from support.egress_servers import plain_server
 
     with plain_server(b"allowed\n") as allowed, plain_server() as other:
         fetch = ("import sys, urllib.request as u\n"
@@ -97,8 +96,7 @@ FETCH = ("import sys, urllib.request as u\n"
 def test_run_network_alone_is_public_and_allow_host_adds_to_it(runsc_works):
     """``--network`` with no value is ``public`` (as the README says); ``--allow-host``
     with it reaches that host too (it was dropped, and the refusal then suggested it)."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from egress_servers import plain_server
+    from support.egress_servers import plain_server
 
     with plain_server(b"named\n") as named, plain_server(b"other\n") as other:
         alone = run_cli("run", "--mode", "runsc", "--network", "--json", "--",
@@ -124,8 +122,7 @@ def test_run_network_alone_is_public_and_allow_host_adds_to_it(runsc_works):
 
 def test_run_allow_host_localhost_reaches_the_hosts_loopback(runsc_works):
     """The hint for ``localhost:PORT`` is ``--allow-host localhost:PORT``; it works."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from egress_servers import plain_server
+    from support.egress_servers import plain_server
 
     with plain_server(b"local\n") as srv:
         url = f"http://localhost:{srv.port}/"

@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import containers
 import pytest
+from support import containers
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the e2e extra (make test)")
 kubernetes_validate = pytest.importorskip(
@@ -155,7 +155,7 @@ def test_runsc_in_pod_grants_exactly_what_the_container_tests_needed():
     assert "runtimeClassName" not in pod["spec"]
     container = pod["spec"]["containers"][0]
     context = container["securityContext"]
-    # tests/containers.py PRIVILEGED: the grant under which runsc ran in a container.
+    # tests/support/containers.py PRIVILEGED: the grant under which runsc ran in a container.
     granted = {f"seccomp={context['seccompProfile']['type'].lower()}",
                f"apparmor={context['appArmorProfile']['type'].lower()}"}
     assert sorted(context["capabilities"]["add"]) == sorted(containers.PRIVILEGED["cap_add"])

@@ -1,4 +1,4 @@
-"""The local servers of tests/egress_servers.py work from the host, without any proxy."""
+"""The local servers of tests/support/egress_servers.py work from the host, without any proxy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from egress_servers import LocalServer, git_http, npm_registry, plain_server, pypi_index
+from support.egress_servers import LocalServer, git_http, npm_registry, plain_server, pypi_index
 
 PAYLOAD = "installed through the allowlist"
 

@@ -20,9 +20,9 @@ import psutil
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
-from kernel_helpers import execute
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
+from support.kernel_helpers import execute
 
 from gvisor_magic.kernel import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
 from gvisor_magic.kernel.kernelspec import kernel_json
@@ -249,7 +249,7 @@ def _pip_cell(index) -> str:
 
 def test_pip_install_needs_the_allowlist_and_installs_into_the_kernel_only(runsc_works,
                                                                            tmp_path):
-    from egress_servers import pypi_index
+    from support.egress_servers import pypi_index
 
     with pypi_index(tmp_path / "index") as index:
         for config, expect in ((None, "this kernel's network is off, so %pip can install "
@@ -303,7 +303,7 @@ def test_a_kernel_jupyter_kills_leaves_no_sandbox(runsc_works, tmp_path, how):
     of it, SIGKILL at the end: a loaded machine took longer than the default 5 s just to
     remove the sandbox). A killed launcher cannot remove its sandbox: its run dir and its
     runsc processes must still be gone when ``shutdown_kernel`` returns."""
-    from gvisor_magic.backends.kernel_dirs import run_dirs_of
+    from gvisor_magic.run_dirs import run_dirs_of
 
     km = make_manager(tmp_path)
     km.start_kernel(cwd=str(tmp_path))
@@ -364,7 +364,7 @@ def _kill_a_server_holding_a_kernel(tmp_path) -> str:
             assert line, "the server ended before its kernel was ready"
         launcher = psutil.Process(int(line))
         argv = launcher.cmdline()
-        kernel_dir = argv[argv.index("--sockets") + 1]
+        kernel_dir = os.path.dirname(argv[argv.index("-f") + 1])
         family = [launcher, *launcher.children(recursive=True)]
         assert any("runsc" in p.name() for p in family)
         server.kill()

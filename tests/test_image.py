@@ -24,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import containers
 import pytest
+from support import containers
 
 ROOT = Path(__file__).resolve().parent.parent
 GVISOR_RELEASE = "4.4.0"

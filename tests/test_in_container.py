@@ -4,7 +4,7 @@ A JupyterHub-on-Kubernetes kernel runs inside a container. Each case starts a
 plain runc container from the empty scratch image with the host's system
 directories (hence ``runsc`` and ``/usr/bin/python3``) bound read-only and a
 copy of the package on ``PYTHONPATH``, runs ``INNER`` in it, and checks the one
-JSON document it prints. See ``tests/containers.py`` for the harness.
+JSON document it prints. See ``tests/support/containers.py`` for the harness.
 
 What each container grants mirrors a pod: default capabilities and seccomp
 (unprivileged); CAP_SYS_ADMIN + CAP_SYS_PTRACE with seccomp/apparmor unconfined
@@ -17,8 +17,8 @@ import os
 import platform
 import shutil
 
-import containers
 import pytest
+from support import containers
 
 GVISOR_RELEASE = "4.4.0"
 RUNSC = "/usr/bin/runsc"

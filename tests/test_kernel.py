@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_helpers import Execution, Kernel, start_kernel, stop_kernel
+from support.kernel_helpers import Execution, Kernel, start_kernel, stop_kernel
 
 SANDBOX_RELEASE = "4.4.0"
 HOST_RELEASE = os.uname().release

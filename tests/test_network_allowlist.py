@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from egress_servers import git_http, npm_registry, plain_server, pypi_index
+from support.egress_servers import git_http, npm_registry, plain_server, pypi_index
 
 from gvisor_magic import IsolatedSession, IsolationUnavailable, run_command_isolated
 

@@ -143,7 +143,7 @@ def test_an_arbitrary_uid_without_a_passwd_entry_gets_runsc(runsc_works, tmp_pat
     subordinate range: newuidmap refuses it, so runsc once failed there and auto ran the
     command on the host. It now runs under gVisor, one-shot and warm, and writes as itself."""
     import psutil
-    from user_switch import world_readable_copy
+    from support.user_switch import world_readable_copy
 
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to become an arbitrary uid")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from kernel_helpers import GVISOR_ENV
+from support.kernel_helpers import GVISOR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -127,8 +127,10 @@ def test_notebooks_pass_nbval_with_docker(docker_works, untouched_notebooks):
 
 def test_notebooks_pass_nbval_in_fallback_mode(untouched_notebooks):
     """A quiet badge with gVisor is a loud WARNING line on the fallback, by design: the
-    ``nbval_status_shape`` plugin compares the two as one status (where, and how it ended)."""
-    check(*run_nbval("subprocess", [SANITIZE, SANITIZE_FALLBACK], ("nbval_status_shape",)))
+    ``support.nbval_status_shape`` plugin compares the two as one status (where, and how it
+    ended)."""
+    check(*run_nbval("subprocess", [SANITIZE, SANITIZE_FALLBACK],
+                     ("support.nbval_status_shape",)))
 
 
 def test_nbval_fails_when_an_output_changes(runsc_works, tmp_path):

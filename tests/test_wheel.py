@@ -21,6 +21,7 @@ USER = "gvisor-magic-test"
 SYSTEM_PYTHON = "/usr/bin/python3"
 #: Everything the sandbox runs comes from the wheel, not from a checkout.
 SANDBOX_FILES = ("gvisor_magic/sandboxed/session_agent.py",
+                 "gvisor_magic/sandboxed/agent_wire.py",
                  "gvisor_magic/sandboxed/sandbox_init.py",
                  "gvisor_magic/backends/reaper.py",
                  "gvisor_magic/install/runsc.py",

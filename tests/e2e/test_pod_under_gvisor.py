@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 
-import containers
 import pytest
+from support import containers
 
 GVISOR_RELEASE = "4.4.0"
 

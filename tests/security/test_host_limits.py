@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from user_switch import world_readable_copy
+from support.user_switch import world_readable_copy
 
 USER = "gvm-sec-probe"
 SYSTEM_PYTHON = "/usr/bin/python3"

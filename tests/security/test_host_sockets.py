@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from egress_servers import plain_server
+from support.egress_servers import plain_server
 
 from gvisor_magic import IsolatedSession, run_command_isolated
 from gvisor_magic.backends.layout import caller_identity, python_prefixes

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from IPython.core.error import UsageError
-from test_magics import ip, magics, run, shell  # noqa: F401  (the IPython fixtures)
+from support.ipython_shell import magics, run
 
 import gvisor_magic
 from gvisor_magic import InvalidRequestError, Limits, registry, run_command_isolated
@@ -111,7 +111,7 @@ def test_cli_run_takes_limits_and_doctor_shows_them(runsc_works):
     assert data["limits"]["max_processes"] == 512 and "docker" in data["limits"]["enforcement"]
 
 
-def test_config_and_cell_limits_reach_the_sandbox_and_the_widget(ip, capfd, runsc_works):  # noqa: F811
+def test_config_and_cell_limits_reach_the_sandbox_and_the_widget(ip, capfd, runsc_works):
     settings = magics(ip).settings
     run(ip, "%config Isolation.limits = {'max_open_files': 222}")
     assert settings.effective_limits().max_open_files == 222

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from user_switch import world_readable_copy
+from support.user_switch import world_readable_copy
 
 from gvisor_magic import IsolatedSession, Limits, run_command_isolated
 from gvisor_magic.request import MiB

@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import GVISOR_GUARD, GVISOR_RELEASE, PYTHON_GUARD
+from support.probes import GVISOR_GUARD, GVISOR_RELEASE, PYTHON_GUARD
 
 from gvisor_magic import CommandResult, IsolatedSession, run_command_isolated
 from gvisor_magic.warm import POOL

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LABEL = "gvisor-magic-test"
 #: Distinguishes this session's containers from those of concurrent test runs.
 SESSION = secrets.token_hex(6)

@@ -127,12 +127,11 @@ def test_doctor_json_lists_the_new_row(fake_table, capsys):
     assert cli_main(["doctor", "--json", "--mode", "fake"]) == 0
 
 
-def test_the_widget_text_form_names_the_new_row(fake_table):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_the_widget_text_form_names_the_new_row(fake_table, shell, monkeypatch):
     from gvisor_magic.notebook.magics import IsolatedMagics
 
-    shell = InteractiveShell.instance()
+    # No warm sandbox started in the background: this is about what the widget says.
+    monkeypatch.setitem(shell.config.Isolation, "prewarm", False)
     magics = IsolatedMagics(shell)
     magics.refresh_environment()
     text = magics.state.summary()

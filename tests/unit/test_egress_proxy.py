@@ -2,7 +2,7 @@
 
 No sandbox: each test starts an ``EgressProxy`` on a Unix socket, talks to it as the
 sandbox's relay would (raw bytes over ``AF_UNIX``), and checks both what the client
-got back and what the local upstream servers (``tests/egress_servers.py``, on
+got back and what the local upstream servers (``tests/support/egress_servers.py``, on
 127.0.0.1 only) received. Nothing here resolves a name through DNS or leaves this
 machine: ``getaddrinfo`` is restricted to IP literals for every test.
 """
@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from egress_servers import LocalServer, _serving, plain_server
+from support.egress_servers import LocalServer, _serving, plain_server
 
 from gvisor_magic.egress.policy import NetworkPolicy
 from gvisor_magic.egress.proxy import MAX_CONNECTIONS, MAX_HEAD, EgressProxy

@@ -455,8 +455,8 @@ def test_only_real_locale_variables_pass(monkeypatch):
 def test_scrubbed_etc_files_are_named_in_the_details(tmp_path):
     """A host /etc file shown without its credentials is named in ``details["scrubbed"]``,
     beside the working dir's; one with nothing to strip is not."""
-    from gvisor_magic.backends.layout import caller_identity, protection_details, write_etc
-    from gvisor_magic.protected import ProtectionPlan
+    from gvisor_magic.backends.layout import caller_identity, write_etc
+    from gvisor_magic.protected import ProtectionPlan, protection_details
 
     host_etc = tmp_path / "host-etc"
     host_etc.mkdir()
