@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 from . import __version__, registry
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
-from .request import Limits, SandboxSpec, parse_pairs, valid_modes
+from .request import (
+    Limits,
+    SandboxSpec,
+    named_settings,
+    parse_pairs,
+    valid_modes,
+    with_named_settings,
+)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -85,17 +92,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         env = parse_pairs(args.env or (), "--env")
         spec = SandboxSpec.from_options({
-            "working_dir": args.workdir, "repo_path": args.repo, **_sandbox_options(args)})
+            "working_dir": args.workdir, "repo_path": args.repo,
+            **with_named_settings(_sandbox_options(args))})
     except GvisorMagicError as exc:
         print(f"gvisor-magic run: {exc}", file=sys.stderr)
         return 2
     try:
         result = run_command_isolated(
-            command[0] if args.shell else command, limits=spec.limits,
-            working_dir=spec.working_dir, repo_path=spec.repo_path, timeout=args.timeout,
-            env=env, mode=args.mode,
-            require_isolation=True if args.require_isolation else None, network=spec.network,
-            on_output=None if args.json else stream, protected_paths=spec.protection)
+            command[0] if args.shell else command, spec, timeout=args.timeout, env=env,
+            mode=args.mode, require_isolation=True if args.require_isolation else None,
+            on_output=None if args.json else stream)
     except IsolationUnavailable as exc:
         print(f"gvisor-magic: {exc}", file=sys.stderr)
         return 125
@@ -122,7 +128,9 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, object]:
     names them: only those given."""
     options = {"network": args.network, "allow_hosts": args.allow_host,
                "limits": parse_pairs(args.limit or (), "--limit", form="NAME=VALUE"),
-               "protected_paths": args.protect}
+               "protected_paths": args.protect,
+               "sandbox": named_settings(parse_pairs(args.set or (), "--set",
+                                                     form="NAME=VALUE"), "--set")}
     return {name: value for name, value in options.items() if value}
 
 
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protect", action="append", metavar="PATH",
                      help="make PATH of the working dir read-only too; '-NAME' relaxes a "
                      "built-in protected path (repeatable; see SECURITY.md)")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE",
+                     help="any other sandbox setting by name, e.g. hostname=build (repeatable; "
+                          "see docs/api.md)")
     run.add_argument("--shell", action="store_true",
                      help="treat the single CMD argument as a shell script")
     run.add_argument("--json", action="store_true", help="print the result as JSON at the end")
@@ -212,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="e.g. memory=2G (repeatable)")
     spec.add_argument("--protect", action="append", metavar="RULE",
                       help="a protected-path rule (repeatable)")
+    spec.add_argument("--set", action="append", metavar="NAME=VALUE",
+                      help="any other sandbox setting by name, e.g. hostname=build (repeatable; "
+                           "see docs/api.md)")
     spec.set_defaults(handler=_kernelspec)
 
     # Listed here for --help; its options are the installer's own (gvisor-magic install -h).

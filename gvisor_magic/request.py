@@ -19,10 +19,30 @@ from . import registry
 from .egress.policy import NetworkPolicy, PolicyError
 from .errors import InvalidRequestError
 from .protected import PathPolicy, ProtectionPlan
-from .registry import NAMES as BACKEND_NAMES
 from .registry import Enforcement
 
-MODES = ("auto", *BACKEND_NAMES)
+
+class _Modes:
+    """``auto`` and every backend of the registry, read afresh whenever asked: what
+    ``mode=`` takes, usable as argparse ``choices`` and in ``in`` tests."""
+
+    def __iter__(self):
+        return iter(valid_modes())
+
+    def __contains__(self, value: object) -> bool:
+        return value in valid_modes()
+
+    def __len__(self) -> int:
+        return len(valid_modes())
+
+    def __getitem__(self, index: int) -> str:
+        return valid_modes()[index]
+
+    def __repr__(self) -> str:
+        return repr(valid_modes())
+
+
+MODES = _Modes()
 ENV_MODE = "GVISOR_MAGIC_MODE"
 ENV_REQUIRE = "GVISOR_MAGIC_REQUIRE_ISOLATION"
 #: ``0``/``off`` stops one-shot calls from reusing warm sandboxes (on by default).
@@ -197,6 +217,8 @@ class SandboxSpec:
     #: Host dirs of the caller's PYTHONPATH, mounted read-only at their own paths, so a
     #: Python started inside imports what the caller imports (a gVisor kernel's ipykernel).
     python_path: tuple[str, ...] = ()
+    #: The sandbox's host name (``hostname``, ``/etc/hostname``, ``$HOSTNAME``).
+    hostname: str = "gvisor-sandbox"
     #: The plan made for its mounts just before it starts (host state, not input).
     plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
 
@@ -263,6 +285,8 @@ class SandboxSpec:
             changes["shell"] = shell
         if "python_path" in given:
             changes["python_path"] = _check_dirs(given["python_path"], "python_path")
+        if "hostname" in given:
+            changes["hostname"] = _check_hostname(given["hostname"])
         return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
 
     def to_options(self) -> dict[str, object]:
@@ -279,7 +303,7 @@ class SandboxSpec:
                                   for name in self.protection.extra),
                                 *("-" + name for name in self.protection.relaxed)],
             "shell": self.shell, "kernel_dir": self.kernel_dir,
-            "python_path": list(self.python_path)}
+            "python_path": list(self.python_path), "hostname": self.hostname}
 
     def to_json(self) -> str:
         """``to_options`` as JSON: ``from_json`` reads it back, checking it again."""
@@ -298,9 +322,73 @@ class SandboxSpec:
         return cls.from_options(options)
 
 
+#: The sandbox settings ``run_command_isolated`` and ``IsolatedSession`` also take one by
+#: one, as keywords: the spelling before ``spec=``, kept as a thin shim (``resolve_spec``).
+SANDBOX_KEYWORDS = ("working_dir", "repo_path", "network", "limits", "shell", "protected_paths")
+
+
+def resolve_spec(spec: SandboxSpec | str | os.PathLike[str] | None,
+                 keywords: Mapping[str, object], *,
+                 default_working_dir: str | None = None) -> SandboxSpec:
+    """The sandbox a call asks for: ``spec``, or its settings given as ``keywords`` (the
+    older spelling, read by ``SandboxSpec.build``), never both. A path where ``spec`` goes
+    is the older positional ``working_dir``. None values are not given; a spec without
+    a working dir gets ``default_working_dir`` (a session's: the current directory)."""
+    given = {name: value for name, value in keywords.items() if value is not None}
+    unknown = set(given) - set(SANDBOX_KEYWORDS)
+    if unknown:
+        raise TypeError(f"unknown sandbox keyword(s) {', '.join(sorted(unknown))}: expected "
+                        f"{', '.join(SANDBOX_KEYWORDS)}, or spec=SandboxSpec(...)")
+    if isinstance(spec, (str, os.PathLike)):
+        if "working_dir" in given:
+            raise TypeError("working_dir was given twice (as the second argument and as "
+                            "working_dir=)")
+        spec, given = None, {**given, "working_dir": spec}
+    if spec is not None:
+        if not isinstance(spec, SandboxSpec):
+            raise TypeError(f"spec must be a gvisor_magic.SandboxSpec, got "
+                            f"{type(spec).__name__}")
+        if given:
+            raise TypeError(f"give the sandbox as spec= or as keywords, not both (got spec= and "
+                            f"{', '.join(sorted(given))}=): to change a spec, use "
+                            "SandboxSpec.from_options({...}, base=spec)")
+        if spec.working_dir is None and default_working_dir is not None:
+            return SandboxSpec.from_options({"working_dir": default_working_dir}, base=spec)
+        return dataclasses.replace(spec, plan=None)
+    if default_working_dir is not None:
+        given.setdefault("working_dir", default_working_dir)
+    return SandboxSpec.build(**given)  # type: ignore[arg-type]
+
+
 #: The names ``SandboxSpec.from_options`` reads.
 SPEC_OPTIONS = ("working_dir", "repo_path", "network", "allow_hosts", "limits",
-                "protected_paths", "shell", "kernel_dir", "python_path")
+                "protected_paths", "shell", "kernel_dir", "python_path", "hostname")
+#: Those every face also takes by name (``--set NAME=VALUE``, ``Isolation.sandbox``, the
+#: kernelspec's config): all but where the sandbox is, which each face says in its own way.
+NAMED_SETTINGS = tuple(name for name in SPEC_OPTIONS
+                       if name not in ("working_dir", "repo_path", "kernel_dir", "python_path"))
+
+
+def named_settings(pairs: Mapping[str, object], what: str) -> dict[str, object]:
+    """``pairs`` (``--set`` values, ``Isolation.sandbox``) checked to name settings of
+    ``NAMED_SETTINGS``: the options ``from_options`` then reads."""
+    for name in pairs:
+        if name not in NAMED_SETTINGS:
+            raise InvalidRequestError(f"{what}: unknown sandbox setting {name!r}: expected one "
+                                      f"of {', '.join(NAMED_SETTINGS)}")
+    return dict(pairs)
+
+
+def with_named_settings(options: Mapping[str, object]) -> dict[str, object]:
+    """``options`` whose ``"sandbox"`` entry (settings by name: a kernelspec's config, the
+    CLI's ``--set``) is spread among them, as ``from_options`` reads them; a setting named
+    both ways takes its own entry's value."""
+    options = dict(options)
+    named = options.pop("sandbox", None) or {}
+    if not isinstance(named, Mapping):
+        raise TypeError(f"sandbox must be a mapping of setting names to values, got "
+                        f"{type(named).__name__}")
+    return {**named_settings(named, "sandbox"), **options}
 
 
 def parse_pairs(items: Iterable[str] | str, what: str, *,
@@ -363,6 +451,18 @@ def _check_limits(value: object, base: Limits) -> Limits:
     return Limits.parse(value, base)
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
+
+
+def _check_hostname(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"hostname must be a str, got {type(value).__name__}")
+    if not _HOSTNAME.match(value):
+        raise InvalidRequestError(f"hostname {value!r} is not a host name: 1 to 63 letters, "
+                                  "digits and '-', not starting or ending with '-'")
+    return value
+
+
 def _check_dirs(paths: object, name: str) -> tuple[str, ...]:
     if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
         raise TypeError(f"{name} must be a list of directories, got {type(paths).__name__}")
@@ -388,25 +488,18 @@ class CommandRequest:
     def build(
         cls,
         command: str | Sequence[str],
+        spec: SandboxSpec | None = None,
         *,
-        working_dir: str | os.PathLike[str] | None = None,
-        repo_path: str | os.PathLike[str] | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         env: Mapping[str, str] | None = None,
-        network: NetworkSetting = False,
         stdin: str | bytes | None = None,
-        limits: Limits | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
-        shell: str = DEFAULT_SHELL,
-        protected_paths: Sequence[str] | PathPolicy | None = None,
-        spec: SandboxSpec | None = None,
         cwd: str | os.PathLike[str] | None = None,
     ) -> CommandRequest:
-        """A one-shot request (the sandbox from ``working_dir``, ``repo_path``...), or a
-        command for an existing sandbox (``spec``, optionally in another ``cwd``)."""
+        """``command`` for the sandbox ``spec`` (the defaults if None), optionally run in
+        another ``cwd`` than the sandbox's working dir: the per-command settings checked."""
         if spec is None:
-            spec = SandboxSpec.build(working_dir, repo_path, network=network, limits=limits,
-                                     shell=shell, protected_paths=protected_paths)
+            spec = SandboxSpec()
         argv, display = _check_command(command, spec.shell)
         return cls(
             argv=argv,

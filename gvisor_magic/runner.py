@@ -32,14 +32,15 @@ from .process import OutputCallback
 from .protected import PathPolicy, plan_for
 from .request import (
     DEFAULT_MAX_OUTPUT,
-    DEFAULT_SHELL,
     DEFAULT_TIMEOUT,
     CommandRequest,
     Limits,
     NetworkSetting,
+    SandboxSpec,
     resolve_mode,
     resolve_require_isolation,
     resolve_reuse,
+    resolve_spec,
 )
 from .result import RUNTIME_FAILURE, CommandResult, network_fields
 from .run_dirs import make_run_dir
@@ -190,40 +191,44 @@ def check_mode_can_isolate(mode: str, require_isolation: bool,
 
 def run_command_isolated(
     command: str | Sequence[str],
-    working_dir: str | os.PathLike[str] | None = None,
+    spec: SandboxSpec | str | os.PathLike[str] | None = None,
     repo_path: str | os.PathLike[str] | None = None,
+    *,
     timeout: float | None = DEFAULT_TIMEOUT,
     env: Mapping[str, str] | None = None,
     mode: str | None = None,
     require_isolation: bool | None = None,
-    network: NetworkSetting = False,
     on_output: OutputCallback | None = None,
     stdin: str | bytes | None = None,
-    *,
-    limits: Limits | None = None,
     max_output: int | None = DEFAULT_MAX_OUTPUT,
-    shell: str = DEFAULT_SHELL,
-    protected_paths: Sequence[str] | PathPolicy | None = None,
     reuse: bool | None = None,
+    working_dir: str | os.PathLike[str] | None = None,
+    network: NetworkSetting | None = None,
+    limits: Limits | None = None,
+    shell: str | None = None,
+    protected_paths: Sequence[str] | PathPolicy | None = None,
 ) -> CommandResult:
     """Run ``command`` once, in the best sandbox available, and say where it ran.
 
-    ``command`` is an argv list (no shell) or a shell script (run by ``shell -c``).
+    ``command`` is an argv list (no shell) or a shell script (run by the spec's ``shell``
+    with ``-c``). ``spec`` is the sandbox (``SandboxSpec.from_options({...})``: working
+    dir, repo, network, limits, protected paths, shell); without one, a fresh temporary
+    working dir and the defaults. The sandbox's settings may instead be given one by one
+    (``working_dir=``, ``repo_path=``, ``network=``, ``limits=``, ``shell=``,
+    ``protected_paths=``, and a path as the second argument), never together with ``spec``.
     ``mode`` defaults to ``$GVISOR_MAGIC_MODE`` or ``"auto"``;
     ``require_isolation`` to ``$GVISOR_MAGIC_REQUIRE_ISOLATION``: when set, a
     command that cannot run under gVisor raises ``IsolationUnavailable``.
-    ``protected_paths`` adds read-only paths or relaxes built-in ones (``"-.bashrc"``);
-    see ``gvisor_magic.protected``.
     ``reuse`` (default ``$GVISOR_MAGIC_REUSE``, on): a call that repeats the sandbox of a
-    recent call (same working dir, repo, network, limits, protected paths, shell) runs in
-    a warm sandbox kept for it, emptied of the last call's processes, ``/tmp`` and
-    ``HOME`` (see ``gvisor_magic.warm.WarmPool``).
+    recent call (the same spec) runs in a warm sandbox kept for it, emptied of the last
+    call's processes, ``/tmp`` and ``HOME`` (see ``gvisor_magic.warm.WarmPool``).
     See docs/sandbox.md for the sandbox policy (mounts, environment, limits, protected paths).
     """
-    request = CommandRequest.build(
-        command, working_dir=working_dir, repo_path=repo_path, timeout=timeout, env=env,
-        network=network, stdin=stdin, limits=limits, max_output=max_output, shell=shell,
-        protected_paths=protected_paths)
+    sandbox = resolve_spec(spec, {
+        "working_dir": working_dir, "repo_path": repo_path, "network": network,
+        "limits": limits, "shell": shell, "protected_paths": protected_paths})
+    request = CommandRequest.build(command, sandbox, timeout=timeout, env=env, stdin=stdin,
+                                   max_output=max_output)
     mode = resolve_mode(mode)
     asked = resolve_require_isolation(require_isolation)
     check_mode_can_isolate(mode, asked, request.network)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import os
 import threading
 import time
@@ -27,7 +26,6 @@ from .process import OutputCallback
 from .protected import PathPolicy, ProtectionPlan, plan_for
 from .request import (
     DEFAULT_MAX_OUTPUT,
-    DEFAULT_SHELL,
     DEFAULT_TIMEOUT,
     CommandRequest,
     Limits,
@@ -36,6 +34,7 @@ from .request import (
     check_max_output,
     resolve_mode,
     resolve_require_isolation,
+    resolve_spec,
 )
 from .result import CommandResult
 from .runner import check_mode_can_isolate, isolation_required, plan, run_fresh
@@ -54,16 +53,23 @@ class IsolatedSession:
     isolation is required).
     """
 
-    def __init__(self, working_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, spec: SandboxSpec | str | os.PathLike[str] | None = None,
                  repo_path: str | os.PathLike[str] | None = None, *, mode: str | None = None,
-                 require_isolation: bool | None = None, network: NetworkSetting = False,
-                 limits: Limits | None = None, max_output: int | None = DEFAULT_MAX_OUTPUT,
-                 idle_timeout: float | None = None, shell: str = DEFAULT_SHELL,
+                 require_isolation: bool | None = None,
+                 max_output: int | None = DEFAULT_MAX_OUTPUT,
+                 idle_timeout: float | None = None,
+                 working_dir: str | os.PathLike[str] | None = None,
+                 network: NetworkSetting | None = None, limits: Limits | None = None,
+                 shell: str | None = None,
                  protected_paths: Sequence[str] | PathPolicy | None = None) -> None:
+        """``spec`` is the sandbox (``SandboxSpec.from_options({...})``); its settings may
+        instead be given one by one, as for ``run_command_isolated``. Without a working
+        dir, the current directory."""
         #: What the sandbox is made of: a new spec needs a new sandbox.
-        self.spec = SandboxSpec.build(working_dir or os.getcwd(), repo_path, network=network,
-                                      limits=limits, shell=shell,
-                                      protected_paths=protected_paths)
+        self.spec = resolve_spec(spec, {
+            "working_dir": working_dir, "repo_path": repo_path, "network": network,
+            "limits": limits, "shell": shell, "protected_paths": protected_paths},
+            default_working_dir=os.getcwd())
         #: Bytes kept per stream when ``run`` is not told otherwise (the host's business).
         self.max_output = check_max_output(max_output)
         self.mode = resolve_mode(mode)
@@ -86,13 +92,9 @@ class IsolatedSession:
                  require_isolation: bool | None = None,
                  max_output: int | None = DEFAULT_MAX_OUTPUT,
                  idle_timeout: float | None = None) -> IsolatedSession:
-        """A session whose sandbox is made to ``spec``."""
-        session = cls(spec.working_dir, spec.repo_path, mode=mode,
-                      require_isolation=require_isolation, network=spec.network,
-                      limits=spec.limits, max_output=max_output, idle_timeout=idle_timeout,
-                      shell=spec.shell, protected_paths=spec.protection)
-        session.spec = dataclasses.replace(spec, plan=None)  # every field, kernel_dir too
-        return session
+        """``IsolatedSession(spec, ...)``, for callers that say so."""
+        return cls(spec, mode=mode, require_isolation=require_isolation,
+                   max_output=max_output, idle_timeout=idle_timeout)
 
     # -- state ------------------------------------------------------------------
 

@@ -196,7 +196,7 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
     path_dirs += ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
     env = sandbox_env(env, home=identity.home, path=":".join(dict.fromkeys(path_dirs)),
                       user=identity.user)
-    layout = SandboxLayout(identity, env, spec.working_dir or "/")
+    layout = SandboxLayout(identity, env, spec.working_dir or "/", hostname=spec.hostname)
     env.setdefault("HOSTNAME", layout.hostname)  # Docker sets it: the same on every backend
     mounts = layout.mounts
     if host_system:

@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import InvalidRequestError
-from ..request import SandboxSpec
+from ..request import SandboxSpec, with_named_settings
 from . import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
 
 #: The sandbox settings a kernelspec may carry: the provisioner's traits, named as
-#: ``SandboxSpec.from_options`` names them (the rest is fixed when the kernel starts).
-SETTINGS = ("network", "allow_hosts", "limits", "protected_paths")
+#: ``SandboxSpec.from_options`` names them, and ``sandbox``, any other setting by name
+#: (``NAMED_SETTINGS``); the rest is fixed when the kernel starts.
+SETTINGS = ("network", "allow_hosts", "limits", "protected_paths", "sandbox")
 
 
 def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
@@ -25,7 +26,7 @@ def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
         if name not in SETTINGS:
             raise InvalidRequestError(f"unknown kernel setting {name!r}: expected one of "
                                       f"{', '.join(SETTINGS)}")
-    return SandboxSpec.from_options(config)
+    return SandboxSpec.from_options(with_named_settings(config))
 
 
 def kernel_json(config: Mapping[str, Any] | None = None,
@@ -62,7 +63,7 @@ def install(*, user: bool = False, prefix: str | None = None,
         with open(os.path.join(staging, "kernel.json"), "w") as handle:
             json.dump(kernel_json(config), handle, indent=1)
         return KernelSpecManager().install_kernel_spec(
-            staging, KERNEL_NAME, user=user, prefix=prefix, replace=True)
+            staging, KERNEL_NAME, user=user, prefix=prefix)  # it always replaces (8.x)
 
 
 def remove() -> str | None:

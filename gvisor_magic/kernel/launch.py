@@ -38,6 +38,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .. import registry
 from ..errors import CommandInterrupted, GvisorMagicError
 from ..request import SandboxSpec
 from ..session import IsolatedSession
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # for the server that started us is not for the kernel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent(os.getppid())
-    session = IsolatedSession.for_spec(spec, mode="runsc", require_isolation=True)
+    session = IsolatedSession(spec, mode=registry.kernel_backend(), require_isolation=True)
     try:
         try:
             session.start()

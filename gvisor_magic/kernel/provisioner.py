@@ -49,6 +49,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from tornado.web import HTTPError
 from traitlets import Bool, Dict, List, Unicode, Union
 
+from .. import registry
 from ..backends.kernel_dirs import make_kernel_dir, remove_run_dirs_of
 from ..backends.layout import caller_identity
 from ..backends.runsc import ENV_STATE_DIR, state_base
@@ -64,6 +65,8 @@ START_TIMEOUT = 180.0
 READY = b"ok\n"
 #: How long a launcher that failed may take to exit before it is killed.
 EXIT_GRACE = 10.0
+#: How long a launcher that closed its pipe without READY is given to exit, for its status.
+CLOSED_GRACE = 1.0
 
 
 class GvisorKernelUnavailable(HTTPError, RuntimeError):
@@ -89,10 +92,13 @@ def unavailable() -> str | None:
     from ..runner import REGISTRY
 
     refresh, _stale_probe[0] = _stale_probe[0], False
-    status = REGISTRY.status("runsc", refresh=refresh)
+    name = registry.kernel_backend()
+    if name is None:
+        return "Python 3 (gVisor) cannot start: no backend here can host a gVisor kernel"
+    status = REGISTRY.status(name, refresh=refresh)
     if status.available:
         return None
-    return (f"Python 3 (gVisor) cannot start: runsc is not usable here ({status.reason})"
+    return (f"Python 3 (gVisor) cannot start: {name} is not usable here ({status.reason})"
             + (f". Fix: {status.fix}" if status.fix else "")
             + ". No kernel was started: this kernel never runs outside gVisor.")
 
@@ -104,7 +110,7 @@ def wait_for_start(fd: int, process: subprocess.Popen, timeout: float = START_TI
     The launcher writes ``READY``, or its reason and exits. Its exit (or a closed pipe)
     without ``READY`` is a failure too; so is no word within ``timeout`` seconds.
     """
-    data = b""
+    data, closed = b"", False
     deadline = time.monotonic() + timeout
     while not data.startswith(READY):
         if len(data) >= len(READY) and not READY.startswith(data):
@@ -117,14 +123,17 @@ def wait_for_start(fd: int, process: subprocess.Popen, timeout: float = START_TI
         if readable:
             chunk = os.read(fd, 4096)
             if not chunk:
+                closed = True
                 break
             data += chunk
         elif process.poll() is not None:
             break
     else:
         return None
-    with contextlib.suppress(subprocess.TimeoutExpired):  # it exits once it has said why
-        process.wait(timeout=EXIT_GRACE)
+    # It exits once it has said why. With its pipe closed, everything it said is here
+    # already: the wait is only for its exit status, which follows at once if it is dying.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=CLOSED_GRACE if closed else EXIT_GRACE)
     os.set_blocking(fd, False)
     while True:
         try:
@@ -168,6 +177,8 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     allow_hosts = List(Unicode(), config=True, help="hosts added to the network allowlist")
     limits = Dict(config=True, help="limits, e.g. {'memory': '2G', 'max_processes': 256}")
     protected_paths = List(Unicode(), config=True, help="protected-path rules")
+    sandbox = Dict(config=True, help="any other sandbox setting by name, e.g. "
+                   "{'hostname': 'build'} (see docs/kernel.md)")
 
     sockets_dir: str | None = None
     #: The sandbox's ``SandboxSpec`` as JSON, read by the launcher (``write_spec``).

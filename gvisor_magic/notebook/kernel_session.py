@@ -8,13 +8,14 @@ session, the old one is closed, and the cell is told that its ``/tmp`` and ``HOM
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 
 from ..request import SandboxSpec
 from ..session import IsolatedSession
 
-_NAMES = {"working_dir": "working dir", "repo_path": "repo", "network": "network",
-          "limits": "limits", "protection": "protected paths", "shell": "shell"}
+#: How a cell's note names a field of ``SandboxSpec`` (any other: its name, in words).
+_LABELS = {"repo_path": "repo", "protection": "protected paths"}
 
 #: What a kernel's warm sandbox is for: its spec, and how its backend is chosen.
 WarmKey = tuple[SandboxSpec, "str | None", "bool | None"]
@@ -24,8 +25,9 @@ def _differences(old: WarmKey | None, new: WarmKey) -> list[str]:
     if old is None:
         return []
     (old_spec, old_mode, old_require), (spec, mode, require) = old, new
-    found = [f"other {label}" for name, label in _NAMES.items()
-             if getattr(old_spec, name) != getattr(spec, name)]
+    found = [f"other {_LABELS.get(field.name, field.name.replace('_', ' '))}"
+             for field in dataclasses.fields(SandboxSpec)
+             if field.compare and getattr(old_spec, field.name) != getattr(spec, field.name)]
     found += ["other mode"] * (old_mode != mode) + ["other require-isolation"] * (
         old_require != require)
     return found
@@ -50,8 +52,8 @@ class KernelSessions:
                 self._session.close()
                 self._session = None
             if self._session is None:
-                self._session = IsolatedSession.for_spec(
-                    spec, mode=mode, require_isolation=require_isolation)
+                self._session = IsolatedSession(spec, mode=mode,
+                                                require_isolation=require_isolation)
                 self._key = key
                 if note:
                     self._session.note_for_next_result(note)

@@ -27,7 +27,7 @@ from traitlets.config import Config, Configurable
 from .. import registry
 from ..egress.policy import NetworkPolicy
 from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
-from ..request import MODES, Limits, SandboxSpec, parse_pairs
+from ..request import MODES, Limits, SandboxSpec, named_settings, parse_pairs
 from ..result import CommandResult
 from ..runner import detect_environment, run_command_isolated
 from .kernel_session import KernelSessions
@@ -78,6 +78,9 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--limit", {"action": "append", "default": [], "metavar": "NAME=VALUE",
                  "help": "resource limit, e.g. memory=1G, max_processes=64, tmp_size=2G, "
                          "cpus=1 (repeatable; see Isolation.limits)"}),
+    ("--set", {"action": "append", "default": [], "metavar": "NAME=VALUE",
+               "help": "any other sandbox setting by name, e.g. hostname=build "
+                       "(repeatable; see Isolation.sandbox)"}),
 )
 #: Options that take a value (the line magic reads them off the front of its line).
 _TAKES_VALUE = frozenset(flag for flag, spec in OPTIONS if spec.get("action") != "store_true")
@@ -172,6 +175,8 @@ class Isolation(Configurable):
                            "a path of the working dir read-only in the sandbox, '-.bashrc' "
                            "relaxes a built-in entry (shown in results and the widget).",
                            ).tag(config=True)
+    sandbox = Dict(help="Any other sandbox setting by name, e.g. {'hostname': 'build'} "
+                   "(the names of SandboxSpec.from_options; see docs/api.md).").tag(config=True)
 
     # -- configuration ---------------------------------------------------------
 
@@ -196,11 +201,12 @@ class Isolation(Configurable):
             raise TraitError("Isolation.max_output must be a positive number of bytes")
         return proposal["value"]
 
-    @validate("network", "limits", "protected_paths")  # shell: below, as an executable
+    @validate("network", "limits", "protected_paths", "sandbox")  # shell: below
     def _check_sandbox_setting(self, proposal):
         name = proposal["trait"].name
         try:
-            SandboxSpec.from_options({name: proposal["value"]})
+            SandboxSpec.from_options(named_settings(proposal["value"], "Isolation.sandbox")
+                                     if name == "sandbox" else {name: proposal["value"]})
         except (InvalidRequestError, TypeError) as exc:
             text = str(exc)  # "network: ..." and "limits.memory: ..." name it already
             raise TraitError(f"Isolation.{text}" if text.startswith(name)
@@ -210,7 +216,8 @@ class Isolation(Configurable):
     def spec(self, options: Mapping[str, object] | None = None) -> SandboxSpec:
         """The sandbox of these settings, then ``options`` over them (a cell's, named as
         ``SandboxSpec.from_options`` names them)."""
-        own = SandboxSpec.from_options({name: getattr(self, name) for name in SANDBOX_SETTINGS})
+        own = SandboxSpec.from_options({**self.sandbox, **{
+            name: getattr(self, name) for name in SANDBOX_SETTINGS}})
         return SandboxSpec.from_options(options or {}, own)
 
     def network_policy(self) -> NetworkPolicy:
@@ -329,11 +336,9 @@ class IsolatedMagics(Magics):
                                      stdin=stdin, max_output=settings.max_output)
             else:
                 result = run_command_isolated(
-                    command, working_dir=spec.working_dir, repo_path=spec.repo_path,
-                    timeout=seconds, env=env, mode=mode or settings.mode,
-                    require_isolation=require, network=spec.network, on_output=stream,
-                    stdin=stdin, max_output=settings.max_output, shell=spec.shell,
-                    limits=spec.limits, protected_paths=spec.protection)
+                    command, spec, timeout=seconds, env=env, mode=mode or settings.mode,
+                    require_isolation=require, on_output=stream, stdin=stdin,
+                    max_output=settings.max_output)
         except IsolationUnavailable as exc:
             self.state.record_blocked(str(exc).splitlines()[0], own_choice=own_choice)
             VIEWS.refresh(self.state)
@@ -403,6 +408,7 @@ class IsolatedMagics(Magics):
         try:
             env = parse_pairs(args.env, "--env")
             limits = parse_pairs(args.limit, "--limit", form="NAME=VALUE")
+            named = named_settings(parse_pairs(args.set, "--set", form="NAME=VALUE"), "--set")
         except InvalidRequestError as exc:
             raise UsageError(str(exc)) from None
         if args.timeout is not None and not args.timeout > 0:
@@ -416,7 +422,7 @@ class IsolatedMagics(Magics):
             if name and not name.isidentifier():
                 raise UsageError(f"--{option} expects a variable name, got {name!r}")
         try:
-            spec = self.spec({"working_dir": args.workdir, "repo_path": args.repo,
+            spec = self.spec({**named, "working_dir": args.workdir, "repo_path": args.repo,
                               "network": args.network, "allow_hosts": args.allow_host,
                               "limits": limits})
         except InvalidRequestError as exc:

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from traitlets import TraitError
 from traitlets.config import Config, Configurable
 
 from gvisor_magic import InvalidRequestError, Limits, SandboxSpec
@@ -210,7 +211,7 @@ def every_field(tmp_path: Path) -> SandboxSpec:
         "limits": {"memory": "1G", "cpus": "0.5", "max_processes": "none", "tmp_size": "64M"},
         "protected_paths": ["data/raw", "-.bashrc", "++odd", "-.ssh"],
         "shell": "/bin/bash", "kernel_dir": tmp_path / "kernel",
-        "python_path": [str(tmp_path / "lib")]})
+        "python_path": [str(tmp_path / "lib")], "hostname": "every-field"})
 
 
 def test_a_spec_with_every_field_set_round_trips(tmp_path):
@@ -265,6 +266,7 @@ def test_from_json_checks_again(tmp_path):
 # -- the faces end at the same spec --------------------------------------------------------
 
 #: The same settings, as each face takes them.
+HOSTNAME = "build-box"
 NETWORK, HOST, LIMITS, RULES = "pypi", "example.com:8443", ["memory=1G", "max_processes=64"], \
     ["data/raw", "-.bashrc"]
 
@@ -293,7 +295,7 @@ def magics_spec(workdir: Path, monkeypatch) -> SandboxSpec:
     monkeypatch.setattr(magics, "run", run)
     limits = " ".join(f"--limit {item}" for item in LIMITS)
     magics.magic_isolated(f"--workdir {workdir} --network {NETWORK} --allow-host {HOST} "
-                          f"{limits}", "true\n")
+                          f"{limits} --set hostname={HOSTNAME}", "true\n")
     return seen[0]
 
 
@@ -305,19 +307,17 @@ def cli_spec(workdir: Path, monkeypatch) -> SandboxSpec:
     """``gvisor-magic run --workdir W --network pypi --allow-host H --limit ... --protect``."""
     from gvisor_magic import cli, runner
 
-    def run_command_isolated(command, **kwargs):
-        raise Ran(kwargs)
+    def run_command_isolated(command, spec, **_):
+        raise Ran(spec)
 
     monkeypatch.setattr(runner, "run_command_isolated", run_command_isolated)
     argv = ["run", "--workdir", str(workdir), "--network", NETWORK, "--allow-host", HOST]
     argv += [arg for item in LIMITS for arg in ("--limit", item)]
     argv += [f"--protect={rule}" for rule in RULES]
+    argv += ["--set", f"hostname={HOSTNAME}"]
     with pytest.raises(Ran) as caught:
         cli.main([*argv, "--", "true"])
-    given = caught.value.args[0]
-    return SandboxSpec.build(given["working_dir"], given["repo_path"],
-                             network=given["network"], limits=given["limits"],
-                             protected_paths=given["protected_paths"])
+    return caught.value.args[0]
 
 
 def kernel_spec(workdir: Path, tmp_path: Path, monkeypatch) -> SandboxSpec:
@@ -335,6 +335,7 @@ def kernel_spec(workdir: Path, tmp_path: Path, monkeypatch) -> SandboxSpec:
     argv = ["kernelspec", "install", "--user", "--network", NETWORK, "--allow-host", HOST]
     argv += [arg for item in LIMITS for arg in ("--limit", item)]
     argv += [f"--protect={rule}" for rule in RULES]
+    argv += ["--set", f"hostname={HOSTNAME}"]
     assert cli.main(argv) == 0
     monkeypatch.setattr(provisioner, "unavailable", lambda: None)  # no runsc probe
     km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=KernelSpecManager(
@@ -361,8 +362,9 @@ def test_the_magics_the_cli_and_the_kernel_end_at_the_same_spec(tmp_path, monkey
     workdir.mkdir()
     expected = SandboxSpec.from_options({"working_dir": workdir, "network": NETWORK,
                                          "allow_hosts": [HOST], "limits": LIMITS,
-                                         "protected_paths": RULES})
+                                         "protected_paths": RULES, "hostname": HOSTNAME})
     assert expected.network.mode == "allow" and expected.limits.max_processes == 64
+    assert expected.hostname == HOSTNAME
     assert magics_spec(workdir, monkeypatch) == expected
     assert cli_spec(workdir, monkeypatch) == expected
     kernel = kernel_spec(workdir, tmp_path, monkeypatch)
@@ -377,7 +379,7 @@ def test_a_bad_kernelspec_setting_is_refused_when_written(tmp_path):
     with pytest.raises(InvalidRequestError, match="not a URL"):
         kernel_json({"network": "http://x"})
     config = {"network": True, "allow_hosts": [HOST], "limits": {"memory": "2G"},
-              "protected_paths": RULES}
+              "protected_paths": RULES, "sandbox": {"hostname": HOSTNAME}}
     assert tuple(config) == SETTINGS
     assert kernel_json(config)["metadata"]["kernel_provisioner"]["config"] == config
 
@@ -413,3 +415,26 @@ def test_a_hand_edited_kernelspec_setting_stops_the_start(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match=r"bad kernel settings: limits\.memory: cannot read"):
         km.pre_start_kernel(cwd=str(tmp_path))
     assert km.provisioner.sockets_dir is None and km.provisioner.spec_file is None
+
+
+@pytest.mark.parametrize("name", ["", "-lead", "trail-", "a" * 64, "dot.ted", "sp ace", "é"])
+def test_a_hostname_that_is_no_host_name_is_refused(name):
+    with pytest.raises(InvalidRequestError, match="is not a host name"):
+        SandboxSpec.from_options({"hostname": name})
+
+
+def test_settings_by_name_are_checked_on_every_face(tmp_path, capsys):
+    from gvisor_magic import cli
+    from gvisor_magic.kernel.kernelspec import kernel_json
+    from gvisor_magic.notebook.magics import Isolation
+
+    assert SandboxSpec.from_options({"hostname": "a-1"}).hostname == "a-1"
+    assert cli.main(["run", "--set", "hostnme=x", "--", "true"]) == 2
+    assert "--set: unknown sandbox setting 'hostnme'" in capsys.readouterr().err
+    assert cli.main(["run", "--set", "hostname=-x", "--", "true"]) == 2
+    assert "is not a host name" in capsys.readouterr().err
+    with pytest.raises(InvalidRequestError, match="unknown sandbox setting 'working_dir'"):
+        kernel_json({"sandbox": {"working_dir": str(tmp_path)}})
+    with pytest.raises(TraitError, match=r"Isolation\.sandbox: .*is not a host name"):
+        Isolation(sandbox={"hostname": "x_y"})
+    assert Isolation(sandbox={"hostname": "nb"}).spec().hostname == "nb"

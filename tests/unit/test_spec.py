@@ -50,3 +50,6 @@ def test_a_cell_is_told_what_made_its_sandbox_another(tmp_path):
            None)
     assert _differences(old, new) == ["other network", "other limits", "other mode"]
     assert _differences(None, new) == [] and _differences(old, old) == []
+    # Every field of the spec counts, a setting added later too.
+    named = (SandboxSpec.from_options({"working_dir": tmp_path, "hostname": "other"}), None, None)
+    assert _differences(old, named) == ["other hostname"]
