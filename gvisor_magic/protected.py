@@ -39,13 +39,10 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import stand_ins
 from .errors import InvalidRequestError
-
-if TYPE_CHECKING:  # request imports this module: never at run time
-    from .request import SandboxSpec
 
 ENV_PROTECTED = "GVISOR_MAGIC_PROTECTED_PATHS"
 ENV_QUARANTINE = "GVISOR_MAGIC_QUARANTINE_DIR"
@@ -664,7 +661,15 @@ def plan_protection(writable: Sequence[str], readable: Sequence[str] = (),
     return planner.plan
 
 
-def plan_for(spec: SandboxSpec) -> ProtectionPlan:
+class Mounted(Protocol):
+    """What a plan is made from: a ``request.SandboxSpec`` (which imports this module)."""
+
+    working_dir: str | None
+    repo_path: str | None
+    protection: PathPolicy
+
+
+def plan_for(spec: Mounted) -> ProtectionPlan:
     """The protection plan for this sandbox's mounts: its working dir (writable) and
     repository (read-only), under its ``protection`` policy."""
     return plan_protection([spec.working_dir] if spec.working_dir else [],

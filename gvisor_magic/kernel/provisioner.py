@@ -9,7 +9,7 @@ It is ``LocalProvisioner`` with four changes:
   besides the notebook's own that the kernel's sandbox may create sockets in; the
   connection file (and its key) is copied there, out of Jupyter's runtime dir, which
   sandboxes never see. The directory is named after the server's pid
-  (``backends/kernel_dirs.py``): if the server is killed, the next run or kernel start of
+  (``run_dirs.py``): if the server is killed, the next run or kernel start of
   the same user removes it;
 - the command is ``python -m gvisor_magic.kernel.launch --spec FILE``, which runs the
   kernelspec's own command (ipykernel) inside the sandbox ``FILE`` describes: the
@@ -24,7 +24,7 @@ It is ``LocalProvisioner`` with four changes:
   sandbox when it is asked (shutdown request, SIGTERM), and when Jupyter killed it (SIGKILL,
   ``shutdown_kernel(now=True)`` or a kernel that did not exit within
   ``shutdown_wait_time``), ``cleanup`` kills the sandbox's processes and removes its run
-  dir itself (``kernel_dirs.remove_run_dirs_of``). The launcher is told where to make run
+  dir itself (``run_dirs.remove_run_dirs_of``). The launcher is told where to make run
   dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look.
 
 Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see the README,
@@ -50,11 +50,11 @@ from tornado.web import HTTPError
 from traitlets import Bool, Dict, List, Unicode, Union
 
 from .. import registry
-from ..backends.kernel_dirs import make_kernel_dir, remove_run_dirs_of
 from ..backends.layout import caller_identity
 from ..backends.runsc import ENV_STATE_DIR, state_base
 from ..errors import InvalidRequestError
 from ..request import SandboxSpec
+from ..run_dirs import make_kernel_dir, remove_run_dirs_of
 from .kernelspec import SETTINGS, check_settings
 from .launch import python_path
 

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
-from gvisor_magic.backends.kernel_dirs import PREFIX, owner_of, remove_run_dirs_of
 from gvisor_magic.kernel.launch import _Stop
 from gvisor_magic.kernel.provisioner import wait_for_start
+from gvisor_magic.run_dirs import KERNEL_PREFIX as PREFIX
+from gvisor_magic.run_dirs import kernel_owner_of as owner_of
+from gvisor_magic.run_dirs import remove_run_dirs_of
 
 
 def _launcher(code: str) -> tuple[int, subprocess.Popen]:
