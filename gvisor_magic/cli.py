@@ -157,6 +157,27 @@ def _kernelspec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
+    """The sandbox settings ``run`` and ``kernelspec install`` take (``_sandbox_options``)."""
+    add = parser.add_argument
+    add("--network", nargs="?", const="public", default=None, metavar="POLICY",
+        help="the sandbox's network: a preset (pypi, npm, github, huggingface, conda), hosts "
+             "(comma-separated, host or host:port), 'public' (the default with no value: "
+             "public addresses through the host's filtering proxy) or 'host' (the host's own "
+             "network, unfiltered); off when not given")
+    add("--allow-host", action="append", metavar="HOST[:PORT]", default=[],
+        help="also allow this destination (repeatable): adds to --network's allowlist or to "
+             "'public', makes one when the network is off")
+    add("--limit", action="append", metavar="NAME=VALUE",
+        help="resource limit, e.g. memory=1G, max_processes=64 (repeatable)")
+    add("--protect", action="append", metavar="RULE",
+        help="make RULE, a path of the working dir, read-only too; '-NAME' relaxes a built-in "
+             "protected path (repeatable; see SECURITY.md)")
+    add("--set", action="append", metavar="NAME=VALUE",
+        help="any other sandbox setting by name, e.g. hostname=build (repeatable; see "
+             "docs/api.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gvisor-magic",
@@ -181,25 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "temporary directory)")
     run.add_argument("--repo", default=None, help="host directory mounted read-only")
     run.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
-    run.add_argument("--network", nargs="?", const="public", default=None, metavar="POLICY",
-                     help="the sandbox's network: a preset (pypi, npm, github, huggingface, "
-                          "conda), hosts (comma-separated, host or host:port), 'public' (the "
-                          "default with no value: public addresses through the host's "
-                          "filtering proxy) or 'host' (the host's own network, unfiltered); "
-                          "off when not given")
-    run.add_argument("--allow-host", action="append", metavar="HOST[:PORT]", default=[],
-                     help="also allow this destination (repeatable): adds to --network's "
-                          "allowlist or to 'public', makes one when the network is off")
     run.add_argument("--require-isolation", action="store_true",
                      help="fail (exit 125) rather than run without gVisor")
-    run.add_argument("--limit", action="append", metavar="NAME=VALUE",
-                     help="resource limit, e.g. memory=1G, max_processes=64 (repeatable)")
-    run.add_argument("--protect", action="append", metavar="PATH",
-                     help="make PATH of the working dir read-only too; '-NAME' relaxes a "
-                     "built-in protected path (repeatable; see SECURITY.md)")
-    run.add_argument("--set", action="append", metavar="NAME=VALUE",
-                     help="any other sandbox setting by name, e.g. hostname=build (repeatable; "
-                          "see docs/api.md)")
+    _add_sandbox_options(run)
     run.add_argument("--shell", action="store_true",
                      help="treat the single CMD argument as a shell script")
     run.add_argument("--json", action="store_true", help="print the result as JSON at the end")
@@ -215,17 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--sys-prefix", action="store_true",
                        help="in this Python environment (sys.prefix)")
     where.add_argument("--prefix", default=None, help="under PREFIX/share/jupyter/kernels")
-    spec.add_argument("--network", nargs="?", const="public", default=None, metavar="POLICY",
-                      help="the kernel's network, as for run ('public' with no value; off "
-                           "when not given)")
-    spec.add_argument("--allow-host", action="append", metavar="HOST[:PORT]", default=[])
-    spec.add_argument("--limit", action="append", metavar="NAME=VALUE",
-                      help="e.g. memory=2G (repeatable)")
-    spec.add_argument("--protect", action="append", metavar="RULE",
-                      help="a protected-path rule (repeatable)")
-    spec.add_argument("--set", action="append", metavar="NAME=VALUE",
-                      help="any other sandbox setting by name, e.g. hostname=build (repeatable; "
-                           "see docs/api.md)")
+    _add_sandbox_options(spec)
     spec.set_defaults(handler=_kernelspec)
 
     # Listed here for --help; its options are the installer's own (gvisor-magic install -h).
