@@ -94,7 +94,7 @@ FETCH = ("import sys, urllib.request as u\n"
 
 
 def test_run_network_alone_is_public_and_allow_host_adds_to_it(runsc_works):
-    """``--network`` with no value is ``public`` (as the README says); ``--allow-host``
+    """``--network`` with no value is ``public`` (as docs/network.md says); ``--allow-host``
     with it reaches that host too (it was dropped, and the refusal then suggested it)."""
     from support.egress_servers import plain_server
 

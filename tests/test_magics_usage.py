@@ -99,7 +99,7 @@ def test_config_quiet_and_mode(ip, capfd):
 
 
 def test_network_alone_is_read_as_public(ip):
-    """``--network`` with no value is ``public``, as the README says (it answered
+    """``--network`` with no value is ``public``, as docs/network.md says (it answered
     "expected one argument"). Without runsc, public is refused rather than run unfiltered,
     which shows how the option was read."""
     for code in ("%%isolated --mode subprocess --network\ntrue\n",

@@ -215,7 +215,7 @@ def test_a_stalled_warm_sandbox_never_runs_the_command_it_gave_up_on(tmp_path, m
 
 def test_the_unisolated_fallback_loses_no_descendant(tmp_path):
     """On the host, a child that called setsid, or was re-parented when its parent exited,
-    is still killed when the command ends or times out (README: "killed as a whole, plus
+    is still killed when the command ends or times out (docs/sandbox.md: "killed as a whole, plus
     any descendant that left it")."""
     ended = run_command_isolated("(setsid sleep 119.7 &); setsid sleep 119.7 & echo done",
                                  mode="subprocess", working_dir=tmp_path, timeout=30)

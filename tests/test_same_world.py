@@ -1,4 +1,4 @@
-"""What the README promises a command sees is what it sees, on both gVisor backends, one-shot
+"""What docs/sandbox.md promises a command sees is what it sees, on both gVisor backends, one-shot
 and warm: the same hostname variable and files, an empty resolver without network, no
 set-group-ID directory left behind; and start-up errors that name their real cause."""
 

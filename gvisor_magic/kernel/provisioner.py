@@ -27,9 +27,10 @@ It is ``LocalProvisioner`` with four changes:
   dir itself (``run_dirs.remove_run_dirs_of``). The launcher is told where to make run
   dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look.
 
-Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see the README,
+Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see docs/kernel.md,
 "A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``
-(``kernelspec.SETTINGS``), read by ``SandboxSpec.from_options``; a bad one stops the start.
+and ``sandbox`` (any other setting by name; ``kernelspec.SETTINGS``), read by
+``SandboxSpec.from_options``; a bad one stops the start.
 """
 
 from __future__ import annotations
