@@ -14,7 +14,7 @@ LAYERS = [
     {"sandboxed", "backends.reaper"},  # stdlib only, run as programs
     {"install", "_version"},  # stdlib only: runs before the dependencies are installed
     {"registry", "errors", "result", "detect", "process", "setid", "stand_ins", "memory", "egress",
-     "protected", "request", "postrun", "agent_channel", "run_dirs"},
+     "protected", "request", "postrun", "agent_channel", "run_dirs", "activity", "changes"},
     {"backends"},
     {"warm"},
     {"runner"},
