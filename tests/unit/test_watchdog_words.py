@@ -68,5 +68,9 @@ def test_a_sample_counts_a_memory_file_once_even_where_it_is_mapped() -> None:
             mapped = usage.sample([os.getpid()]) - before
     finally:
         os.close(fd)
-    assert size <= unmapped < size + 16 * MiB, unmapped >> 20
-    assert size <= mapped < size + 16 * MiB, mapped >> 20
+    # The sample also counts this process's own RSS, which the kernel may trim by a few
+    # pages between two samples on a busy machine (seen in CI 2026-12-07: one page less,
+    # 64 MiB - 4 KiB): hence the slack below. Not counting the file would give about 0,
+    # counting its mapped pages twice about 128 MiB.
+    assert size - 4 * MiB <= unmapped < size + 16 * MiB, unmapped >> 20
+    assert size - 4 * MiB <= mapped < size + 16 * MiB, mapped >> 20
