@@ -63,7 +63,14 @@ class Channel:
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
             ready, _, _ = select.select([self.transport.stdout_fd], [], [], wait)
             if ready:
-                chunk = os.read(self.transport.stdout_fd, MAX_FRAME)
+                try:
+                    chunk = os.read(self.transport.stdout_fd, MAX_FRAME)
+                except OSError as exc:
+                    # A peer killed with our frame unread resets the socket instead of
+                    # closing it (ECONNRESET, seen in CI 2026-12-07): the same as EOF.
+                    raise SessionBroken(f"the sandbox agent's channel broke: {exc} "
+                                        f"({self.transport.stderr_text()[-300:] or 'no message'})"
+                                        ) from exc
                 if not chunk:
                     raise SessionBroken("the sandbox agent closed its channel "
                                         f"({self.transport.stderr_text()[-300:] or 'no message'})")

@@ -82,3 +82,13 @@ def test_sends_are_framed(fake):
     Channel(fake).send(b"R", b"{}")
     assert bytes(fake.sent) == b"R\x00\x00\x00\x02{}"
     assert os.get_blocking(fake.stdout_fd)
+
+
+def test_a_reset_channel_is_a_broken_session(fake):
+    """A peer killed with our frame unread resets the socket rather than closing it: the
+    session is broken, as on a close (a warm sandbox killed before it accepted a command;
+    tests/test_reuse.py), never an OSError out of the runner."""
+    fake.host.send(b"R\x00\x00\x00\x00")  # the run request the dead agent never read
+    fake.agent.close()
+    with pytest.raises(SessionBroken, match=r"channel broke: .*reset.*runsc: boom"):
+        Channel(fake).receive(time.monotonic() + 5)
