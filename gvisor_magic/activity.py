@@ -169,6 +169,9 @@ class HostContext:
     importable: frozenset[str] = frozenset()
     #: Files named by the host's environment as start-up files (PYTHONSTARTUP...).
     startup_files: frozenset[str] = field(default_factory=frozenset)
+    #: Of ``importable``, the namespace packages (a directory without ``__init__.py`` in
+    #: every import dir that has it): a directory of that name elsewhere joins them.
+    namespaces: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def current(cls) -> HostContext:
@@ -184,14 +187,23 @@ class HostContext:
         imports = {os.path.realpath(d) for d in sys_path if d and os.path.isdir(d)} | sites
         path_dirs = {os.path.realpath(d) for d in path.split(os.pathsep) if os.path.isabs(d)}
         names = set(sys.builtin_module_names) | set(getattr(sys, "stdlib_module_names", ()))
+        portions: set[str] = set()
+        regular: set[str] = set(names)
         for directory in sorted(imports):
-            names.update(_top_level_names(directory))
+            found = _top_level_names(directory)
+            names.update(found)
+            for name in found:
+                if os.path.isdir(os.path.join(directory, name)) and not os.path.exists(
+                        os.path.join(directory, name, "__init__.py")):
+                    portions.add(name)
+                else:
+                    regular.add(name)
         env = environ or {}
         startup = {os.path.realpath(os.path.expanduser(env[k]))
                    for k in ("PYTHONSTARTUP", "BASH_ENV", "ENV") if env.get(k)}
         return cls(frozenset(imports), frozenset(sites), frozenset(path_dirs),
                    os.path.realpath(home) if home else "", frozenset(names),
-                   frozenset(startup))
+                   frozenset(startup), frozenset(portions - regular))
 
 
 def _top_level_names(directory: str) -> set[str]:
@@ -648,7 +660,10 @@ def _importable(full: str, name: str, parts: list[str], wd: str, is_dir: bool,
     if not all(p.isidentifier() for p in rel[:-1]):
         return _shadowing(full, name, module, rel, wd, is_dir, host, exists)
     top = rel[0] if len(rel) > 1 else module
-    known = top in host.importable and top not in _NEVER_IMPORTED
+    # A directory without __init__.py is a namespace portion: Python uses it only when no
+    # regular package or module of that name is on the path, or to extend a namespace
+    # package (an installed regular package of that name wins, even from later on the path).
+    known = top in host.namespaces and top not in _NEVER_IMPORTED
     if len(rel) == 1:
         if not is_dir:
             return _active(IMPORTABLE, f"module {top} in the working dir: a kernel there "

@@ -66,8 +66,9 @@ from .errors import GvisorMagicError
 #: Diffs are made only for text files up to this size on each side.
 DIFF_LIMIT = 64 * 1024
 #: ``started_ns`` is compared with ctimes, which the kernel takes from a coarse clock (one
-#: tick behind at most): a host change this long before the start also counts as "during".
-CLOCK_SLACK_NS = 50_000_000
+#: tick behind at most, 4 ms at 250 Hz): a host change this long before the start also
+#: counts as "during" (a write made just before the command is then held as a conflict).
+CLOCK_SLACK_NS = 10_000_000
 #: What ``held_reason`` says of a discarded change.
 DISCARDED = "discarded"
 

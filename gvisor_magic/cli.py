@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from . import __version__, registry
 from .errors import CommandInterrupted, GvisorMagicError, IsolationUnavailable
 from .request import (
+    WRITES,
     Limits,
     SandboxSpec,
     named_settings,
@@ -93,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         env = parse_pairs(args.env or (), "--env")
         spec = SandboxSpec.from_options({
             "working_dir": args.workdir, "repo_path": args.repo,
-            **with_named_settings(_sandbox_options(args))})
+            **with_named_settings(_sandbox_options(args)), "writes": args.writes})
     except GvisorMagicError as exc:
         print(f"gvisor-magic run: {exc}", file=sys.stderr)
         return 2
@@ -116,8 +117,16 @@ def _run(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"[gvisor-magic] {result.describe()}", file=sys.stderr)
     if not args.json:
-        for warning in result.warnings():
+        for warning in result.warnings(held=False):
             print(f"[gvisor-magic] WARNING: {warning}", file=sys.stderr)
+        if result.held:
+            print(f"[gvisor-magic] {len(result.held)} change(s) to the working dir were held "
+                  "and are discarded now (this command cannot be asked later; nothing of "
+                  "them reached the host):", file=sys.stderr)
+            for c in result.held:
+                print(f"  {c.kind} {c.path}: {c.held_reason}", file=sys.stderr)
+    if result.writes is not None:
+        result.writes.close()  # nothing can apply them once this process is gone
     if result.returncode < 0:
         return 128 - result.returncode
     return result.returncode
@@ -207,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_options(run)
     run.add_argument("--shell", action="store_true",
                      help="treat the single CMD argument as a shell script")
+    run.add_argument("--writes", choices=WRITES, default=None,
+                     help="what happens to the command's writes to the working dir: 'auto' "
+                          "(they land unless a host tool would run or load them; those are "
+                          "held and listed), 'review' (all held and listed), 'direct' (they "
+                          "land as made; the default). The CLI cannot ask you later: held "
+                          "changes are discarded when it exits (--json lists them with diffs)")
     run.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     run.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
     run.add_argument("command", nargs=argparse.REMAINDER)

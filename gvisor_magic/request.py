@@ -51,6 +51,10 @@ ENV_REUSE = "GVISOR_MAGIC_REUSE"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
 DEFAULT_SHELL = "/bin/sh"
+#: The values of ``writes``: the command's writes land as made, are all held for review,
+#: or land unless a host tool would run or load them (``gvisor_magic.activity``).
+WRITES = ("direct", "review", "auto")
+DEFAULT_WRITES = "direct"
 #: What ``network=`` takes (see ``check_network``).
 NetworkSetting = bool | str | Sequence[str] | NetworkPolicy
 
@@ -219,8 +223,16 @@ class SandboxSpec:
     python_path: tuple[str, ...] = ()
     #: The sandbox's host name (``hostname``, ``/etc/hostname``, ``$HOSTNAME``).
     hostname: str = "gvisor-sandbox"
+    #: What happens to the command's writes to the working dir (``WRITES``): "direct"
+    #: (they land as made), "review" (all held), "auto" (inert ones land, active ones held).
+    writes: str = DEFAULT_WRITES
     #: The plan made for its mounts just before it starts (host state, not input).
     plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def holds_writes(self) -> bool:
+        """Whether the command's writes to the working dir go to a copy-on-write layer."""
+        return self.writes != "direct" and self.working_dir is not None
 
     @classmethod
     def build(
@@ -287,6 +299,8 @@ class SandboxSpec:
             changes["python_path"] = _check_dirs(given["python_path"], "python_path")
         if "hostname" in given:
             changes["hostname"] = _check_hostname(given["hostname"])
+        if "writes" in given:
+            changes["writes"] = _check_writes(given["writes"])
         return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
 
     def to_options(self) -> dict[str, object]:
@@ -303,7 +317,8 @@ class SandboxSpec:
                                   for name in self.protection.extra),
                                 *("-" + name for name in self.protection.relaxed)],
             "shell": self.shell, "kernel_dir": self.kernel_dir,
-            "python_path": list(self.python_path), "hostname": self.hostname}
+            "python_path": list(self.python_path), "hostname": self.hostname,
+            "writes": self.writes}
 
     def to_json(self) -> str:
         """``to_options`` as JSON: ``from_json`` reads it back, checking it again."""
@@ -362,7 +377,8 @@ def resolve_spec(spec: SandboxSpec | str | os.PathLike[str] | None,
 
 #: The names ``SandboxSpec.from_options`` reads.
 SPEC_OPTIONS = ("working_dir", "repo_path", "network", "allow_hosts", "limits",
-                "protected_paths", "shell", "kernel_dir", "python_path", "hostname")
+                "protected_paths", "shell", "kernel_dir", "python_path", "hostname",
+                "writes")
 #: Those every face also takes by name (``--set NAME=VALUE``, ``Isolation.sandbox``, the
 #: kernelspec's config): all but where the sandbox is, which each face says in its own way.
 NAMED_SETTINGS = tuple(name for name in SPEC_OPTIONS
@@ -452,6 +468,16 @@ def _check_limits(value: object, base: Limits) -> Limits:
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
+
+
+def _check_writes(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"writes must be a str, got {type(value).__name__}")
+    if value not in WRITES:
+        raise InvalidRequestError(f"writes {value!r} is not one of {', '.join(WRITES)}: "
+                                  "'auto' holds back what a host tool would run, 'review' "
+                                  "holds everything, 'direct' lets writes land as made")
+    return value
 
 
 def _check_hostname(value: object) -> str:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 from .egress.policy import Blocked, NetworkPolicy
 
 if TYPE_CHECKING:
+    from .changes import ApplyReport, Change, DiscardReport
     from .process import Capture
+    from .writes import Writes
 
 #: Exit status reported when a command hit its timeout (as GNU ``timeout`` does).
 TIMEOUT_RETURNCODE = 124
@@ -79,6 +81,35 @@ class CommandResult:
     error: str | None = None
     #: Free-form details from the backend (sandbox id, runsc version, ...).
     details: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The command's writes to the working dir when they were held in a copy-on-write
+    #: layer (``writes`` "review" or "auto"); None when they landed as made.
+    writes: Writes | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def changes(self) -> list[Change]:
+        """What the command added, modified and deleted in the working dir, each applied,
+        held (and why) or discarded; empty when its writes were not held."""
+        return self.writes.changes if self.writes is not None else []
+
+    @property
+    def held(self) -> list[Change]:
+        """The changes still waiting for ``apply`` or ``discard``."""
+        return self.writes.held() if self.writes is not None else []
+
+    def apply(self, paths: Iterable[str] | None = None) -> ApplyReport:
+        """Apply held changes to the working dir: ``paths`` or all of them (see
+        ``gvisor_magic.writes.Writes.apply``)."""
+        if self.writes is None:
+            raise ValueError("this command's writes were not held (writes='direct', or a "
+                             "backend that cannot hold them): there is nothing to apply")
+        return self.writes.apply(paths)
+
+    def discard(self, paths: Iterable[str] | None = None) -> DiscardReport:
+        """Throw held changes away: ``paths`` or all of them."""
+        if self.writes is None:
+            raise ValueError("this command's writes were not held: there is nothing to "
+                             "discard")
+        return self.writes.discard(paths)
 
     @classmethod
     def from_streams(cls, stdout: Capture, stderr: Capture, *, returncode: int, backend: str,
@@ -128,8 +159,9 @@ class CommandResult:
             text += f"; fallback: {self.fallback_reason}"
         return text
 
-    def warnings(self) -> list[str]:
-        """Sentences about what needs the user's attention beyond the exit status."""
+    def warnings(self, *, held: bool = True) -> list[str]:
+        """Sentences about what needs the user's attention beyond the exit status
+        (``held=False``: not the changes held for review, for a face that shows them)."""
         notes = []
         if self.blocked:
             notes.append("network: the command tried to reach what this sandbox may not "
@@ -150,6 +182,16 @@ class CommandResult:
             notes.append(self.details["protection_note"])
         if self.details.get("session_note"):
             notes.append(self.details["session_note"])
+        if self.writes is not None and self.writes.lost:
+            notes.append(f"writes: {self.writes.lost}")
+        pending = self.held if held else []
+        if pending:
+            notes.append(f"{len(held)} change(s) to the working dir held for review (nothing "
+                         "of them is on the host; result.apply() or result.discard()):\n  - "
+                         + "\n  - ".join(f"{c.kind} {c.path}: {c.held_reason}"
+                                          for c in pending[:20])
+                         + (f"\n  - ... and {len(pending) - 20} more"
+                            if len(pending) > 20 else ""))
         return notes
 
     def check_returncode(self) -> None:
@@ -163,6 +205,9 @@ class CommandResult:
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable form (used by ``gvisor-magic run --json``)."""
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, writes=None))
+        del data["writes"]
         data["success"] = self.success
+        if self.writes is not None:
+            data["changes"] = self.writes.to_dicts()
         return data

@@ -339,6 +339,11 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             reasons[name] = status.reason + (f" (fix: {status.fix})" if status.fix else "")
             log.info("gvisor: skipping %s: %s", name, reasons[name])
             continue
+        if request.spec.holds_writes and not registry.isolates(name):
+            reasons[name] = (f"cannot hold writes (writes={request.spec.writes!r}): it runs on "
+                             "the host, where the command's writes land as made; use "
+                             "writes='direct' to run there knowingly")
+            continue
         log.info("gvisor: running %r with %s (%s)", request.display[:200], name, why)
         started, wall = time.monotonic(), time.time()
         try:

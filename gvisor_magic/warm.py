@@ -28,6 +28,7 @@ from .process import Capture, OutputCallback
 from .protected import plan_for
 from .request import CommandRequest, SandboxSpec, sandbox_env
 from .result import KILLED, CommandResult, network_fields
+from .writes import Writes, take_held_writes, with_writes
 
 log = logging.getLogger("gvisor_magic")
 
@@ -108,6 +109,7 @@ class WarmSandbox:
         memory_before = transport.memory_events()
         network_mark = transport.network.mark()
         self.commands += 1
+        started_ns = time.time_ns()
         run = self.client.run(
             {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
              "stdin": request.stdin.hex() if request.stdin else None, "fresh": fresh},
@@ -142,6 +144,8 @@ class WarmSandbox:
             timed_out=run.timed_out, duration=time.monotonic() - start,
             network=request.network, error=error, blocked=blocked,
             details={"memory_limit": memory_note} if memory_note else {})
+        if self.spec.holds_writes and run.accepted:
+            result = with_writes(result, self._writes(run, started_ns, error or memory_note))
         if run.status is not None and run.status.get("tainted"):
             # The agent could not undo what this command changed: the next command gets a
             # fresh sandbox, and its result says why.
@@ -154,6 +158,20 @@ class WarmSandbox:
                 "command interrupted; its sandbox was killed (the next command starts a "
                 "fresh one)"))
         return result
+
+
+    def _writes(self, run, started_ns: int, failed: str | None) -> Writes:
+        """The command's held writes, as the agent's layer keeper copied them out."""
+        layer = (run.status or {}).get("layer")
+        if layer != "done":
+            return Writes(self.spec.writes, None, None, lost=(
+                f"its writes were not copied out of the sandbox ({str(layer)[:200]})"
+                if layer else "the sandbox ended before its writes were copied out")
+                + ": none reached the working dir")
+        completed = not (failed or run.timed_out or run.interrupted or run.status.get("killed")
+                         or "signal" in run.status)
+        return take_held_writes(self.spec, self.transport.status_dir, started_ns,
+                                completed=completed)
 
 
 @dataclasses.dataclass

@@ -29,10 +29,18 @@ from ..registry import Enforcement
 from ..request import CommandRequest, SandboxSpec
 from ..result import CommandResult, returncode_of
 from ..run_dirs import make_run_dir
+from ..writes import take_held_writes, with_writes
 from .base import BackendStatus
 from .docker_process import DockerProcess
 from .init import init_argv, read_attempts, read_status, started_in
-from .layout import Identity, SandboxLayout, build_layout, caller_identity
+from .layout import (
+    LAYER_CAPABILITIES,
+    Identity,
+    SandboxLayout,
+    build_layout,
+    caller_identity,
+    layer_setting,
+)
 
 log = logging.getLogger("gvisor_magic")
 
@@ -244,11 +252,22 @@ class DockerBackend:
                        host_system: bool) -> CommandResult:
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
         # The relay answers tools' proxy requests with "the network is off" and notes them.
+        layer = layer_setting(request.spec, layout.identity)
+        if layer and not marker:
+            raise SandboxStartError(self.name, f"writes={request.spec.writes!r} needs the "
+                                    "sandbox's own init, which an image of its own "
+                                    "(GVISOR_MAGIC_IMAGE) does not run",
+                                    fix="unset GVISOR_MAGIC_IMAGE, or use writes='direct'",
+                                    unsupported=True)
+        started_ns = time.time_ns()
         argv = (init_argv(marker, request.argv, request.timeout,
-                          relay_setting(request.network)) if marker else list(request.argv))
+                          relay_setting(request.network), layer)
+                if marker else list(request.argv))
         api = self.client().api
+        # Held writes: the init starts as root of the sandbox to mount the layer.
         cid = self.create(request.spec, layout, argv, runtime, image,
-                          stdin_open=request.stdin is not None)
+                          stdin_open=request.stdin is not None,
+                          init_capabilities=LAYER_CAPABILITIES if layer else ())
         process = DockerProcess(api, cid, request.stdin)
         started = False
         oom = ContainerOOMWatch(cid)
@@ -269,6 +288,12 @@ class DockerBackend:
                 kill_processes_mentioning(cid, "container")
         status = read_status(os.path.join(status_dir, "status"))
         blocked = relay_attempts(read_attempts(status_dir), request.network)
+        writes = None
+        if layer:
+            writes = take_held_writes(request.spec, status_dir, started_ns, completed=bool(
+                started and not outcome.timed_out and not outcome.interrupted and not oom_kills
+                and not process.error and outcome.gate_seen
+                and not status.startswith("signal")))
         if marker and not outcome.gate_seen and started_in(status_dir):
             # It may have run (see sandbox_init): report it, never try elsewhere.
             outcome.stderr.add(outcome.pre_gate.replace(marker.encode(), b"", 1))
@@ -303,6 +328,7 @@ class DockerBackend:
             network=request.network, error=error, blocked=blocked,
             details={"container_id": cid[:12], "runtime": runtime, "image": image,
                      **layout.details()})
+        result = with_writes(result, writes)
         if outcome.interrupted:
             raise CommandInterrupted(result)
         return result

@@ -14,7 +14,8 @@ from .layout import STATUS_DIR, init_python
 _SANDBOXED = Path(__file__).resolve().parent.parent / "sandboxed"
 #: The relay defines names only; the init, after it, uses them (see sandbox_init).
 RELAY_SOURCE = (_SANDBOXED / "egress_relay.py").read_text()
-_INIT_SOURCE = RELAY_SOURCE + "\n" + (_SANDBOXED / "sandbox_init.py").read_text()
+_INIT_SOURCE = "\n".join((RELAY_SOURCE, (_SANDBOXED / "cow_layer.py").read_text(),
+                          (_SANDBOXED / "sandbox_init.py").read_text()))
 _ATTEMPTS_MAX = 16 * 1024
 
 
@@ -23,12 +24,13 @@ DEADLINE_GRACE = 5.0
 
 
 def init_argv(marker: str, argv: tuple[str, ...], timeout: float | None = None,
-              egress: str = "") -> list[str]:
+              egress: str = "", layer: str = "") -> list[str]:
     """The sandbox's PID 1: our init (see sandboxed/sandbox_init.py) wrapping the command;
-    ``egress``: its relay's setting (``SandboxNetwork.relay_setting``)."""
+    ``egress``: its relay's setting (``SandboxNetwork.relay_setting``); ``layer``: the
+    copy-on-write layer's (``layout.layer_setting``), "" to write the working dir directly."""
     deadline = 0.0 if timeout is None else timeout + DEADLINE_GRACE
     return [init_python(), "-I", "-S", "-c", _INIT_SOURCE, marker, f"{STATUS_DIR}/status",
-            f"{deadline:.3f}", egress, *argv]
+            f"{deadline:.3f}", egress, layer, *argv]
 
 
 def read_attempts(status_dir: str) -> str:

@@ -12,6 +12,7 @@ exist inside.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -59,6 +60,8 @@ _PRIVATE_KEY = b"PRIVATE KEY-----"
 _KEY_SCAN_MAX = 4 << 20
 
 STATUS_DIR = "/run/gvisor-magic"
+#: The sandbox's own tmpfs that holds the copy-on-write layer (``sandboxed/cow_layer.py``).
+LAYER_DIR = "/run/gvisor-magic-layer"
 
 @dataclass(frozen=True)
 class Identity:
@@ -219,7 +222,11 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
         mounts.append(MountSpec(STATUS_DIR, "bind", status_dir, read_only=False))
     wanted = []
     if spec.working_dir:
-        wanted.append((spec.working_dir, False))
+        # Held writes: the host's folder is only the layer's lower, read-only to the sandbox.
+        wanted.append((spec.working_dir, spec.holds_writes))
+    if spec.holds_writes:
+        memory = f"size={spec.limits.memory}" if spec.limits.memory else size
+        mounts.append(MountSpec(LAYER_DIR, "tmpfs", "tmpfs", False, ("mode=0700", memory)))
     if spec.repo_path:
         wanted.append((spec.repo_path, True))
     for path, read_only in sorted(wanted, key=lambda item: item[0].count("/")):
@@ -238,6 +245,19 @@ def build_layout(spec: SandboxSpec, env: Mapping[str, str], identity: Identity, 
         # Last, so that it is mounted over whatever hides other sandboxes' state there.
         mounts.append(MountSpec(spec.kernel_dir, "bind", spec.kernel_dir, read_only=False))
     return layout
+
+
+def layer_setting(spec: SandboxSpec, identity: Identity) -> str:
+    """The init's LAYER argument (``sandboxed/cow_layer.py``): "" when writes land directly."""
+    if not spec.holds_writes:
+        return ""
+    return json.dumps({"dir": spec.working_dir, "base": LAYER_DIR, "uid": identity.uid,
+                       "size": spec.limits.memory})
+
+
+#: What the sandbox's init needs to mount the layer and then become the caller.
+LAYER_CAPABILITIES = ("SYS_ADMIN", "SETUID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE",
+                      "DAC_READ_SEARCH", "KILL")
 
 
 def _protect(layout: SandboxLayout, scratch: str) -> None:

@@ -19,7 +19,8 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..egress.policy import Blocked
@@ -32,9 +33,17 @@ from ..registry import Enforcement
 from ..request import CommandRequest
 from ..result import CommandResult, returncode_of
 from ..run_dirs import make_run_dir
+from ..writes import Writes, take_held_writes, with_writes
 from .base import BackendStatus
 from .init import init_argv, read_attempts, read_status, started_in
-from .layout import Identity, build_layout, caller_identity, init_python
+from .layout import (
+    LAYER_CAPABILITIES,
+    Identity,
+    build_layout,
+    caller_identity,
+    init_python,
+    layer_setting,
+)
 from .oci import Bundle
 
 log = logging.getLogger("gvisor_magic")
@@ -319,6 +328,9 @@ class RunscBackend:
         status, started, tried = "", False, ""
         layout = None
         guard: MemoryGuard | None = None
+        layer = layer_setting(request.spec, identity)
+        writes: Writes | None = None
+        started_ns = time.time_ns()
         try:
             try:
                 os.mkdir(state, 0o700)
@@ -326,10 +338,13 @@ class RunscBackend:
                 network.start()
                 layout = build_layout(request.spec, request.env, identity, run_dir,
                                       status_dir=status_dir)
+                # Held writes: the init starts as root of the sandbox to mount the layer.
                 bundle = Bundle(os.path.join(run_dir, "bundle"), layout,
                                 init_argv(marker, request.argv, request.timeout,
-                                          network.relay_setting()),
-                                request.limits, network.runsc_network == "host")
+                                          network.relay_setting(), layer),
+                                request.limits, network.runsc_network == "host",
+                                LAYER_CAPABILITIES if layer else (),
+                                init_uid=0 if layer else None)
                 bundle.write()
             except OSError as exc:  # e.g. a full disk: the command has not started
                 raise SandboxStartError(self.name, f"cannot write the sandbox bundle in {base} "
@@ -360,15 +375,30 @@ class RunscBackend:
                 outcome is None or outcome.timed_out or outcome.interrupted
                 or not outcome.gate_seen or outcome.returncode >= 128)
             network.close()
+            take = None
+            if layer:
+                def take(status_dir: str) -> None:
+                    # Not completed: killed (a signal, its timeout, an interrupt, its
+                    # memory limit) or never started. An exit status >= 128 of its own is
+                    # completed (git exits 128): the init writes "exit N" for it.
+                    nonlocal writes
+                    completed = (outcome is not None and outcome.gate_seen
+                                 and not (outcome.timed_out or outcome.interrupted)
+                                 and not (guard is not None and guard.breached())
+                                 and not read_status(os.path.join(status_dir, "status"))
+                                 .startswith("signal"))
+                    writes = take_held_writes(request.spec, status_dir, started_ns,
+                                              completed=completed)
             status, started, tried = self._cleanup(runsc, flags, sandbox_id, state, run_dir,
-                                                   abnormal)
+                                                   abnormal, take)
             if layout is not None:
                 layout.release()
             if guard is not None:
                 guard.close()
         blocked = network.blocked(relay_text=tried)
         if guard is not None and guard.breached():
-            return self._memory_killed(request, outcome, guard, sandbox_id, layout, blocked)
+            return with_writes(self._memory_killed(request, outcome, guard, sandbox_id, layout,
+                                                   blocked), writes)
         try:
             # noexec matters only inside a user namespace (see state_base).
             result = self._result(request, outcome, status, sandbox_id, started,
@@ -376,9 +406,10 @@ class RunscBackend:
                                   blocked)
         except CommandInterrupted as exc:
             exc.result.details.update(layout.details())
+            exc.result = with_writes(exc.result, writes)
             raise
         result.details.update(layout.details())
-        return result
+        return with_writes(result, writes)
 
     def _memory_killed(self, request: CommandRequest, outcome: Outcome, guard: MemoryGuard,
                        sandbox_id: str, layout, blocked: list[Blocked]) -> CommandResult:
@@ -445,10 +476,12 @@ class RunscBackend:
             kill_processes_mentioning(sandbox_id, "sandbox")
 
     def _cleanup(self, runsc: str, flags: list[str], sandbox_id: str, state: str,
-                 run_dir: str, abnormal: bool) -> tuple[str, bool, str]:
+                 run_dir: str, abnormal: bool,
+                 take: Callable[[str], None] | None = None) -> tuple[str, bool, str]:
         """Remove the sandbox, its processes and files; return the init's status report,
         whether the init recorded the command's start, and what its relay says was tried
-        while the network was off.
+        while the network was off. ``take`` is given the status dir once the sandbox is
+        gone, before it is removed (the held writes the init copied out there).
 
         The status file is written by code inside the sandbox, so it is read
         with a size bound and only trusted to refine ``128 + N`` into a signal.
@@ -468,6 +501,8 @@ class RunscBackend:
             except (OSError, subprocess.SubprocessError) as exc:
                 log.warning("gvisor: runsc delete failed for %s: %s", sandbox_id, exc)
             kill_processes_mentioning(sandbox_id, "sandbox")
+        if take is not None:
+            take(os.path.join(run_dir, "status"))
         shutil.rmtree(run_dir, ignore_errors=True)
         if os.path.exists(run_dir):
             log.warning("gvisor: could not remove the sandbox directory %s", run_dir)

@@ -30,7 +30,7 @@ from ..process import kill_processes_mentioning
 from ..request import SandboxSpec
 from ..run_dirs import make_run_dir
 from .init import RELAY_SOURCE
-from .layout import build_layout, caller_identity, init_python
+from .layout import LAYER_CAPABILITIES, build_layout, caller_identity, init_python, layer_setting
 from .oci import Bundle
 from .runsc import (
     ENV_STATE_DIR,
@@ -46,6 +46,7 @@ _SANDBOXED = Path(__file__).resolve().parent.parent / "sandboxed"
 #: The agent's whole program: the relay and the wire define names only, the agent after
 #: them uses them as its own (see sandboxed/agent_wire.py).
 AGENT_SOURCE = "\n".join([RELAY_SOURCE, (_SANDBOXED / "agent_wire.py").read_text(),
+                           (_SANDBOXED / "cow_layer.py").read_text(),
                            (_SANDBOXED / "session_agent.py").read_text()])
 _STDERR_KEEP = 64 * 1024
 #: How long an error waits for the end of runsc's stderr once the sandbox has ended.
@@ -71,6 +72,20 @@ def agent_argv(*extra: str) -> list[str]:
 #: and the relay of a Docker session to hide it; all dropped before any command runs.
 SEAL_CAPABILITIES = ("SETUID", "SETPCAP", "SYS_ADMIN")
 HIDE_CAPABILITIES = ("SYS_ADMIN", "SETPCAP", "SETUID", "SETGID")
+
+
+def _capabilities(base: tuple[str, ...], layer: str) -> tuple[str, ...]:
+    """The agent's start-up capabilities, and the layer keeper's when writes are held."""
+    return tuple(dict.fromkeys(base + (LAYER_CAPABILITIES if layer else ())))
+
+
+def _status_dir(run_dir: str, spec: SandboxSpec) -> str | None:
+    """Where the agent's layer keeper copies each command's writes out (``STATUS_DIR``)."""
+    if not spec.holds_writes:
+        return None
+    path = os.path.join(run_dir, "status")
+    os.mkdir(path, 0o700)
+    return path
 
 
 class _StderrTail:
@@ -146,15 +161,18 @@ class RunscTransport:
         try:
             os.mkdir(state, 0o700)
             network.start()
-            self.layout = layout = build_layout(spec, {}, identity, self.run_dir)
+            self.status_dir = _status_dir(self.run_dir, spec)
+            self.layout = layout = build_layout(spec, {}, identity, self.run_dir,
+                                                status_dir=self.status_dir)
             self.env = layout.env
             # The agent starts as root of the sandbox and takes a uid of its own,
             # running commands as the caller (session_agent.seal).
+            layer = layer_setting(spec, identity)
             bundle = Bundle(os.path.join(self.run_dir, "bundle"), layout,
                             agent_argv("--caller", str(identity.uid), "--shell", spec.shell,
-                                       "--egress", network.relay_setting()),
-                            spec.limits, network.runsc_network == "host", SEAL_CAPABILITIES,
-                            init_uid=0)
+                                       "--egress", network.relay_setting(), "--layer", layer),
+                            spec.limits, network.runsc_network == "host",
+                            _capabilities(SEAL_CAPABILITIES, layer), init_uid=0)
             bundle.write()
             self.guard = MemoryGuard(spec.limits.memory, kill=self._kill_sandbox)
             try:
@@ -289,17 +307,21 @@ class DockerTransport:
         self.layout = None
         self.oom: ContainerOOMWatch | None = None
         try:
-            self.layout = layout = build_layout(spec, {}, docker_identity(), self.run_dir)
+            self.status_dir = _status_dir(self.run_dir, spec)
+            self.layout = layout = build_layout(spec, {}, docker_identity(), self.run_dir,
+                                                status_dir=self.status_dir)
             self.env = layout.env
             # Docker gives the container pipes for stdio: the agent starts hidden
             # below a relay, as the caller, with no capabilities left.
             ident = layout.identity
+            layer = layer_setting(spec, ident)
             self.cid = backend.create(spec, layout,
                                       agent_argv("--caller", str(ident.uid), "--hide",
                                                  str(ident.gid), "--shell", spec.shell,
-                                                 "--egress", self.network.relay_setting()),
+                                                 "--egress", self.network.relay_setting(),
+                                                 "--layer", layer),
                                       runtime, image, stdin_open=True,
-                                      init_capabilities=HIDE_CAPABILITIES)
+                                      init_capabilities=_capabilities(HIDE_CAPABILITIES, layer))
             self.sandbox_id = self.cid[:12]
             self.oom = ContainerOOMWatch(self.cid)
             self.memory = spec.limits.memory or 0

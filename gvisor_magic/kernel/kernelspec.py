@@ -26,7 +26,13 @@ def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
         if name not in SETTINGS:
             raise InvalidRequestError(f"unknown kernel setting {name!r}: expected one of "
                                       f"{', '.join(SETTINGS)}")
-    return SandboxSpec.from_options(with_named_settings(config))
+    spec = SandboxSpec.from_options(with_named_settings(config))
+    if spec.writes != "direct":
+        raise InvalidRequestError(f"writes={spec.writes!r}: the gVisor kernel runs its cells "
+                                  "in one warm sandbox, which writes its working dir directly; "
+                                  "held writes are for one-shot runs (%%isolated --writes, "
+                                  "gvisor-magic run --writes)")
+    return spec
 
 
 def kernel_json(config: Mapping[str, Any] | None = None,

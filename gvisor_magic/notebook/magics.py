@@ -20,6 +20,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
 from IPython.utils.text import DollarFormatter, SList
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 from traitlets.config import Config, Configurable
@@ -27,10 +28,19 @@ from traitlets.config import Config, Configurable
 from .. import registry
 from ..egress.policy import NetworkPolicy
 from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
-from ..request import MODES, Limits, SandboxSpec, named_settings, parse_pairs
+from ..request import (
+    DEFAULT_WRITES,
+    MODES,
+    WRITES,
+    Limits,
+    SandboxSpec,
+    named_settings,
+    parse_pairs,
+)
 from ..result import CommandResult
 from ..runner import detect_environment, run_command_isolated
 from .kernel_session import KernelSessions
+from .review import HeldWrites, review_widget
 from .routing import SCRIPT_OPTIONS_REFUSED, ShellRouter
 from .status import report
 from .widget import VIEWS, IsolationState, make_widget
@@ -78,6 +88,11 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--limit", {"action": "append", "default": [], "metavar": "NAME=VALUE",
                  "help": "resource limit, e.g. memory=1G, max_processes=64, tmp_size=2G, "
                          "cpus=1 (repeatable; see Isolation.limits)"}),
+    ("--writes", {"choices": WRITES,
+                  "help": "what happens to the command's writes to the working dir: 'auto' "
+                          "(land unless a host tool would run them; those are held for "
+                          "review), 'review' (all held), 'direct' (land as made; default: "
+                          "Isolation.writes)"}),
     ("--set", {"action": "append", "default": [], "metavar": "NAME=VALUE",
                "help": "any other sandbox setting by name, e.g. hostname=build "
                        "(repeatable; see Isolation.sandbox)"}),
@@ -132,7 +147,7 @@ def _default_shell() -> str:
 
 
 #: The settings of ``Isolation`` that make its sandbox (``Isolation.spec``).
-SANDBOX_SETTINGS = ("network", "limits", "protected_paths", "shell")
+SANDBOX_SETTINGS = ("network", "limits", "protected_paths", "shell", "writes")
 
 
 class Isolation(Configurable):
@@ -175,6 +190,11 @@ class Isolation(Configurable):
                            "a path of the working dir read-only in the sandbox, '-.bashrc' "
                            "relaxes a built-in entry (shown in results and the widget).",
                            ).tag(config=True)
+    writes = Unicode(DEFAULT_WRITES, help="What happens to a command's writes to the working "
+                     "dir: 'direct' (they land as made), 'auto' (they land unless a host tool "
+                     "would run or load them; those are held for review: %isolation apply), "
+                     "'review' (all held). Held writes run one-shot, not in the warm sandbox."
+                     ).tag(config=True)
     sandbox = Dict(help="Any other sandbox setting by name, e.g. {'hostname': 'build'} "
                    "(the names of SandboxSpec.from_options; see docs/api.md).").tag(config=True)
 
@@ -201,7 +221,7 @@ class Isolation(Configurable):
             raise TraitError("Isolation.max_output must be a positive number of bytes")
         return proposal["value"]
 
-    @validate("network", "limits", "protected_paths", "sandbox")  # shell: below
+    @validate("network", "limits", "protected_paths", "sandbox", "writes")  # shell: below
     def _check_sandbox_setting(self, proposal):
         name = proposal["trait"].name
         try:
@@ -278,6 +298,8 @@ class IsolatedMagics(Magics):
         self.state = IsolationState()
         self.router = ShellRouter(shell, self._run_routed, self._run_script_cell)
         self.sessions = KernelSessions()
+        #: Writes held for review by this kernel's commands (``%isolation apply``).
+        self.held = HeldWrites()
         self.settings.observe(self._route_changed, names="route_bang")
         if self.settings.route_bang:
             self.router.install()
@@ -359,6 +381,9 @@ class IsolatedMagics(Magics):
                 "off (a fresh sandbox per command)"
         VIEWS.refresh(self.state)
         report(result, self._quiet(quiet))
+        if result.held:
+            self.held.add(result.writes)
+            display(review_widget(result.writes, self.held))
         return result
 
     def _quiet(self, quiet: bool | None) -> bool:
@@ -424,7 +449,7 @@ class IsolatedMagics(Magics):
         try:
             spec = self.spec({**named, "working_dir": args.workdir, "repo_path": args.repo,
                               "network": args.network, "allow_hosts": args.allow_host,
-                              "limits": limits})
+                              "limits": limits, "writes": args.writes})
         except InvalidRequestError as exc:
             raise UsageError(str(exc)) from None
         result = self.run(
@@ -482,9 +507,12 @@ class IsolatedMagics(Magics):
     @line_magic
     def isolation(self, line: str):
         """``%isolation on|off|status|restart``: route ``!``, show the status, or replace
-        the kernel's warm sandbox."""
+        the kernel's warm sandbox. ``%isolation apply PATH...|--all`` and ``%isolation
+        discard [PATH...]`` act on the writes held for review."""
         words = shlex.split(line) or ["status"]
         action = words[0]
+        if action in ("apply", "discard"):
+            return self._held_verb(action, words[1:])
         if len(words) > 1:
             raise UsageError(f"%isolation {action} takes no arguments (got {line.strip()!r})")
         if action == "on":
@@ -502,8 +530,23 @@ class IsolatedMagics(Magics):
             print("[gvisor-magic] the warm sandbox was replaced (fresh /tmp and HOME)")
         else:
             raise UsageError(f"unknown %isolation verb {action!r}: use "
-                             "%isolation on|off|status|restart")
+                             "%isolation on|off|status|restart|apply|discard")
         return None
+
+    def _held_verb(self, action: str, words: list[str]) -> None:
+        if action == "apply" and not words:
+            raise UsageError("%isolation apply takes the paths to apply (relative to the "
+                             "working dir), or --all")
+        every = words == ["--all"]
+        if not self.held.pending():
+            print("[gvisor-magic] no writes are held for review")
+            return
+        verb = self.held.apply if action == "apply" else self.held.discard
+        for line in verb(None if every or not words else words):
+            print(f"[gvisor-magic] {line}")
+        left = len(self.held.pending())
+        if left:
+            print(f"[gvisor-magic] {left} change(s) still held")
 
     def status_widget(self):
         """A live status widget (refreshed after every run in this kernel)."""

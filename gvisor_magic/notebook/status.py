@@ -39,7 +39,7 @@ def needs_attention(result: CommandResult) -> bool:
     """True when the outcome must be said loudly (stderr), not as a quiet badge."""
     return (not result.isolated or bool(result.fallback_reason) or result.timed_out
             or result.returncode < 0 or bool(result.error) or result.truncated
-            or bool(result.warnings()))
+            or bool(result.warnings(held=False)))
 
 
 def plain(result: CommandResult, note: str = "") -> str:
@@ -72,5 +72,5 @@ def report(result: CommandResult, quiet: bool, note: str = "") -> None:
             sys.stdout.flush()  # the command's own output first
             display({"text/plain": plain(result, note), "text/html": badge_html(result, note)},
                     raw=True)
-    for warning in result.warnings():
+    for warning in result.warnings(held=False):  # held changes: the review widget
         print(f"{PREFIX} WARNING: {warning}", file=sys.stderr, flush=True)

@@ -23,7 +23,12 @@ loopback before the command starts, and the command's environment points at
 it. Destinations asked for while the network is off are written to
 ``egress`` next to the status file.
 
-argv: MARKER STATUS_FILE DEADLINE EGRESS PROGRAM [ARGS...]
+Held writes: with LAYER set (see ``cow_layer.py``, whose source is put in front of this
+one), the init starts as root of the sandbox, mounts the copy-on-write layer over the
+working dir, becomes the caller, and after the command ends kills what it left and
+copies the layer out next to the status file. Without LAYER it starts as the caller.
+
+argv: MARKER STATUS_FILE DEADLINE EGRESS LAYER PROGRAM [ARGS...]
 """
 
 import os
@@ -32,8 +37,17 @@ import sys
 
 
 def main() -> None:
-    marker, status_path, deadline, egress = sys.argv[1:5]
-    argv = sys.argv[5:]
+    marker, status_path, deadline, egress, layer = sys.argv[1:6]
+    argv = sys.argv[6:]
+    if layer:
+        try:
+            layer = layer_start(layer)  # noqa: F821 (defined by cow_layer.py, put in front)
+            os.chdir(os.getcwd())  # the working dir as the overlay shows it
+            layer_become_caller(layer)  # noqa: F821
+        except OSError as exc:
+            os.write(2, f"gvisor-magic init: cannot hold the command's writes: {exc}\n"
+                     .encode(errors="replace"))
+            os._exit(125)
     home = os.environ.get("HOME")
     if home:
         try:
@@ -79,6 +93,14 @@ def main() -> None:
             break
         if done == pid:
             break
+    if layer:
+        layer_end_processes(layer)  # noqa: F821
+        try:
+            layer_copy_out(layer, os.path.dirname(status_path))  # noqa: F821
+        except OSError as exc:  # no "done": the host takes nothing from the layer
+            os.write(2, f"gvisor-magic init: cannot copy the writes out: {exc}\n"
+                     .encode(errors="replace"))
+        _as_caller(layer)  # noqa: F821
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         report, code = f"signal {number}", 128 + number

@@ -22,6 +22,15 @@ big-endian) + payload (``agent_wire``).
                      "blocked": [[host, port]...] when the network is off and the
                      command's tools asked the relay for somewhere
 
+Held writes (``--layer SETTING``, see ``cow_layer.py``, whose source runs before this
+one's): a thread of the agent, the layer keeper, keeps the capabilities the layer needs
+(capabilities are per thread; it sets ``PR_SET_KEEPCAPS`` before the agent takes its uids,
+and raises them again only for its own work). Before each command is accepted it mounts a
+fresh overlay over the working dir; after the command and everything it left have ended,
+it copies the overlay's upper out to ``STATUS_DIR`` and the ``X`` report says
+``"layer": "done"`` (or why not). A command never runs without its overlay: a keeper that
+cannot mount ends the agent before the command is accepted.
+
 The command gets its own pipes, never the agent's, so nothing it prints can be
 taken for a frame. The agent seals itself off from the commands (``seal``):
 
@@ -57,6 +66,7 @@ cannot hold send a command the slow way (a direct spawn).
 import fcntl
 import json
 import os
+import queue
 import re
 import resource
 import select
@@ -64,6 +74,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 
 # The wire (RUN, GO, KILL, HELLO, ..., MAX_FRAME, PIPE_SIZE, pack_frame, parse_header) is
@@ -123,6 +134,76 @@ def drop_capabilities():
                 and int(line.split()[1], 16)]
     if left:
         fail("capabilities left after dropping them: " + ", ".join(left))
+
+
+PR_SET_KEEPCAPS, PR_CAPBSET_READ = 8, 23
+STATUS_DIR = "/run/gvisor-magic"  # the host's layout.STATUS_DIR
+#: (requests, replies) of the layer keeper thread, when the writes are held.
+KEEPER = None
+
+
+def raise_effective():
+    """This thread's effective capabilities := its permitted ones (the keeper's, after the
+    agent's uid change cleared them)."""
+    ctypes, c = libc()
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(_LINUX_CAPABILITY_VERSION_3, 0), (Data * 2)()
+    if c.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    for half in data:
+        half.effective = half.permitted
+    if c.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def start_keeper(setting):
+    """Start the layer keeper thread (see the top); it prepares the layer before this
+    returns. Called before ``seal``, while the agent is root of the sandbox."""
+    global KEEPER
+    requests, replies = queue.Queue(), queue.Queue()
+
+    def keeper():
+        ctypes, c = libc()
+        if c.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+            replies.put(("error", "PR_SET_KEEPCAPS failed (errno %d)" % ctypes.get_errno()))
+            return
+        try:
+            layer = layer_prepare(setting)  # cow_layer.py's
+        except OSError as exc:
+            replies.put(("error", str(exc)))
+            return
+        layer["switch"] = False  # its effective uid is the caller's once the agent sealed
+        replies.put(("ok", None))
+        while True:
+            operation, argument = requests.get()
+            try:
+                raise_effective()
+                replies.put(("ok", operation(layer, *argument)))
+            except Exception as exc:  # reported to the agent, which decides
+                replies.put(("error", "%s: %s" % (type(exc).__name__, exc)))
+
+    threading.Thread(target=keeper, name="layer-keeper", daemon=True).start()
+    KEEPER = (requests, replies)
+    status, value = replies.get()
+    if status != "ok":
+        fail("cannot prepare the copy-on-write layer: %s" % value)
+
+
+def keeper_call(operation, *argument):
+    """Run ``operation(layer, *argument)`` in the keeper thread; OSError if it failed."""
+    requests, replies = KEEPER
+    requests.put((operation, argument))
+    status, value = replies.get()
+    if status != "ok":
+        raise OSError(value)
+    return value
 
 
 def agent_uid(caller):
@@ -792,6 +873,8 @@ def prestart():
     global READY
     if READY is not None:  # the last request never reached a command (bad cwd)
         return
+    if KEEPER is not None:  # its overlay goes before the next command: not a cwd there
+        os.chdir("/")
     try:
         cwd = os.getcwd()
     except OSError:  # the last command removed it (its working dir's subdirectory, say)
@@ -882,7 +965,7 @@ def take_ready(spec):
     line = ["exec 3<&-"]
     if is_script and os.path.basename(ready[7]) == "bash":  # as `bash -c SCRIPT` sets it
         line.append("BASH_EXECUTION_STRING=" + quote(command))
-    if spec["cwd"] != ready[6]:
+    if spec["cwd"] != ready[6] or KEEPER is not None:  # a new overlay: cd into it
         line.append("cd -P -- %s && unset OLDPWD || exit 126" % quote(spec["cwd"]))
     line += ["unset " + name for name in ready[5] if name not in env]
     line += ["export %s=%s" % (name, quote(value)) for name, value in env.items()
@@ -906,6 +989,11 @@ def feed(fd, data):
 def run(request):
     spec = json.loads(request)
     spec["env"].update(EGRESS_ENV)  # the relay's address, whatever the request set
+    if KEEPER is not None:
+        try:
+            keeper_call(layer_mount)  # cow_layer.py's
+        except OSError as exc:  # never a command without its layer: not accepted
+            fail("cannot mount the copy-on-write layer: %s" % exc)
     send(ACCEPTED)
     # The fence: start only when the host says go. A host that gave up on this agent
     # (it stalled past the accept deadline) never does, and runs the command elsewhere.
@@ -1001,6 +1089,15 @@ def run(request):
         report = {"exit": os.WEXITSTATUS(status)}
     if killed:
         report["killed"] = True
+    if KEEPER is not None:
+        if tainted:  # something of the command may still write the layer
+            report["layer"] = "not copied out: " + tainted
+        else:
+            try:
+                keeper_call(layer_copy_out, STATUS_DIR)  # cow_layer.py's
+                report["layer"] = "done"
+            except OSError as exc:
+                report["layer"] = "not copied out: %s" % exc
     tainted = tainted or clean_between()
     if spec.get("fresh") and not tainted:
         tainted = empty_private_dirs()
@@ -1024,7 +1121,7 @@ def main():
     global WAKE, ENV
     global CALLER, NEXT_SHELL, EGRESS_ENV
     args = sys.argv[1:]
-    # --caller UID [--hide GID] [--shell PATH] [--egress SETTING]
+    # --caller UID [--hide GID] [--shell PATH] [--egress SETTING] [--layer SETTING]
     options = dict(zip(args[::2], args[1::2], strict=False))
     if "--caller" in options:
         CALLER = int(options["--caller"])
@@ -1034,6 +1131,8 @@ def main():
         hide(int(options["--hide"]))
     global MQUEUE_READY
     MQUEUE_READY = mount_message_queues()
+    if options.get("--layer"):
+        start_keeper(options["--layer"])
     seal()
     # SIGCHLD wakes the select loop at once when a command exits (no polling delay).
     wake = socket.socketpair()  # not a pipe: see the top

@@ -14,7 +14,8 @@ LAYERS = [
     {"sandboxed", "backends.reaper"},  # stdlib only, run as programs
     {"install", "_version"},  # stdlib only: runs before the dependencies are installed
     {"registry", "errors", "result", "detect", "process", "setid", "stand_ins", "memory", "egress",
-     "protected", "request", "postrun", "agent_channel", "run_dirs", "activity", "changes"},
+     "protected", "request", "postrun", "agent_channel", "run_dirs", "activity", "changes",
+     "writes"},
     {"backends"},
     {"warm"},
     {"runner"},

@@ -211,7 +211,8 @@ def every_field(tmp_path: Path) -> SandboxSpec:
         "limits": {"memory": "1G", "cpus": "0.5", "max_processes": "none", "tmp_size": "64M"},
         "protected_paths": ["data/raw", "-.bashrc", "++odd", "-.ssh"],
         "shell": "/bin/bash", "kernel_dir": tmp_path / "kernel",
-        "python_path": [str(tmp_path / "lib")], "hostname": "every-field"})
+        "python_path": [str(tmp_path / "lib")], "hostname": "every-field",
+        "writes": "review"})
 
 
 def test_a_spec_with_every_field_set_round_trips(tmp_path):

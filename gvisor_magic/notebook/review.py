@@ -1,0 +1,192 @@
+"""The review of held writes in a notebook: what a cell wrote that waits for the user.
+
+A command run with ``writes='auto'`` or ``'review'`` may leave changes held back
+(``CommandResult.held``): they are not on the host. ``HeldWrites`` keeps them for the
+kernel's life, so ``%isolation apply PATH...`` and ``%isolation discard [PATH...]`` can
+act on them; ``review_widget`` shows one command's held changes under its cell: a tree
+of paths marked ``+`` added, ``~`` modified and ``-`` deleted, each with why it was
+held, its diff for a small text file, and buttons to apply or discard it, or all. Its
+``text/plain`` form (terminals, nbconvert, nbval) lists the same files and the lines to
+type instead of the buttons.
+"""
+
+from __future__ import annotations
+
+import html
+import posixpath
+from collections.abc import Iterable
+
+from ..changes import Change
+from ..writes import Writes
+
+MARKS = {"added": "+", "modified": "~", "deleted": "-"}
+
+
+class HeldWrites:
+    """Every command's writes still held in this kernel, oldest first."""
+
+    def __init__(self) -> None:
+        self._writes: list[Writes] = []
+
+    def add(self, writes: Writes) -> None:
+        if writes.held():
+            self._writes.append(writes)
+
+    def pending(self) -> list[tuple[Writes, Change]]:
+        self._writes = [w for w in self._writes if w.held()]
+        return [(w, c) for w in self._writes for c in w.held()]
+
+    def apply(self, paths: Iterable[str] | None = None) -> list[str]:
+        """Apply ``paths`` (all held when None); lines saying what happened."""
+        return self._act("apply", paths)
+
+    def discard(self, paths: Iterable[str] | None = None) -> list[str]:
+        return self._act("discard", paths)
+
+    def _act(self, verb: str, paths: Iterable[str] | None) -> list[str]:
+        wanted = None if paths is None else [p.strip("/") for p in paths]
+        lines: list[str] = []
+        found: set[str] = set()
+        for writes in list(self._writes):
+            mine = [c.path for c in writes.held()]
+            if wanted is not None:
+                mine = [p for p in mine if any(p == w or p.startswith(w + "/") for w in wanted)]
+                found.update(w for w in wanted for p in mine if p == w or p.startswith(w + "/"))
+            if not mine:
+                continue
+            if verb == "apply":
+                report = writes.apply(mine)
+                lines += [f"applied {p}" for p in report.applied]
+                lines += [f"NOT applied {p}: {e.reason}" for p, e in report.conflicts.items()]
+            else:
+                report = writes.discard(mine)
+                lines += [f"discarded {p}" for p in report.discarded]
+        for missing in sorted(set(wanted or ()) - found):
+            lines.append(f"{missing}: no held change there")
+        self.pending()
+        return lines
+
+
+def describe_change(c: Change) -> str:
+    mark = MARKS.get(c.kind, "?")
+    extra = f" -> {c.symlink}" if c.symlink else ("/" if c.is_dir else "")
+    return f"{mark} {c.path}{extra}  ({c.held_reason})"
+
+
+def plain(writes: Writes) -> str:
+    """The text form: the held files and the lines that act on them."""
+    held = writes.held()
+    lines = [f"[gvisor-magic] {len(held)} change(s) held for review (not on the host; "
+             f"writes={writes.mode!r}):"]
+    lines += [f"  {describe_change(c)}" for c in held]
+    lines.append("  apply: %isolation apply PATH...  (or %isolation apply --all)")
+    lines.append("  discard: %isolation discard [PATH...]")
+    return "\n".join(lines)
+
+
+def to_html(writes: Writes) -> str:
+    """The tree, marks, reasons and diffs, as HTML (also the widget's body)."""
+    rows = []
+    for c in writes.held():
+        depth = c.path.count("/")
+        name = posixpath.basename(c.path) + ("/" if c.is_dir else "")
+        colour = {"added": "#1a7f37", "modified": "#9a6700", "deleted": "#cf222e"}.get(c.kind)
+        diff = (f"<details><summary>diff</summary><pre style='margin:0'>"
+                f"{html.escape(c.diff)}</pre></details>" if c.diff else "")
+        rows.append(
+            f"<div style='margin-left:{depth * 1.2:.1f}em' title='{html.escape(c.path)}'>"
+            f"<code style='color:{colour}'>{MARKS.get(c.kind, '?')}</code> "
+            f"<code>{html.escape(name)}</code> "
+            f"<span style='color:#57606a'>{html.escape(c.held_reason or '')}</span>{diff}</div>")
+    return ("<div class='gvisor-magic-review'><b>Held for review</b> (not on the host; "
+            f"writes={html.escape(writes.mode)})" + "".join(rows) + "</div>")
+
+
+_WIDGET_CLASS = None
+
+
+def _widget_class():
+    """Defined on first use, so that importing this module does not import ipywidgets."""
+    global _WIDGET_CLASS
+    if _WIDGET_CLASS is None:
+        import ipywidgets
+
+        class ReviewWidget(ipywidgets.VBox):
+            """One command's held changes with buttons; ``repr()`` is the text form."""
+
+            def setup(self, writes: Writes, held: HeldWrites) -> None:
+                self._writes, self._held = writes, held
+                self._status = ipywidgets.HTML()
+                self.redraw()
+
+            def redraw(self, note: str = "") -> None:
+                writes = self._writes
+                rows = []
+                for c in writes.held():
+                    apply = ipywidgets.Button(description="Apply", button_style="success",
+                                              layout=ipywidgets.Layout(width="auto"),
+                                              tooltip=f"apply {c.path}")
+                    drop = ipywidgets.Button(description="Discard",
+                                             layout=ipywidgets.Layout(width="auto"),
+                                             tooltip=f"discard {c.path}")
+                    apply.on_click(lambda _b, p=c.path: self.act("apply", [p]))
+                    drop.on_click(lambda _b, p=c.path: self.act("discard", [p]))
+                    text = ipywidgets.HTML(_row_html(c))
+                    rows.append(ipywidgets.HBox([apply, drop, text], layout=ipywidgets.Layout(
+                        margin=f"0 0 0 {c.path.count('/') * 1.2:.1f}em")))
+                if rows:
+                    every = ipywidgets.Button(description="Apply all", button_style="warning")
+                    none = ipywidgets.Button(description="Discard all")
+                    every.on_click(lambda _b: self.act("apply", None))
+                    none.on_click(lambda _b: self.act("discard", None))
+                    head = ipywidgets.HTML(
+                        f"<b>{len(rows)} change(s) held for review</b> (not on the host; "
+                        f"writes={html.escape(writes.mode)})")
+                    self.children = [head, *rows, ipywidgets.HBox([every, none]), self._status]
+                else:
+                    self.children = [ipywidgets.HTML("<b>Nothing held any more.</b>"),
+                                     self._status]
+                self._status.value = html.escape(note)
+
+            def act(self, verb: str, paths: list[str] | None) -> None:
+                if paths is None:
+                    paths = [c.path for c in self._writes.held()]
+                if verb == "apply":
+                    report = self._writes.apply(paths)
+                    note = "; ".join([f"applied {p}" for p in report.applied]
+                                     + [f"NOT applied {p}: {e.reason}"
+                                        for p, e in report.conflicts.items()])
+                else:
+                    report = self._writes.discard(paths)
+                    note = "; ".join(f"discarded {p}" for p in report.discarded)
+                self._held.pending()
+                self.redraw(note)
+
+            def _repr_mimebundle_(self, **kwargs):
+                data = super()._repr_mimebundle_(**kwargs)
+                if data:  # ipywidgets cuts text/plain at 110 characters: keep it whole
+                    data["text/plain"] = repr(self)
+                return data
+
+            def __repr__(self) -> str:
+                return plain(self._writes) if self._writes.held() else \
+                    "[gvisor-magic] nothing held any more"
+
+        _WIDGET_CLASS = ReviewWidget
+    return _WIDGET_CLASS
+
+
+def _row_html(c: Change) -> str:
+    colour = {"added": "#1a7f37", "modified": "#9a6700", "deleted": "#cf222e"}.get(c.kind)
+    diff = (f"<details><summary>diff</summary><pre style='margin:0;font-size:90%'>"
+            f"{html.escape(c.diff)}</pre></details>" if c.diff else "")
+    return (f"<code style='color:{colour}'>{MARKS.get(c.kind, '?')}</code> "
+            f"<code>{html.escape(c.path)}{'/' if c.is_dir else ''}</code> "
+            f"<span style='color:#57606a'>{html.escape(c.held_reason or '')}</span>{diff}")
+
+
+def review_widget(writes: Writes, held: HeldWrites):
+    """The review widget of one command's held changes."""
+    widget = _widget_class()()
+    widget.setup(writes, held)
+    return widget

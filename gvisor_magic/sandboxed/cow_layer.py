@@ -1,0 +1,301 @@
+"""Inside the sandbox: the working dir as a copy-on-write layer, and its changes copied out.
+
+Its source runs before ``sandbox_init.py``'s (it is never imported inside the sandbox), so
+it uses only built-in modules. The host imports it only in tests (no side effects).
+
+``layer_start`` runs in the sandbox's init while it is still root of the sandbox with
+CAP_SYS_ADMIN: it mounts gVisor's own overlay over the working dir, whose lower layer is
+the host's folder (bound read-only: nothing in the sandbox can write it) and whose upper
+layer is a tmpfs in the sandbox's memory (gVisor takes no other upper). An overlay's
+lower is the one mount at the working dir, not the mounts below it, so the protected
+paths and the read-only repository mounted inside the working dir would show their host
+contents through the overlay: each is bound aside first and bound back on top of it,
+read-only again where it was.
+
+``layer_copy_out`` runs after the command and every process it left have ended: it copies
+the upper to ``OUT/upper`` (a directory the host reads), regular files, directories and
+symlinks with their modes, and lists what the overlay marks with devices and extended
+attributes (deletions, opaque directories) in ``OUT/markers.json``, which the host's
+``gvisor_magic.changes.ListedMarkers`` reads. ``OUT/done`` is written last: without it
+the host takes nothing from the layer (a sandbox killed during the copy leaves no half).
+
+The copy is written with the caller's effective uid, so the host's caller owns it; the
+upper is read as root of the sandbox, which reads any mode and the overlay's trusted
+extended attributes.
+
+setting (JSON): {"dir": working dir, "base": a tmpfs for the layer (the sandbox's own),
+                 "uid": the caller's uid}
+"""
+
+import json
+import os
+import stat
+
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 0x1, 0x20, 0x1000, 0x4000
+MNT_DETACH = 2
+_OPAQUE = "trusted.overlay.opaque"
+
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    ctypes, c = _libc()
+    if c.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+               data.encode() if data else None) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"mount {fstype or 'bind'} on {target}: {os.strerror(number)}")
+
+
+def _umount(target):
+    c = _libc()[1]
+    c.umount2(target.encode(), MNT_DETACH)
+
+
+def _unescape(field):
+    """A /proc/self/mountinfo path: octal escapes (\\040 for a space) decoded."""
+    out, i = bytearray(), 0
+    raw = field.encode()
+    while i < len(raw):
+        if raw[i] == 0x5C and raw[i + 1:i + 4].isdigit() and len(raw[i + 1:i + 4]) == 3:
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode(errors="surrogateescape")
+
+
+def submounts(root, mountinfo="/proc/self/mountinfo"):
+    """[(mount point, read_only)] of every mount strictly below ``root``, parents first."""
+    prefix = root.rstrip("/") + "/"
+    found = []
+    with open(mountinfo) as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) < 6:
+                continue
+            point = _unescape(fields[4])
+            if point.startswith(prefix):
+                found.append((point, "ro" in fields[5].split(",")))
+    found.sort(key=lambda item: item[0].count("/"))
+    return found
+
+
+def layer_prepare(setting):
+    """The layer's state, with the mounts below the working dir bound aside (kept there for
+    every overlay mounted later). Root of the sandbox, CAP_SYS_ADMIN."""
+    config = json.loads(setting)
+    root, base = config["dir"].rstrip("/") or "/", config["base"]
+    aside = os.path.join(base, "aside")
+    os.mkdir(aside, 0o700)
+    below = submounts(root)
+    tops = [(p, ro) for p, ro in below
+            if not any(p.startswith(q.rstrip("/") + "/") for q, _ in below if q != p)]
+    moved = []
+    for index, (point, _) in enumerate(tops):
+        place = os.path.join(aside, str(index))
+        if os.path.isdir(point):
+            os.mkdir(place)
+        else:
+            os.close(os.open(place, os.O_CREAT | os.O_WRONLY, 0o600))
+        _mount(point, place, None, MS_BIND | MS_REC)
+        moved.append((point, place))
+    return {"root": root, "base": base, "uid": int(config["uid"]), "size": config.get("size"),
+            "moved": moved, "below": below, "mounted": None, "count": 0, "made": [],
+            "switch": True}
+
+
+def layer_mount(layer):
+    """Mount a fresh overlay over the working dir (the last one, if any, goes with its
+    writes), then the mounts that were below it on top of it again."""
+    root = layer["root"]
+    if layer["mounted"] is not None:
+        _umount(root)  # the overlay, and the mounts made on top of it
+        _umount(layer["mounted"])
+        layer["mounted"] = None
+    layer["count"] += 1
+    place = os.path.join(layer["base"], str(layer["count"]))
+    os.mkdir(place, 0o700)
+    _mount("tmpfs", place, "tmpfs", 0,
+           "mode=0700" + (",size=" + str(layer["size"]) if layer["size"] else ""))
+    upper, work = os.path.join(place, "upper"), os.path.join(place, "work")
+    os.mkdir(upper, 0o700)
+    os.mkdir(work, 0o700)
+    # The merged root takes the upper root's owner and mode: make them the working dir's.
+    st = os.stat(root)
+    os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    _mount("overlay", root, "overlay", 0, f"lowerdir={root},upperdir={upper},workdir={work}")
+    layer["mounted"], layer["upper"] = place, upper
+    made = []
+    for point, aside in layer["moved"]:
+        if not os.path.lexists(point):  # a mount point the lower lacks: made in the upper
+            if os.path.isdir(aside):
+                os.makedirs(point)
+            else:
+                os.close(os.open(point, os.O_CREAT | os.O_WRONLY, 0o600))
+            made.append(os.path.relpath(point, root))
+        _mount(aside, point, None, MS_BIND | MS_REC)
+    for point, read_only in layer["below"]:
+        if read_only:
+            _mount("none", point, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    layer["made"] = made
+    return layer
+
+
+def layer_start(setting):
+    """A one-shot sandbox's layer: prepared and mounted once."""
+    return layer_mount(layer_prepare(setting))
+
+
+def layer_become_caller(layer):
+    """From here on the init is the caller (real and effective uid) and keeps root only as
+    its saved uid, to read the layer after the command: a command (the caller's uid, no
+    capabilities) can neither trace it (its saved uid differs, and it is not dumpable) nor
+    gain anything at exec (the bounding set is empty, and ``no_new_privs`` is set)."""
+    ctypes, c = _libc()
+    for cap in range(64):
+        c.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP: EINVAL past the last one
+    if c.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "cannot make the init non-dumpable")
+    os.setresuid(layer["uid"], layer["uid"], 0)
+
+
+def layer_end_processes(layer):
+    """Kill every process but this one (the caller's and any other) and reap them all."""
+    _as_root(layer)
+    try:
+        os.kill(-1, 9)
+    except OSError:  # nothing else left
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+
+
+def _as_caller(layer):
+    if layer["switch"]:
+        os.setresuid(-1, layer["uid"], -1)
+
+
+def _as_root(layer):
+    if layer["switch"]:
+        os.setresuid(-1, 0, -1)
+
+
+def layer_copy_out(layer, out):
+    """Copy the upper layer into ``out``/upper and list its markers (see the top)."""
+    upper, made = layer["upper"], set(layer["made"])
+    target = os.path.join(out, "upper")
+    _as_caller(layer)
+    try:  # what an earlier command's copy left, if the host did not take it
+        for name in ("done", "markers.json"):
+            if os.path.lexists(os.path.join(out, name)):
+                os.unlink(os.path.join(out, name))
+        if os.path.lexists(target):
+            _remove(target)
+    finally:
+        _as_root(layer)
+    deleted, opaque, skipped, modes = [], [], [], []
+    _as_caller(layer)
+    try:
+        os.mkdir(target, 0o700)
+    finally:
+        _as_root(layer)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        source = os.path.join(upper, rel) if rel else upper
+        with os.scandir(source) as entries:
+            listing = sorted(entries, key=lambda e: e.name)
+        for entry in listing:
+            name = entry.name if not rel else rel + "/" + entry.name
+            if name in made:
+                continue
+            st = entry.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if stat.S_ISCHR(mode) and st.st_rdev == 0:
+                deleted.append(name)
+                continue
+            dest = os.path.join(target, name)
+            if stat.S_ISDIR(mode):
+                try:
+                    if os.getxattr(entry.path, _OPAQUE, follow_symlinks=False) == b"y":
+                        opaque.append(name)
+                except OSError:
+                    pass
+                _as_caller(layer)
+                try:
+                    os.mkdir(dest, 0o700)
+                finally:
+                    _as_root(layer)
+                modes.append((dest, stat.S_IMODE(mode) & 0o1777))
+                stack.append(name)
+            elif stat.S_ISLNK(mode):
+                link = os.readlink(entry.path)
+                _as_caller(layer)
+                try:
+                    os.symlink(link, dest)
+                finally:
+                    _as_root(layer)
+            elif stat.S_ISREG(mode):
+                _copy_file(layer, entry.path, dest, st)
+            else:
+                skipped.append(name)
+    _as_caller(layer)
+    try:
+        for dest, mode in reversed(modes):  # children first: a 0555 dir is filled already
+            os.chmod(dest, mode)
+        with open(os.path.join(out, "markers.json"), "w") as handle:
+            json.dump({"deleted": deleted, "opaque": opaque, "skipped": skipped}, handle)
+        os.close(os.open(os.path.join(out, "done"), os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        _as_root(layer)
+
+
+def _remove(path):
+    for directory, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(directory, name))
+        for name in dirs:
+            full = os.path.join(directory, name)
+            if os.path.islink(full):
+                os.unlink(full)
+            else:
+                os.chmod(full, 0o700)
+                os.rmdir(full)
+    os.chmod(path, 0o700)
+    os.rmdir(path)
+
+
+def _copy_file(layer, source, dest, st):
+    """Copy a regular file with its mode and times (``make`` compares times)."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        _as_caller(layer)
+        try:  # made and moded as the caller (set-ID bits are never kept: see the host)
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o1777)
+        finally:
+            _as_root(layer)
+        try:
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)

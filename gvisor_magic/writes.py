@@ -1,0 +1,264 @@
+"""A command's writes, held: taken from the layer its sandbox copied out, judged, applied.
+
+The sandbox's init copied its copy-on-write layer out next to its status file
+(``sandboxed/cow_layer.py``). ``take_writes`` moves that copy to a store of its own (it
+outlives the sandbox's run dir, until every change is applied or discarded), reads it
+as a change set over the working dir (``changes.read_upper``), judges each change with
+``activity.classify``, and then, by ``writes``:
+
+- ``"review"``: holds every change;
+- ``"auto"``: applies the inert ones at once and holds the active ones (a host tool
+  would run or load them without the user naming them);
+
+A held change is data: ``Writes.apply`` and ``Writes.discard`` (and ``CommandResult``'s
+``apply``/``discard``) act on it later. When nothing is pending any more the store is
+removed; a store still pending when its ``Writes`` is garbage collected, or when the
+process exits, is removed then (the held changes are lost, the host never had them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import activity
+from .changes import (
+    DISCARDED,
+    ApplyReport,
+    Change,
+    ChangeSet,
+    DiscardReport,
+    ListedMarkers,
+    apply,
+    discard,
+    read_upper,
+)
+from .errors import GvisorMagicError
+from .request import SandboxSpec
+from .result import CommandResult
+
+#: The held changes of a command live here until applied or discarded.
+STORE_PREFIX = "gvisor-magic-writes-"
+#: What ``held_reason`` says in review mode.
+REVIEW = "writes='review': nothing is applied without review"
+
+
+class WritesLost(GvisorMagicError):
+    """The command's writes could not be taken from its sandbox; none reached the host."""
+
+
+@dataclass
+class WritesSummary:
+    """Counts for one line of output: what landed, what waits."""
+
+    applied: int
+    held: int
+    discarded: int
+    conflicts: int
+
+    def describe(self) -> str:
+        parts = [f"{self.applied} applied", f"{self.held} held for review"]
+        if self.discarded:
+            parts.append(f"{self.discarded} discarded")
+        if self.conflicts:
+            parts.append(f"{self.conflicts} in conflict with host edits")
+        return ", ".join(parts)
+
+
+class Writes:
+    """The writes of one command to its working dir (``result.writes``)."""
+
+    def __init__(self, mode: str, changeset: ChangeSet | None, store: str | None, *,
+                 lost: str | None = None) -> None:
+        self.mode = mode
+        self.changeset = changeset
+        self.store = store
+        #: Why the command's writes never reached the host (killed, timed out...), if so.
+        self.lost = lost
+        self.conflicts: dict[str, str] = {}
+        self._finalizer = (weakref.finalize(self, shutil.rmtree, store, True)
+                           if store is not None else None)
+
+    @property
+    def changes(self) -> list[Change]:
+        return list(self.changeset) if self.changeset is not None else []
+
+    def held(self) -> list[Change]:
+        """Changes neither applied nor discarded."""
+        return self.changeset.pending() if self.changeset is not None else []
+
+    def summary(self) -> WritesSummary:
+        changes = self.changes
+        return WritesSummary(sum(1 for c in changes if c.applied),
+                             sum(1 for c in changes if c.applied is None),
+                             sum(1 for c in changes if c.applied is False),
+                             len(self.conflicts))
+
+    def apply(self, paths: Iterable[str] | None = None) -> ApplyReport:
+        """Write the chosen changes into the working dir: ``paths`` (relative to it, a
+        directory standing for everything below it), or every pending change, held ones
+        included: the caller has reviewed them. A path the host changed since the command
+        started is left alone and reported in ``report.conflicts``."""
+        if self.changeset is None:
+            return ApplyReport()
+        if paths is None:
+            paths = [c.path for c in self.held()]
+        report = apply(self.changeset, paths)
+        for conflict in report.conflicts:
+            self.conflicts[conflict.path] = conflict.reason
+        self._settle()
+        return report
+
+    def discard(self, paths: Iterable[str] | None = None) -> DiscardReport:
+        """Throw the chosen pending changes away (all by default)."""
+        if self.changeset is None:
+            return DiscardReport()
+        report = discard(self.changeset, paths)
+        self._settle()
+        return report
+
+    def close(self) -> None:
+        """Remove the store now: pending changes are lost."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def _settle(self) -> None:
+        if not self.held():
+            self.close()
+
+    def describe(self) -> str:
+        """One line: the mode, and what landed and what waits."""
+        if self.lost:
+            return f"{self.mode}: {self.lost}"
+        return f"{self.mode}: {self.summary().describe()}"
+
+    def to_dicts(self) -> list[dict[str, object]]:
+        return [{"path": c.path, "kind": c.kind, "is_dir": c.is_dir, "size": c.size,
+                 "mode": c.mode, "symlink": c.symlink, "status": c.status,
+                 "held_reason": c.held_reason, "diff": c.diff} for c in self.changes]
+
+
+def _store_base(status_dir: str) -> str:
+    return os.path.dirname(os.path.dirname(status_dir)) or tempfile.gettempdir()
+
+
+def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int,
+                completed: bool, host: activity.HostContext | None = None) -> Writes:
+    """The writes the sandbox copied out to ``status_dir`` (see the top of this module).
+
+    ``completed``: the command ended on its own (not killed, timed out or out of memory):
+    otherwise nothing is applied, whatever the layer says.
+    """
+    out = os.path.join(status_dir, "upper")
+    if not os.path.exists(os.path.join(status_dir, "done")):
+        return Writes(mode, None, None, lost="the sandbox ended before its writes were copied "
+                      "out: none reached the working dir")
+    store = tempfile.mkdtemp(prefix=STORE_PREFIX, dir=_store_base(status_dir))
+    try:
+        os.rename(out, os.path.join(store, "upper"))
+        with open(os.path.join(status_dir, "markers.json"), "rb") as handle:
+            listed = json.loads(handle.read(16 << 20))
+        markers = ListedMarkers(_names(listed.get("deleted")), _names(listed.get("opaque")))
+        changeset = read_upper(os.path.join(store, "upper"), working_dir, markers=markers,
+                               started_ns=started_ns)
+        for name in _names(listed.get("skipped")):
+            changeset.skipped[name] = "not a file, directory or symlink: never applied"
+    except BaseException:
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+    writes = Writes(mode, changeset, store)
+    if not completed:
+        writes.discard()
+        writes.lost = "the command did not end on its own: its writes were discarded"
+        return writes
+    judge(changeset, working_dir, mode, host)
+    if mode == "auto":
+        inert = _inert_paths(changeset)
+        if inert:
+            writes.apply(inert)
+    writes._settle()
+    return writes
+
+
+def take_held_writes(spec: SandboxSpec, status_dir: str, started_ns: int, *,
+                     completed: bool) -> Writes:
+    """``take_writes`` for a backend: a layer that cannot be read is reported on the result
+    (its writes lost, none applied), never raised: the command has run."""
+    assert spec.working_dir is not None
+    try:
+        return take_writes(spec.writes, spec.working_dir, status_dir, started_ns=started_ns,
+                           completed=completed)
+    except (OSError, ValueError, GvisorMagicError) as exc:
+        return Writes(spec.writes, None, None,
+                      lost=f"the command's writes could not be read from its sandbox ({exc}): "
+                      "none reached the working dir")
+
+
+def with_writes(result: CommandResult, writes: Writes | None) -> CommandResult:
+    """``result`` carrying ``writes``, with a one-line account in its details."""
+    if writes is None:
+        return result
+    result.details["writes"] = writes.describe()
+    return dataclasses.replace(result, writes=writes)
+
+
+def _inert_paths(changeset: ChangeSet) -> list[str]:
+    """The changes ``auto`` applies: every change not held, but a directory only when
+    nothing below it is held (applying a directory applies what it holds)."""
+    held = [c.path + "/" for c in changeset if c.held_reason is not None]
+    return [c.path for c in changeset if c.held_reason is None
+            and not (c.is_dir and any(h.startswith(c.path + "/") for h in held))]
+
+
+def _names(value: object) -> list[str]:
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, str)]
+
+
+def judge(changeset: ChangeSet, working_dir: str, mode: str,
+          host: activity.HostContext | None = None) -> None:
+    """Hold what ``mode`` holds: everything in review, the active changes in auto."""
+    host = host or activity.HostContext.current()
+    for c in changeset:
+        if c.held_reason is not None or c.applied is not None:
+            continue
+        reason = _active_reason(changeset, c, working_dir, host)
+        if reason is not None:
+            changeset.hold(c.path, reason)
+        elif mode == "review":
+            changeset.hold(c.path, REVIEW)
+    for path, why in changeset.changed_during.items():
+        if path in changeset and changeset[path].held_reason is None:
+            changeset.hold(path, why)
+
+
+def _active_reason(cs: ChangeSet, c: Change, working_dir: str,
+                   host: activity.HostContext) -> str | None:
+    if c.is_dir and c.kind != "deleted":
+        return None  # a directory runs nothing; what it holds is judged one by one
+    verdict = activity.classify(
+        c.path, working_dir=working_dir,
+        content=functools.partial(cs.content, c.path, activity.MAX_CONFIG_BYTES),
+        mode=c.mode, is_symlink=c.is_symlink, link_target=c.symlink,
+        deleted=c.kind == "deleted", host=host,
+        exists=lambda p: _exists_after(cs, working_dir, p))
+    return f"{verdict.klass}: {verdict.reason}" if verdict.active else None
+
+
+def _exists_after(cs: ChangeSet, working_dir: str, path: str) -> bool:
+    rel = os.path.relpath(path, os.path.realpath(working_dir))
+    if rel.startswith(".."):
+        return os.path.lexists(path)
+    return cs.exists_after(rel)
+
+
+__all__ = ["DISCARDED", "REVIEW", "Writes", "WritesLost", "WritesSummary", "judge",
+           "take_held_writes", "take_writes", "with_writes"]
