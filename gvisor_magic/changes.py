@@ -57,6 +57,7 @@ import os
 import posixpath
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
@@ -65,10 +66,23 @@ from .errors import GvisorMagicError
 
 #: Diffs are made only for text files up to this size on each side.
 DIFF_LIMIT = 64 * 1024
-#: ``started_ns`` is compared with ctimes, which the kernel takes from a coarse clock (one
-#: tick behind at most, 4 ms at 250 Hz): a host change this long before the start also
-#: counts as "during" (a write made just before the command is then held as a conflict).
-CLOCK_SLACK_NS = 10_000_000
+#: Kept for callers that compare ``time.time_ns()`` with ctimes themselves; ``start_stamp``
+#: needs none.
+CLOCK_SLACK_NS = 0
+
+
+def start_stamp() -> int:
+    """The ``started_ns`` to take just before a command starts.
+
+    The kernel stamps ctimes from its coarse clock (one tick, 4 ms at 250 Hz, behind the
+    precise one), so this reads the same clock: a host change in any later tick has a
+    ctime after it, and a change made before the start never has. A change made in the
+    very tick the command started in is not told apart from one just before it: it counts
+    as before (the precise clock would instead flag every write made a few milliseconds
+    before the start, such as a script's own input written just before it runs the
+    command)."""
+    coarse = getattr(time, "CLOCK_REALTIME_COARSE", None)
+    return time.clock_gettime_ns(coarse) if coarse is not None else time.time_ns()
 #: What ``held_reason`` says of a discarded change.
 DISCARDED = "discarded"
 
@@ -520,8 +534,8 @@ def read_upper(upper: str | os.PathLike[str], lower: str | os.PathLike[str], *,
     ``baseline`` (``snapshot_lower`` before the command) and ``started_ns``
     (``time.time_ns()`` before the command) detect host edits made while the command ran:
     such a path is in ``changed_during`` and ``apply`` will not touch it. With
-    ``started_ns``, a non-directory whose ctime is not older than the start (less
-    ``CLOCK_SLACK_NS``) counts as changed.
+    ``started_ns`` (``start_stamp()``), a non-directory whose ctime is later than the start
+    counts as changed.
     """
     reader = _Reader(os.fspath(upper), os.fspath(lower), markers or OverlayMarkers())
     try:
@@ -543,7 +557,7 @@ def read_upper(upper: str | os.PathLike[str], lower: str | os.PathLike[str], *,
             if before != now and (before is None or not before.same_as(now)):
                 during[p] = "changed on the host while the command ran"
         elif (started_ns is not None and now is not None and not now.is_dir
-              and now.ctime_ns >= started_ns - CLOCK_SLACK_NS):
+              and now.ctime_ns > started_ns):
             during[p] = "changed on the host while the command ran"
     return ChangeSet(lower=reader.lower.root, upper=reader.upper.root, changes=changes,
                      lower_state=lower_state, changed_during=during, skipped=reader.skipped,

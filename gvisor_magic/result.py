@@ -186,7 +186,7 @@ class CommandResult:
             notes.append(f"writes: {self.writes.lost}")
         pending = self.held if held else []
         if pending:
-            notes.append(f"{len(held)} change(s) to the working dir held for review (nothing "
+            notes.append(f"{len(pending)} change(s) to the working dir held for review (nothing "
                          "of them is on the host; result.apply() or result.discard()):\n  - "
                          + "\n  - ".join(f"{c.kind} {c.path}: {c.held_reason}"
                                           for c in pending[:20])

@@ -21,6 +21,7 @@ import time
 from . import registry
 from .agent_channel import AgentClient, SessionBroken
 from .backends.base import Transport
+from .changes import start_stamp
 from .egress.sandbox import agent_attempts
 from .errors import CommandInterrupted, SandboxStartError
 from .memory import OOM_RETURNCODE
@@ -109,7 +110,7 @@ class WarmSandbox:
         memory_before = transport.memory_events()
         network_mark = transport.network.mark()
         self.commands += 1
-        started_ns = time.time_ns()
+        started_ns = start_stamp()
         run = self.client.run(
             {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
              "stdin": request.stdin.hex() if request.stdin else None, "fresh": fresh},

@@ -43,9 +43,8 @@ from .changes import (
 from .errors import GvisorMagicError
 from .request import SandboxSpec
 from .result import CommandResult
+from .run_dirs import PREFIX
 
-#: The held changes of a command live here until applied or discarded.
-STORE_PREFIX = "gvisor-magic-writes-"
 #: What ``held_reason`` says in review mode.
 REVIEW = "writes='review': nothing is applied without review"
 
@@ -111,8 +110,8 @@ class Writes:
         if paths is None:
             paths = [c.path for c in self.held()]
         report = apply(self.changeset, paths)
-        for conflict in report.conflicts:
-            self.conflicts[conflict.path] = conflict.reason
+        for path, conflict in report.conflicts.items():
+            self.conflicts[path] = conflict.reason
         self._settle()
         return report
 
@@ -160,7 +159,9 @@ def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int
     if not os.path.exists(os.path.join(status_dir, "done")):
         return Writes(mode, None, None, lost="the sandbox ended before its writes were copied "
                       "out: none reached the working dir")
-    store = tempfile.mkdtemp(prefix=STORE_PREFIX, dir=_store_base(status_dir))
+    # Named as a run dir (its maker's pid): removed by the next run if this process dies.
+    store = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-writes-",
+                             dir=_store_base(status_dir))
     try:
         os.rename(out, os.path.join(store, "upper"))
         with open(os.path.join(status_dir, "markers.json"), "rb") as handle:

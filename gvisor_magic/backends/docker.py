@@ -19,6 +19,7 @@ import time
 
 import psutil
 
+from ..changes import start_stamp
 from ..egress.policy import NetworkPolicy
 from ..egress.sandbox import relay_attempts, relay_setting
 from ..errors import CommandInterrupted, SandboxStartError
@@ -259,7 +260,7 @@ class DockerBackend:
                                     "(GVISOR_MAGIC_IMAGE) does not run",
                                     fix="unset GVISOR_MAGIC_IMAGE, or use writes='direct'",
                                     unsupported=True)
-        started_ns = time.time_ns()
+        started_ns = start_stamp()
         argv = (init_argv(marker, request.argv, request.timeout,
                           relay_setting(request.network), layer)
                 if marker else list(request.argv))

@@ -19,9 +19,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 
+from ..changes import start_stamp
 from ..detect import POD_GVISOR_NOTE, inside_gvisor
 from ..egress.policy import Blocked
 from ..egress.sandbox import SandboxNetwork
@@ -330,7 +330,7 @@ class RunscBackend:
         guard: MemoryGuard | None = None
         layer = layer_setting(request.spec, identity)
         writes: Writes | None = None
-        started_ns = time.time_ns()
+        started_ns = start_stamp()
         try:
             try:
                 os.mkdir(state, 0o700)
