@@ -16,10 +16,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import EllipsisType
 
 from . import registry
+from .changes import Change
 from .errors import CommandInterrupted, IsolationUnavailable, SandboxStartError
 from .postrun import epilogue
 from .process import OutputCallback
@@ -39,6 +40,7 @@ from .request import (
 from .result import CommandResult
 from .runner import check_mode_can_isolate, isolation_required, plan, run_fresh
 from .warm import WarmSandbox
+from .writes import HeldChanges
 
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
 
@@ -84,6 +86,8 @@ class IsolatedSession:
         self.cold_reason: str | None = None
         self.backend: str | None = None
         self.closed = False
+        #: The writes its commands left held for review (``changes``, ``apply``).
+        self.held = HeldChanges()
         self._starting = False
         _SESSIONS.add(self)
 
@@ -212,8 +216,32 @@ class IsolatedSession:
         """Run one command in the warm sandbox; the same ``CommandResult`` as one-shot runs.
 
         ``max_output`` (bytes kept per stream) defaults to the session's; it is the host's
-        business, so another value needs no other sandbox.
+        business, so another value needs no other sandbox. With held writes, the changes it
+        leaves held are the session's too (``changes``), and the next commands see them.
         """
+        result = self._run(command, timeout=timeout, env=env, on_output=on_output,
+                           stdin=stdin, cwd=cwd, max_output=max_output)
+        if result.writes is not None:
+            self.held.add(result.writes)
+        return result
+
+    def changes(self) -> list[Change]:
+        """Every change this session's commands left held for review (not on the host)."""
+        return self.held.changes()
+
+    def apply(self, paths: Iterable[str] | None = None) -> list[str]:
+        """Apply held changes (``paths`` relative to the working dir, all when None); one
+        line per path saying what happened (a host edit since is a conflict, not applied)."""
+        return self.held.apply(paths)
+
+    def discard(self, paths: Iterable[str] | None = None) -> list[str]:
+        """Throw held changes away (``paths``, or all)."""
+        return self.held.discard(paths)
+
+    def _run(self, command: str | Sequence[str], *, timeout: float | None,
+             env: Mapping[str, str] | None, on_output: OutputCallback | None,
+             stdin: str | bytes | None, cwd: str | os.PathLike[str] | None,
+             max_output: int | EllipsisType | None) -> CommandResult:
         request = CommandRequest.build(
             command, spec=self.spec, cwd=cwd, timeout=timeout, env=env, stdin=stdin,
             max_output=self.max_output if max_output is ... else max_output)

@@ -53,6 +53,9 @@ class WarmSandbox:
         self.commands = 0
         #: Set when it must not run another command: why ("" when there is nothing to say).
         self.retired: str | None = None
+        #: A session's held writes by the id of the layer that holds them in the sandbox:
+        #: the next commands see them until they are applied or discarded.
+        self.layers: dict[int, Writes] = {}
 
     @classmethod
     def launch(cls, backend: str, spec: SandboxSpec) -> WarmSandbox:
@@ -113,7 +116,8 @@ class WarmSandbox:
         started_ns = start_stamp()
         run = self.client.run(
             {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
-             "stdin": request.stdin.hex() if request.stdin else None, "fresh": fresh},
+             "stdin": request.stdin.hex() if request.stdin else None, "fresh": fresh,
+             "keep": self._keep(fresh)},
             out, err, on_output, None if request.timeout is None else start + request.timeout)
         error = memory_note = None
         if run.interrupted and not run.accepted:
@@ -146,7 +150,10 @@ class WarmSandbox:
             network=request.network, error=error, blocked=blocked,
             details={"memory_limit": memory_note} if memory_note else {})
         if self.spec.holds_writes and run.accepted:
-            result = with_writes(result, self._writes(run, started_ns, error or memory_note))
+            writes = self._writes(run, started_ns, error or memory_note)
+            if not fresh:
+                self._supersede(writes, (run.status or {}).get("layer_id"))
+            result = with_writes(result, writes)
         if run.status is not None and run.status.get("tainted"):
             # The agent could not undo what this command changed: the next command gets a
             # fresh sandbox, and its result says why.
@@ -161,6 +168,41 @@ class WarmSandbox:
         return result
 
 
+    def _keep(self, fresh: bool) -> list[list[object]]:
+        """The layers of earlier commands the next one sees (newest first), each with the
+        paths applied or discarded since, which the agent takes out of it: a session's held
+        changes. None for a pool's call (``fresh``), which sees only the host's files."""
+        if fresh:
+            self.layers.clear()
+            return []
+        keep: list[list[object]] = []
+        for number in sorted(self.layers, reverse=True):
+            writes = self.layers[number]
+            if not writes.held() or len(keep) >= MAX_KEPT_LAYERS:
+                # Nothing left to see, or too deep a stack: the changes stay held on the
+                # host (result.apply still works), the sandbox no longer shows them.
+                del self.layers[number]
+                continue
+            keep.append([number, [c.path for c in writes.changes if c.applied is not None]])
+        return keep
+
+    def _supersede(self, writes: Writes, number: object) -> None:
+        """A session's command saw the held changes of earlier ones: those it wrote over or
+        deleted are discarded (the newest is what the session holds now)."""
+        if writes.changeset is None:
+            return
+        cs = writes.changeset
+        gone = set(cs.markers.listed_deletions()) if cs.markers is not None else set()
+        touched = {c.path for c in cs} | gone
+        hidden = tuple(p + "/" for p in cs.opaque | gone)
+        for older in self.layers.values():
+            stale = [c.path for c in older.held()
+                     if c.path in touched or c.path.startswith(hidden)]
+            if stale:
+                older.discard(stale)
+        if isinstance(number, int) and writes.held():
+            self.layers[number] = writes
+
     def _writes(self, run, started_ns: int, failed: str | None) -> Writes:
         """The command's held writes, as the agent's layer keeper copied them out."""
         layer = (run.status or {}).get("layer")
@@ -173,6 +215,10 @@ class WarmSandbox:
                          or "signal" in run.status)
         return take_held_writes(self.spec, self.transport.status_dir, started_ns,
                                 completed=completed)
+
+
+#: At most this many earlier layers under a session's command (overlay lower layers).
+MAX_KEPT_LAYERS = 64
 
 
 @dataclasses.dataclass

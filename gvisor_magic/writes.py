@@ -90,13 +90,15 @@ class Writes:
         return list(self.changeset) if self.changeset is not None else []
 
     def held(self) -> list[Change]:
-        """Changes neither applied nor discarded."""
-        return self.changeset.pending() if self.changeset is not None else []
+        """Changes neither applied nor discarded; not a new directory left pending only
+        because something below it is held (applying that applies the directory too)."""
+        if self.changeset is None:
+            return []
+        return [c for c in self.changeset.pending() if c.held_reason or not c.is_dir]
 
     def summary(self) -> WritesSummary:
         changes = self.changes
-        return WritesSummary(sum(1 for c in changes if c.applied),
-                             sum(1 for c in changes if c.applied is None),
+        return WritesSummary(sum(1 for c in changes if c.applied), len(self.held()),
                              sum(1 for c in changes if c.applied is False),
                              len(self.conflicts))
 
@@ -142,6 +144,59 @@ class Writes:
         return [{"path": c.path, "kind": c.kind, "is_dir": c.is_dir, "size": c.size,
                  "mode": c.mode, "symlink": c.symlink, "status": c.status,
                  "held_reason": c.held_reason, "diff": c.diff} for c in self.changes]
+
+
+class HeldChanges:
+    """The writes still held of many commands (a session's, a kernel's), oldest first;
+    ``apply``/``discard`` take paths relative to the working dir (a directory stands for
+    what is below it) and act on every command's pending changes there."""
+
+    def __init__(self) -> None:
+        self._writes: list[Writes] = []
+
+    def add(self, writes: Writes) -> None:
+        if writes.held():
+            self._writes.append(writes)
+
+    def pending(self) -> list[tuple[Writes, Change]]:
+        self._writes = [w for w in self._writes if w.held()]
+        return [(w, c) for w in self._writes for c in w.held()]
+
+    def apply(self, paths: Iterable[str] | None = None) -> list[str]:
+        """Apply ``paths`` (all held when None); lines saying what happened."""
+        return self._act("apply", paths)
+
+    def discard(self, paths: Iterable[str] | None = None) -> list[str]:
+        return self._act("discard", paths)
+
+    def _act(self, verb: str, paths: Iterable[str] | None) -> list[str]:
+        wanted = None if paths is None else [p.strip("/") for p in paths]
+        lines: list[str] = []
+        found: set[str] = set()
+        for writes in list(self._writes):
+            mine = [c.path for c in writes.held()]
+            if wanted is not None:
+                mine = [p for p in mine if any(p == w or p.startswith(w + "/") for w in wanted)]
+                found.update(w for w in wanted for p in mine if p == w or p.startswith(w + "/"))
+            if not mine:
+                continue
+            if verb == "apply":
+                report = writes.apply(mine)
+                lines += [f"applied {p}" for p in report.applied]
+                lines += [f"NOT applied {p}: {e.reason}" for p, e in report.conflicts.items()]
+            else:
+                report = writes.discard(mine)
+                lines += [f"discarded {p}" for p in report.discarded]
+        for missing in sorted(set(wanted or ()) - found):
+            lines.append(f"{missing}: no held change there")
+        self.pending()
+        return lines
+
+
+
+    def changes(self) -> list[Change]:
+        """Every change still held, oldest command first."""
+        return [c for _, c in self.pending()]
 
 
 def _store_base(status_dir: str) -> str:
@@ -261,5 +316,5 @@ def _exists_after(cs: ChangeSet, working_dir: str, path: str) -> bool:
     return cs.exists_after(rel)
 
 
-__all__ = ["DISCARDED", "REVIEW", "Writes", "WritesLost", "WritesSummary", "judge",
+__all__ = ["DISCARDED", "REVIEW", "HeldChanges", "Writes", "WritesLost", "WritesSummary", "judge",
            "take_held_writes", "take_writes", "with_writes"]

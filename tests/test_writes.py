@@ -172,3 +172,27 @@ def test_the_subprocess_backend_refuses_to_hold_writes(tmp_path):
     with pytest.raises(IsolationUnavailable, match="cannot hold writes"):
         run_command_isolated("echo x > f", spec_for(tmp_path, "review"), mode="subprocess")
     assert names(tmp_path) == []
+
+
+def test_a_session_sees_its_held_changes_until_they_are_applied_or_discarded(backend,
+                                                                             tmp_path):
+    with IsolatedSession(spec_for(tmp_path, "auto"), mode=backend) as session:
+        first = session.run("echo 'x = 1' > tool.py; mkdir pkg; echo 'y' > pkg/conftest.py; "
+                            "echo data > out.csv")
+        assert [c.path for c in session.changes()] == ["pkg/conftest.py", "tool.py"]
+        assert [c.path for c in first.held] == ["pkg/conftest.py", "tool.py"]
+        assert sorted(os.listdir(tmp_path)) == ["out.csv"]
+        seen = session.run("cat tool.py pkg/conftest.py")
+        assert seen.stdout == "x = 1\ny\n"  # the session sees what it holds
+        assert session.discard(["tool.py"]) == ["discarded tool.py"]
+        gone = session.run("cat tool.py")
+        assert gone.returncode != 0  # discarded: gone from the session too
+        edited = session.run("echo 'z' > pkg/conftest.py")
+        assert [c.path for c in session.changes()] == ["pkg/conftest.py"]
+        assert session.changes()[0] is edited.held[0]  # the newest version is the one held
+        assert "applied pkg/conftest.py" in session.apply()
+        assert (tmp_path / "pkg" / "conftest.py").read_text() == "z\n"
+        assert session.changes() == []
+        again = session.run("cat pkg/conftest.py; ls")
+        assert again.stdout.splitlines()[0] == "z"
+    assert sorted(names(tmp_path)) == ["out.csv", "pkg", "pkg/conftest.py"]

@@ -39,8 +39,9 @@ from ..request import (
 )
 from ..result import CommandResult
 from ..runner import detect_environment, run_command_isolated
+from ..writes import HeldChanges
 from .kernel_session import KernelSessions
-from .review import HeldWrites, review_widget
+from .review import review_widget
 from .routing import SCRIPT_OPTIONS_REFUSED, ShellRouter
 from .status import report
 from .widget import VIEWS, IsolationState, make_widget
@@ -299,7 +300,7 @@ class IsolatedMagics(Magics):
         self.router = ShellRouter(shell, self._run_routed, self._run_script_cell)
         self.sessions = KernelSessions()
         #: Writes held for review by this kernel's commands (``%isolation apply``).
-        self.held = HeldWrites()
+        self.held = HeldChanges()
         self.settings.observe(self._route_changed, names="route_bang")
         if self.settings.route_bang:
             self.router.install()

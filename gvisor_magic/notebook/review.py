@@ -1,70 +1,24 @@
 """The review of held writes in a notebook: what a cell wrote that waits for the user.
 
 A command run with ``writes='auto'`` or ``'review'`` may leave changes held back
-(``CommandResult.held``): they are not on the host. ``HeldWrites`` keeps them for the
-kernel's life, so ``%isolation apply PATH...`` and ``%isolation discard [PATH...]`` can
-act on them; ``review_widget`` shows one command's held changes under its cell: a tree
-of paths marked ``+`` added, ``~`` modified and ``-`` deleted, each with why it was
-held, its diff for a small text file, and buttons to apply or discard it, or all. Its
-``text/plain`` form (terminals, nbconvert, nbval) lists the same files and the lines to
-type instead of the buttons.
+(``CommandResult.held``): they are not on the host. A ``HeldChanges``
+(``gvisor_magic.writes``) keeps them for the kernel's life, so ``%isolation apply
+PATH...`` and ``%isolation discard [PATH...]`` can act on them. ``review_widget`` shows
+one command's held changes under its cell: a tree of paths marked ``+`` added, ``~``
+modified and ``-`` deleted, each with why it was held, its diff for a small text file,
+and buttons to apply or discard it, or all. Its ``text/plain`` form (terminals,
+nbconvert, nbval) lists the same files and the lines to type instead of the buttons.
 """
 
 from __future__ import annotations
 
 import html
 import posixpath
-from collections.abc import Iterable
 
 from ..changes import Change
-from ..writes import Writes
+from ..writes import HeldChanges, Writes
 
 MARKS = {"added": "+", "modified": "~", "deleted": "-"}
-
-
-class HeldWrites:
-    """Every command's writes still held in this kernel, oldest first."""
-
-    def __init__(self) -> None:
-        self._writes: list[Writes] = []
-
-    def add(self, writes: Writes) -> None:
-        if writes.held():
-            self._writes.append(writes)
-
-    def pending(self) -> list[tuple[Writes, Change]]:
-        self._writes = [w for w in self._writes if w.held()]
-        return [(w, c) for w in self._writes for c in w.held()]
-
-    def apply(self, paths: Iterable[str] | None = None) -> list[str]:
-        """Apply ``paths`` (all held when None); lines saying what happened."""
-        return self._act("apply", paths)
-
-    def discard(self, paths: Iterable[str] | None = None) -> list[str]:
-        return self._act("discard", paths)
-
-    def _act(self, verb: str, paths: Iterable[str] | None) -> list[str]:
-        wanted = None if paths is None else [p.strip("/") for p in paths]
-        lines: list[str] = []
-        found: set[str] = set()
-        for writes in list(self._writes):
-            mine = [c.path for c in writes.held()]
-            if wanted is not None:
-                mine = [p for p in mine if any(p == w or p.startswith(w + "/") for w in wanted)]
-                found.update(w for w in wanted for p in mine if p == w or p.startswith(w + "/"))
-            if not mine:
-                continue
-            if verb == "apply":
-                report = writes.apply(mine)
-                lines += [f"applied {p}" for p in report.applied]
-                lines += [f"NOT applied {p}: {e.reason}" for p, e in report.conflicts.items()]
-            else:
-                report = writes.discard(mine)
-                lines += [f"discarded {p}" for p in report.discarded]
-        for missing in sorted(set(wanted or ()) - found):
-            lines.append(f"{missing}: no held change there")
-        self.pending()
-        return lines
 
 
 def describe_change(c: Change) -> str:
@@ -114,7 +68,7 @@ def _widget_class():
         class ReviewWidget(ipywidgets.VBox):
             """One command's held changes with buttons; ``repr()`` is the text form."""
 
-            def setup(self, writes: Writes, held: HeldWrites) -> None:
+            def setup(self, writes: Writes, held: HeldChanges) -> None:
                 self._writes, self._held = writes, held
                 self._status = ipywidgets.HTML()
                 self.redraw()
@@ -185,7 +139,7 @@ def _row_html(c: Change) -> str:
             f"<span style='color:#57606a'>{html.escape(c.held_reason or '')}</span>{diff}")
 
 
-def review_widget(writes: Writes, held: HeldWrites):
+def review_widget(writes: Writes, held: HeldChanges):
     """The review widget of one command's held changes."""
     widget = _widget_class()()
     widget.setup(writes, held)

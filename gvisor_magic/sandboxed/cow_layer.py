@@ -106,17 +106,30 @@ def layer_prepare(setting):
         moved.append((point, place))
     return {"root": root, "base": base, "uid": int(config["uid"]), "size": config.get("size"),
             "moved": moved, "below": below, "mounted": None, "count": 0, "made": [],
-            "switch": True}
+            "kept": [], "switch": True}
 
 
-def layer_mount(layer):
-    """Mount a fresh overlay over the working dir (the last one, if any, goes with its
-    writes), then the mounts that were below it on top of it again."""
+def layer_mount(layer, keep=()):
+    """Mount a fresh overlay over the working dir, then the mounts that were below it on
+    top of it again. The last overlay goes; its upper and earlier ones stay below the new
+    one as lower layers when ``keep`` names them (``[[id, [paths to drop]], ...]``, newest
+    first: a session's held changes, less those applied or discarded since), and go
+    otherwise."""
     root = layer["root"]
     if layer["mounted"] is not None:
         _umount(root)  # the overlay, and the mounts made on top of it
-        _umount(layer["mounted"])
+        layer["kept"].insert(0, (layer["count"], layer["mounted"]))
         layer["mounted"] = None
+    wanted = {int(number): drop for number, drop in keep}
+    kept = []
+    for number, place in layer["kept"]:
+        if number in wanted:
+            for rel in sorted(wanted[number], key=lambda p: -p.count("/")):
+                _drop(os.path.join(place, "upper"), rel)
+            kept.append((number, place))
+        else:
+            _umount(place)
+    layer["kept"] = kept
     layer["count"] += 1
     place = os.path.join(layer["base"], str(layer["count"]))
     os.mkdir(place, 0o700)
@@ -129,7 +142,8 @@ def layer_mount(layer):
     st = os.stat(root)
     os.chown(upper, st.st_uid, st.st_gid)
     os.chmod(upper, stat.S_IMODE(st.st_mode))
-    _mount("overlay", root, "overlay", 0, f"lowerdir={root},upperdir={upper},workdir={work}")
+    lower = ":".join([os.path.join(place, "upper") for _, place in kept] + [root])
+    _mount("overlay", root, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
     layer["mounted"], layer["upper"] = place, upper
     made = []
     for point, aside in layer["moved"]:
@@ -259,6 +273,22 @@ def layer_copy_out(layer, out):
         os.close(os.open(os.path.join(out, "done"), os.O_CREAT | os.O_WRONLY, 0o600))
     finally:
         _as_root(layer)
+    return layer["count"]  # this layer's id, for a later ``layer_mount(keep=...)``
+
+
+def _drop(upper, rel):
+    """Take ``rel`` out of a kept layer: the lower shows through again. A directory goes
+    only once empty (it may still hold changes that are held)."""
+    path = os.path.join(upper, rel)
+    if ".." in rel.split("/") or not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    else:
+        os.unlink(path)
 
 
 def _remove(path):

@@ -10,9 +10,11 @@ Protocol, over the agent's stdin (host -> agent) and stdout (agent -> host),
 both one Unix socket: every frame is ``TYPE`` (1 byte) + ``LENGTH`` (4 bytes,
 big-endian) + payload (``agent_wire``).
 
-  host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null, "fresh": bool}
+  host -> agent   R  JSON {"argv", "cwd", "env", "stdin": hex or null, "fresh": bool,
+                           "keep": [[layer id, [paths]]...]}
                                               run a command ("fresh": empty /tmp and HOME
-                                              after it, see ``empty_private_dirs``)
+                                              after it, see ``empty_private_dirs``; "keep":
+                                              the earlier layers it sees, see cow_layer)
                   G  (empty)                  go: run the command just accepted
                   K  (empty)                                               kill the command
   agent -> host   H  JSON {"pid"}             ready (sent once, at start)
@@ -991,7 +993,7 @@ def run(request):
     spec["env"].update(EGRESS_ENV)  # the relay's address, whatever the request set
     if KEEPER is not None:
         try:
-            keeper_call(layer_mount)  # cow_layer.py's
+            keeper_call(layer_mount, spec.get("keep") or ())  # cow_layer.py's
         except OSError as exc:  # never a command without its layer: not accepted
             fail("cannot mount the copy-on-write layer: %s" % exc)
     send(ACCEPTED)
@@ -1094,7 +1096,7 @@ def run(request):
             report["layer"] = "not copied out: " + tainted
         else:
             try:
-                keeper_call(layer_copy_out, STATUS_DIR)  # cow_layer.py's
+                report["layer_id"] = keeper_call(layer_copy_out, STATUS_DIR)  # cow_layer's
                 report["layer"] = "done"
             except OSError as exc:
                 report["layer"] = "not copied out: %s" % exc

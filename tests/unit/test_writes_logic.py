@@ -14,9 +14,9 @@ import pytest
 from gvisor_magic import InvalidRequestError, SandboxSpec
 from gvisor_magic.activity import HostContext
 from gvisor_magic.changes import start_stamp
-from gvisor_magic.notebook.review import HeldWrites, plain
+from gvisor_magic.notebook.review import plain
 from gvisor_magic.sandboxed import cow_layer
-from gvisor_magic.writes import REVIEW, take_writes
+from gvisor_magic.writes import REVIEW, HeldChanges, take_writes
 
 HOST = HostContext.build(sys_path=[], path="/usr/bin:/bin", home="/nonexistent-home")
 
@@ -96,7 +96,7 @@ def test_the_notebook_lists_held_changes_and_acts_on_them_by_path(tmp_path, work
     status = copied_out(tmp_path, {"a.py": "1", "b.py": "2", "c.csv": "3"})
     writes = take_writes("auto", str(work), status, started_ns=start_stamp(),
                          completed=True, host=HOST)
-    held = HeldWrites()
+    held = HeldChanges()
     held.add(writes)
     text = plain(writes)
     assert "+ a.py" in text and "+ b.py" in text and "c.csv" not in text
