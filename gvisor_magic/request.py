@@ -246,6 +246,7 @@ class SandboxSpec:
         protected_paths: Sequence[str] | PathPolicy | None = None,
         kernel_dir: str | os.PathLike[str] | None = None,
         python_path: Sequence[str] = (),
+        writes: str = DEFAULT_WRITES,
     ) -> SandboxSpec:
         """The API's face of ``from_options``: typed keywords, ``limits`` a ``Limits``."""
         if limits is not None and not isinstance(limits, Limits):
@@ -253,7 +254,7 @@ class SandboxSpec:
         return cls.from_options({
             "working_dir": working_dir, "repo_path": repo_path, "network": network,
             "limits": limits, "shell": shell, "protected_paths": protected_paths,
-            "kernel_dir": kernel_dir, "python_path": python_path})
+            "kernel_dir": kernel_dir, "python_path": python_path, "writes": writes})
 
     @classmethod
     def from_options(cls, options: Mapping[str, object],
@@ -339,7 +340,8 @@ class SandboxSpec:
 
 #: The sandbox settings ``run_command_isolated`` and ``IsolatedSession`` also take one by
 #: one, as keywords: the spelling before ``spec=``, kept as a thin shim (``resolve_spec``).
-SANDBOX_KEYWORDS = ("working_dir", "repo_path", "network", "limits", "shell", "protected_paths")
+SANDBOX_KEYWORDS = ("working_dir", "repo_path", "network", "limits", "shell", "protected_paths",
+                    "writes")
 
 
 def resolve_spec(spec: SandboxSpec | str | os.PathLike[str] | None,

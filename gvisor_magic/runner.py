@@ -207,6 +207,7 @@ def run_command_isolated(
     limits: Limits | None = None,
     shell: str | None = None,
     protected_paths: Sequence[str] | PathPolicy | None = None,
+    writes: str | None = None,
 ) -> CommandResult:
     """Run ``command`` once, in the best sandbox available, and say where it ran.
 
@@ -215,7 +216,9 @@ def run_command_isolated(
     dir, repo, network, limits, protected paths, shell); without one, a fresh temporary
     working dir and the defaults. The sandbox's settings may instead be given one by one
     (``working_dir=``, ``repo_path=``, ``network=``, ``limits=``, ``shell=``,
-    ``protected_paths=``, and a path as the second argument), never together with ``spec``.
+    ``protected_paths=``, ``writes=``, and a path as the second argument), never together
+    with ``spec``. ``writes`` ("direct", "review", "auto"; docs/writes.md) holds the
+    command's writes to the working dir for review: ``result.changes``, ``result.apply()``.
     ``mode`` defaults to ``$GVISOR_MAGIC_MODE`` or ``"auto"``;
     ``require_isolation`` to ``$GVISOR_MAGIC_REQUIRE_ISOLATION``: when set, a
     command that cannot run under gVisor raises ``IsolationUnavailable``.
@@ -226,7 +229,8 @@ def run_command_isolated(
     """
     sandbox = resolve_spec(spec, {
         "working_dir": working_dir, "repo_path": repo_path, "network": network,
-        "limits": limits, "shell": shell, "protected_paths": protected_paths})
+        "limits": limits, "shell": shell, "protected_paths": protected_paths,
+        "writes": writes})
     request = CommandRequest.build(command, sandbox, timeout=timeout, env=env, stdin=stdin,
                                    max_output=max_output)
     mode = resolve_mode(mode)

@@ -63,15 +63,16 @@ class IsolatedSession:
                  working_dir: str | os.PathLike[str] | None = None,
                  network: NetworkSetting | None = None, limits: Limits | None = None,
                  shell: str | None = None,
-                 protected_paths: Sequence[str] | PathPolicy | None = None) -> None:
+                 protected_paths: Sequence[str] | PathPolicy | None = None,
+                 writes: str | None = None) -> None:
         """``spec`` is the sandbox (``SandboxSpec.from_options({...})``); its settings may
         instead be given one by one, as for ``run_command_isolated``. Without a working
         dir, the current directory."""
         #: What the sandbox is made of: a new spec needs a new sandbox.
         self.spec = resolve_spec(spec, {
             "working_dir": working_dir, "repo_path": repo_path, "network": network,
-            "limits": limits, "shell": shell, "protected_paths": protected_paths},
-            default_working_dir=os.getcwd())
+            "limits": limits, "shell": shell, "protected_paths": protected_paths,
+            "writes": writes}, default_working_dir=os.getcwd())
         #: Bytes kept per stream when ``run`` is not told otherwise (the host's business).
         self.max_output = check_max_output(max_output)
         self.mode = resolve_mode(mode)
