@@ -313,6 +313,69 @@ def test_cells_read_as_a_user_sees_them(browser, lab, runsc_works):
     page.close()
 
 
+REVIEW_CELLS = [
+    "%load_ext gvisor_magic",
+    "%%isolated --writes auto\nprintf 'one\\ntwo\\n' > notes.txt; echo data > out.csv\n"
+    "echo 'x = 1' > helper.py; mkdir -p pkg; echo 'import os' > pkg/conftest.py",
+    "%%isolated --writes auto\necho more > more.csv",
+    "%%isolated --writes review\necho three >> notes.txt",
+]
+
+
+def test_held_writes_show_a_review_widget_that_applies_and_discards(browser, lab,
+                                                                     runsc_works):
+    """A cell that wrote what a host tool would run shows the review widget (the files, why,
+    a diff, buttons); its buttons apply and discard on the host; an all-inert cell shows
+    nothing extra."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in REVIEW_CELLS]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    nbformat.write(notebook, lab.root / "review.ipynb")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(lab.notebook_url("review.ipynb"))
+    _wait_kernel_ready(page, "Python 3 (ipykernel)")
+    page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-Cell').length"
+                           f" === {len(REVIEW_CELLS)}", timeout=60_000)
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    for index in range(len(REVIEW_CELLS)):
+        _run_one(page, index)
+    held = cells.nth(1).locator(".gvisor-magic-review")
+    held.wait_for(timeout=30_000)
+    text = held.text_content()
+    assert "2 change(s) held for review" in text
+    assert "helper.py" in text and "pkg/conftest.py" in text and "importable" in text
+    assert "out.csv" not in text and "notes.txt" not in text  # inert: on the host already
+    assert (lab.root / "out.csv").read_text() == "data\n"
+    assert not (lab.root / "helper.py").exists() and not (lab.root / "pkg").exists()
+    assert cells.nth(2).locator(".gvisor-magic-review").count() == 0  # nothing held
+    assert (lab.root / "more.csv").exists()
+    review = cells.nth(3).locator(".gvisor-magic-review")
+    review.wait_for(timeout=30_000)
+    review.locator("summary", has_text="diff").first.click()
+    assert "+three" in review.text_content()
+    assert (lab.root / "notes.txt").read_text() == "one\ntwo\n"
+    ARTIFACTS.mkdir(exist_ok=True)
+    cells.nth(1).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "review-widget-held-changes.png"))
+
+    held.locator("button[title='apply helper.py']").click()
+    page.wait_for_function("() => document.querySelector('.gvisor-magic-review')"
+                           ".textContent.includes('applied helper.py')", timeout=30_000)
+    assert (lab.root / "helper.py").read_text() == "x = 1\n"
+    held.locator("button", has_text="Discard all").click()
+    page.wait_for_function("() => document.querySelector('.gvisor-magic-review')"
+                           ".textContent.includes('Nothing held any more')", timeout=30_000)
+    assert not (lab.root / "pkg" / "conftest.py").exists()
+    review.locator("button", has_text="Apply all").click()
+    page.wait_for_function("() => document.querySelectorAll('.gvisor-magic-review')[1]"
+                           ".textContent.includes('Nothing held any more')", timeout=30_000)
+    assert (lab.root / "notes.txt").read_text() == "one\ntwo\nthree\n"
+    cells.nth(1).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "review-widget-after-apply-and-discard.png"))
+    page.close()
+
+
 def _lab_env(tmp: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in GVISOR_ENV}
     env["TMPDIR"] = tmp

@@ -70,6 +70,7 @@ def _widget_class():
 
             def setup(self, writes: Writes, held: HeldChanges) -> None:
                 self._writes, self._held = writes, held
+                self.add_class("gvisor-magic-review")
                 self._status = ipywidgets.HTML()
                 self.redraw()
 
@@ -78,16 +79,13 @@ def _widget_class():
                 rows = []
                 for c in writes.held():
                     apply = ipywidgets.Button(description="Apply", button_style="success",
-                                              layout=ipywidgets.Layout(width="auto"),
-                                              tooltip=f"apply {c.path}")
-                    drop = ipywidgets.Button(description="Discard",
-                                             layout=ipywidgets.Layout(width="auto"),
+                                              layout=_button_layout(), tooltip=f"apply {c.path}")
+                    drop = ipywidgets.Button(description="Discard", layout=_button_layout(),
                                              tooltip=f"discard {c.path}")
                     apply.on_click(lambda _b, p=c.path: self.act("apply", [p]))
                     drop.on_click(lambda _b, p=c.path: self.act("discard", [p]))
                     text = ipywidgets.HTML(_row_html(c))
-                    rows.append(ipywidgets.HBox([apply, drop, text], layout=ipywidgets.Layout(
-                        margin=f"0 0 0 {c.path.count('/') * 1.2:.1f}em")))
+                    rows.append(ipywidgets.HBox([apply, drop, text]))
                 if rows:
                     every = ipywidgets.Button(description="Apply all", button_style="warning")
                     none = ipywidgets.Button(description="Discard all")
@@ -130,13 +128,23 @@ def _widget_class():
     return _WIDGET_CLASS
 
 
+def _button_layout():
+    import ipywidgets
+
+    return ipywidgets.Layout(width="auto", min_width="5.5em", flex="0 0 auto")
+
+
 def _row_html(c: Change) -> str:
+    """One path of the tree: indented by its depth, marked, with why and its diff."""
     colour = {"added": "#1a7f37", "modified": "#9a6700", "deleted": "#cf222e"}.get(c.kind)
+    depth = c.path.count("/")
     diff = (f"<details><summary>diff</summary><pre style='margin:0;font-size:90%'>"
             f"{html.escape(c.diff)}</pre></details>" if c.diff else "")
-    return (f"<code style='color:{colour}'>{MARKS.get(c.kind, '?')}</code> "
+    return (f"<div style='padding-left:{depth * 1.5:.1f}em'>"
+            f"<code style='color:{colour}'>{MARKS.get(c.kind, '?')}</code> "
             f"<code>{html.escape(c.path)}{'/' if c.is_dir else ''}</code> "
-            f"<span style='color:#57606a'>{html.escape(c.held_reason or '')}</span>{diff}")
+            f"<span style='color:#57606a'>{html.escape(c.held_reason or '')}</span>{diff}"
+            "</div>")
 
 
 def review_widget(writes: Writes, held: HeldChanges):
