@@ -88,7 +88,9 @@ def test_runsc_tests_pass_as_an_ordinary_user(user_tree):
          # The allowlist's proxy socket, reached through runsc's gofer as this user.
          str(base / "src" / "tests" / "test_network_allowlist.py"),
          # The agent sealed off from commands, with this user's subordinate range.
-         str(base / "src" / "tests" / "security" / "test_agent_sealed.py")],
+         str(base / "src" / "tests" / "security" / "test_agent_sealed.py"),
+         # Held writes: the layer mounted by the sandbox's root, copied out as this user.
+         str(base / "src" / "tests" / "test_writes.py")],
         cwd=base / "src", env=env, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
