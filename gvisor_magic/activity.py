@@ -223,8 +223,17 @@ def _top_level_names(directory: str) -> set[str]:
     return names
 
 
-@functools.lru_cache(maxsize=1)
 def _current() -> HostContext:
+    """The host as it is now: computed again when its PATH, import path, home or start-up
+    variables changed (``%env PATH=...`` in a kernel), else the cached one."""
+    env = os.environ
+    return _context_for(tuple(sys.path), env.get("PATH", ""), os.path.expanduser("~"),
+                        tuple(env.get(k, "") for k in ("PYTHONSTARTUP", "BASH_ENV", "ENV")))
+
+
+@functools.lru_cache(maxsize=4)
+def _context_for(sys_path: tuple[str, ...], path: str, home: str,
+                 startup: tuple[str, ...]) -> HostContext:
     import site
 
     sites: list[str] = []
@@ -233,10 +242,10 @@ def _current() -> HostContext:
         sites.append(site.getusersitepackages())
     except Exception:  # some embedders' site module lacks these
         pass
-    sites.extend(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))
-    return HostContext.build(sys_path=sys.path, site_dirs=sites,
-                             path=os.environ.get("PATH", ""),
-                             home=os.path.expanduser("~"), environ=dict(os.environ))
+    sites.extend(p for p in sys_path if p.endswith(("site-packages", "dist-packages")))
+    return HostContext.build(sys_path=sys_path, site_dirs=sites, path=path, home=home,
+                             environ=dict(zip(("PYTHONSTARTUP", "BASH_ENV", "ENV"), startup,
+                                              strict=True)))
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -322,7 +331,13 @@ _PYTOOL_EXEC = re.compile(r"(?i)^(plugins|load[-_]plugins|init[-_]hook)$")
 #: pytest options in ``addopts`` that import a module or read other configuration.
 _PYTEST_EXEC_OPTS = ("-p", "-c", "-o", "--override-ini", "--config-file", "--confcutdir",
                      "--rootdir", "--pyargs", "--import-mode", "--pdbcls", "--cov-config",
-                     "--plugin")
+                     "--plugin", "-W", "--pythonwarnings",
+                     # --basetemp: pytest deletes that directory, wherever it is, and
+                     # makes it again.
+                     "--basetemp")
+#: A warnings filter (``action:message:category:module:lineno``) whose category is a
+#: dotted name: Python (and pytest's ``filterwarnings``) imports that module to find it.
+_WARNING_IMPORTS = re.compile(r"^[^:]*:[^:]*:\s*[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+\s*(:|$)")
 _PYTOOL_SECTIONS = re.compile(r"(?i)^(pytest|tool:pytest|coverage:.*|run|mypy|mypy-.*|"
                               r"pylint.*|main|master|MASTER|tool\.(pytest|coverage|mypy|"
                               r"pylint)(\..*)?)$")
@@ -531,6 +546,17 @@ def _judge(full: str, name: str, wd: str, mode: int, host: HostContext, reader: 
     if name in _CODE_NAMES and not is_dir and (name != "kernel.json" or "kernels" in parts):
         return _active(_CODE_KLASS.get(name, TOOL_CODE), _CODE_NAMES[name])
 
+    # In a virtual environment's own site-packages: its Python imports it.
+    site = re.search(r"^(.*)/(lib/python[^/]+|Lib)/site-packages/", full)
+    if site and exists(os.path.join(site.group(1), "pyvenv.cfg")):
+        return _active(IMPORTABLE, f"in the site-packages of the virtual environment "
+                       f"{site.group(1)}: its Python imports it")
+    # An extension module beside a source of the same name: Python loads it instead.
+    if not is_dir and name.endswith((".so", ".pyd")) and _module_name(name) and exists(
+            os.path.join(parent, f"{_module_name(name)}.py")):
+        return _active(IMPORTABLE, f"an extension module beside {_module_name(name)}.py: "
+                       "Python imports it instead of the source")
+
     # Importable.
     verdict = _importable(full, name, parts, wd, is_dir, host, exists)
     if verdict is not None:
@@ -605,7 +631,57 @@ def _repository(full: str, name: str, parts: list[str], wd: str, is_dir: bool,
         return _git_attributes(reader)
     if ".husky" in parts[:-1] and name not in (".gitignore",):
         return _active(REPOSITORY, "husky points git's hooks at .husky/: git runs it")
+    named = _named_by_git_config(full, wd)
+    if named is not None:
+        return _active(REPOSITORY, named)
     return None
+
+
+def _named_by_git_config(full: str, wd: str) -> str | None:
+    """Whether the host's git configuration (the repository's own, the user's, the system's)
+    already names ``full``: a file in ``core.hooksPath``, or one an ``include.path``, a
+    driver or a program setting points at. Git runs or reads it on its own."""
+    top = _work_tree_of(full, wd)
+    configs = [os.path.expanduser("~/.gitconfig"), os.path.expanduser("~/.config/git/config"),
+               "/etc/gitconfig"]
+    if top is not None:
+        configs.insert(0, os.path.join(top, ".git", "config"))
+    for config in configs:
+        try:
+            with open(config, encoding="utf-8", errors="replace") as handle:
+                text = handle.read(MAX_CONFIG_BYTES)
+        except OSError:
+            continue
+        base = top or wd
+        for key, value in re.findall(r"(?im)^\s*([\w.-]+)\s*=\s*(.+?)\s*$", text):
+            key = key.lower()
+            if key not in ("hookspath", "path", "fsmonitor", "clean", "smudge", "process",
+                           "textconv", "command", "driver", "cmd", "program", "editor",
+                           "pager", "askpass", "sshcommand"):
+                continue
+            word = value.strip().strip('"').split()[0] if value.strip() else ""
+            if not word or "://" in word:
+                continue
+            target = os.path.normpath(os.path.join(base, os.path.expanduser(word)))
+            if full == target or (key == "hookspath" and _under(full, target)):
+                return (f"the host's git config ({config}) names it ({key} = {value.strip()}):"
+                        " git runs or reads it on its own")
+    return None
+
+
+def _work_tree_of(full: str, wd: str) -> str | None:
+    """The host work tree that holds ``full`` (the nearest directory with a ``.git``)."""
+    directory = os.path.dirname(full)
+    while True:
+        if os.path.isdir(os.path.join(directory, ".git")):
+            return directory
+        if directory in ("/", "") or (not _under(directory, wd) and directory != wd
+                                      and not _under(wd, directory)):
+            return None
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
 
 
 def _looks_like_gitdir(directory: str, exists: Callable[[str], bool]) -> bool:
@@ -683,6 +759,11 @@ def _shadowing(full: str, name: str, module: str, rel: list[str], wd: str, is_di
                host: HostContext, exists: Callable[[str], bool]) -> Verdict | None:
     """Below the working dir: a kernel starts in a notebook's own directory."""
     where = os.path.relpath(os.path.dirname(full), wd)
+    if len(rel) >= 2 and _holds_notebook(os.path.dirname(full)) and (
+            not is_dir or exists(os.path.join(full, "__init__.py"))):
+        return _active(IMPORTABLE, f"module {module} beside a notebook in {where}/: its "
+                       f"kernel (started there) imports it on 'import {module}', whether "
+                       "or not anything is installed by that name")
     if module in host.importable and module not in _NEVER_IMPORTED and (
             not is_dir or exists(os.path.join(full, "__init__.py"))):
         return _active(IMPORTABLE, f"shadows 'import {module}' for a kernel started in "
@@ -693,6 +774,14 @@ def _shadowing(full: str, name: str, module: str, rel: list[str], wd: str, is_di
             return _active(IMPORTABLE, f"makes {package}/ a package that shadows 'import "
                            f"{package}' for a kernel started beside it")
     return None
+
+
+def _holds_notebook(directory: str) -> bool:
+    """Whether the host directory holds a notebook (Jupyter starts its kernel there)."""
+    try:
+        return any(entry.endswith(".ipynb") for entry in os.listdir(directory))
+    except OSError:
+        return False
 
 
 def _tool(full: str, name: str, parts: list[str], reader: _Reader) -> Verdict:
@@ -824,6 +913,9 @@ def _pytool_runs(key: str, value: object) -> bool:
     words = [str(w) for w in words]
     if key == "addopts":
         return any(w.startswith(_PYTEST_EXEC_OPTS) for w in words)
+    if key == "filterwarnings":
+        lines = value if isinstance(value, list) else str(value or "").splitlines()
+        return any(_WARNING_IMPORTS.match(str(line).strip()) for line in lines)
     if key == "pythonpath":
         return any(os.path.isabs(w) or ".." in w.split("/") for w in words)
     return False
