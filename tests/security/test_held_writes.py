@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from gvisor_magic import CommandResult, SandboxSpec, activity, run_command_isolated
+from gvisor_magic import CommandResult, IsolatedSession, SandboxSpec, activity, run_command_isolated
 from gvisor_magic.changes import CLOCK_SLACK_NS
 from gvisor_magic.writes import REVIEW
 
@@ -461,14 +461,31 @@ def fire_on_host(project: Project, member: Member) -> str:
     return run_host_tool(project, member.tool)
 
 
+#: How the planting command runs: a one-shot sandbox, a warm one of the pool, a session's.
+HOW = ("one-shot", "reused", "session")
+
+
 def run_planted(project: Project, backend: str, mode: str, files: dict[str, tuple[bytes, int]],
-                dirs: tuple[str, ...] = (), protected: tuple[str, ...] = ()) -> CommandResult:
+                dirs: tuple[str, ...] = (), protected: tuple[str, ...] = (), *,
+                how: str = "one-shot") -> CommandResult:
     options: dict[str, object] = {"working_dir": str(project.wd), "writes": mode}
     if protected:
         options["protected_paths"] = list(protected)
     spec = SandboxSpec.from_options(options)
-    result = run_command_isolated(plant_script(files, dirs), spec, mode=backend, reuse=False,
-                                  timeout=SANDBOX_TIMEOUT)
+    script = plant_script(files, dirs)
+    if how == "session":
+        with IsolatedSession(spec, mode=backend) as session:
+            session.run("true", timeout=SANDBOX_TIMEOUT)  # a session that ran before
+            result = session.run(script, timeout=SANDBOX_TIMEOUT)
+        assert result.details.get("session"), result.details
+    elif how == "reused":
+        for _ in range(2):  # the pool keeps a sandbox for a spec used twice
+            run_command_isolated("true", spec, mode=backend, timeout=SANDBOX_TIMEOUT)
+        result = run_command_isolated(script, spec, mode=backend, timeout=SANDBOX_TIMEOUT)
+        assert "reused" in result.details, result.details
+    else:
+        result = run_command_isolated(script, spec, mode=backend, reuse=False,
+                                      timeout=SANDBOX_TIMEOUT)
     assert result.backend == backend and result.isolated, result.describe()
     return result
 
@@ -620,7 +637,7 @@ def past_the_clock_slack(root: Path) -> None:
 
 def held_round_trip(project: Project, backend: str, mode: str, members: list[Member],
                     protected: tuple[str, ...] = (), *,
-                    review_reason_will_do: bool = False) -> None:
+                    review_reason_will_do: bool = False, how: str = "one-shot") -> None:
     """Plant every member in one sandbox run; held, absent, discarded, and inert after."""
     past_the_clock_slack(project.wd)
     before = snapshot(project.wd)
@@ -629,7 +646,7 @@ def held_round_trip(project: Project, backend: str, mode: str, members: list[Mem
     for member in members:
         files.update(member.everything())
         dirs += member.dirs
-    result = run_planted(project, backend, mode, files, dirs, protected)
+    result = run_planted(project, backend, mode, files, dirs, protected, how=how)
     with closing_writes(result):
         check_planted(result)
         check_plant_is_exact(result, files)
@@ -652,13 +669,15 @@ def test_each_member_fires_when_planted_on_the_host(project, klass):
     demonstrate_on_host(project, members(project))
 
 
+@pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("klass", list(CLASSES))
-def test_a_class_planted_in_the_sandbox_is_held(project, backend, mode, klass):
-    """All members of one class planted by one sandboxed command: none is on the host, each
-    is held naming the class, discard leaves the host as it was, no host tool fires."""
+def test_a_class_planted_in_the_sandbox_is_held(project, backend, mode, klass, how):
+    """All members of one class planted by one sandboxed command (one-shot, in a warm
+    sandbox of the pool, in a session): none is on the host, each is held naming the
+    class, discard leaves the host as it was, no host tool fires."""
     members, protected = CLASSES[klass]
-    held_round_trip(project, backend, mode, members(project), protected)
+    held_round_trip(project, backend, mode, members(project), protected, how=how)
 
 
 # -- active files in a directory the command created ------------------------------------------
