@@ -219,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--writes", choices=WRITES, default=None,
                      help="what happens to the command's writes to the working dir: 'auto' "
                           "(they land unless a host tool would run or load them; those are "
-                          "held and listed), 'review' (all held and listed), 'direct' (they "
-                          "land as made; the default). The CLI cannot ask you later: held "
-                          "changes are discarded when it exits (--json lists them with diffs)")
+                          "held and listed; the default where gVisor runs), 'review' (all held "
+                          "and listed), 'direct' (they land as made; the default where writes "
+                          "cannot be held). The CLI cannot ask you later: held changes are "
+                          "discarded when it exits (--json lists them with diffs)")
     run.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     run.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
     run.add_argument("command", nargs=argparse.REMAINDER)

@@ -54,7 +54,8 @@ DEFAULT_SHELL = "/bin/sh"
 #: The values of ``writes``: the command's writes land as made, are all held for review,
 #: or land unless a host tool would run or load them (``gvisor_magic.activity``).
 WRITES = ("direct", "review", "auto")
-DEFAULT_WRITES = "direct"
+#: ``writes`` when not given: held where a sandbox can hold them (see ``holds_writes``).
+DEFAULT_WRITES = "auto"
 #: What ``network=`` takes (see ``check_network``).
 NetworkSetting = bool | str | Sequence[str] | NetworkPolicy
 
@@ -225,14 +226,25 @@ class SandboxSpec:
     hostname: str = "gvisor-sandbox"
     #: What happens to the command's writes to the working dir (``WRITES``): "direct"
     #: (they land as made), "review" (all held), "auto" (inert ones land, active ones held).
-    writes: str = DEFAULT_WRITES
+    #: None: not given, ``DEFAULT_WRITES`` where writes can be held, and direct where they
+    #: cannot (the subprocess backend, an image of one's own, a gVisor kernel), which the
+    #: result then says; given, it is never weakened (``review``/``auto`` are refused there).
+    writes: str | None = None
     #: The plan made for its mounts just before it starts (host state, not input).
     plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
 
     @property
+    def writes_mode(self) -> str:
+        """``writes``, or the default when it was not given."""
+        return self.writes or DEFAULT_WRITES
+
+    @property
     def holds_writes(self) -> bool:
-        """Whether the command's writes to the working dir go to a copy-on-write layer."""
-        return self.writes != "direct" and self.working_dir is not None
+        """Whether the command's writes to the working dir go to a copy-on-write layer: a
+        working dir, a mode other than direct, and not a gVisor kernel's sandbox (one long
+        command: its cells' files must appear as they are written)."""
+        return (self.writes_mode != "direct" and self.working_dir is not None
+                and (self.kernel_dir is None or self.writes is not None))
 
     @classmethod
     def build(
@@ -246,7 +258,7 @@ class SandboxSpec:
         protected_paths: Sequence[str] | PathPolicy | None = None,
         kernel_dir: str | os.PathLike[str] | None = None,
         python_path: Sequence[str] = (),
-        writes: str = DEFAULT_WRITES,
+        writes: str | None = None,
     ) -> SandboxSpec:
         """The API's face of ``from_options``: typed keywords, ``limits`` a ``Limits``."""
         if limits is not None and not isinstance(limits, Limits):

@@ -33,6 +33,7 @@ from .protected import PathPolicy, plan_for
 from .request import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
+    DEFAULT_WRITES,
     CommandRequest,
     Limits,
     NetworkSetting,
@@ -343,11 +344,15 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             reasons[name] = status.reason + (f" (fix: {status.fix})" if status.fix else "")
             log.info("gvisor: skipping %s: %s", name, reasons[name])
             continue
+        writes_note = None
         if request.spec.holds_writes and not registry.isolates(name):
-            reasons[name] = (f"cannot hold writes (writes={request.spec.writes!r}): it runs on "
-                             "the host, where the command's writes land as made; use "
-                             "writes='direct' to run there knowingly")
-            continue
+            if request.spec.writes is not None:  # asked for: never weakened
+                reasons[name] = (f"cannot hold writes (writes={request.spec.writes!r}): it runs "
+                                 "on the host, where the command's writes land as made; use "
+                                 "writes='direct' to run there knowingly")
+                continue
+            writes_note = (f"direct: {name} runs on the host and cannot hold writes (the "
+                           f"default, {DEFAULT_WRITES!r}, holds them where gVisor runs)")
         log.info("gvisor: running %r with %s (%s)", request.display[:200], name, why)
         started, wall = time.monotonic(), time.time()
         try:
@@ -369,6 +374,8 @@ def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, 
             exc.result = _with_reason(exc.result, reasons, mode, time.monotonic() - started)
             raise
         _after_run(backend, request, wall, result)
+        if writes_note:
+            result.details["writes"] = writes_note
         return _with_reason(result, reasons, mode, time.monotonic() - started)
     if require or mode != "auto":
         raise IsolationUnavailable(

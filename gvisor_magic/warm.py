@@ -207,7 +207,7 @@ class WarmSandbox:
         """The command's held writes, as the agent's layer keeper copied them out."""
         layer = (run.status or {}).get("layer")
         if layer != "done":
-            return Writes(self.spec.writes, None, None, lost=(
+            return Writes(self.spec.writes_mode, None, None, lost=(
                 f"its writes were not copied out of the sandbox ({str(layer)[:200]})"
                 if layer else "the sandbox ended before its writes were copied out")
                 + ": none reached the working dir")

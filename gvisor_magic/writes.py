@@ -249,10 +249,10 @@ def take_held_writes(spec: SandboxSpec, status_dir: str, started_ns: int, *,
     (its writes lost, none applied), never raised: the command has run."""
     assert spec.working_dir is not None
     try:
-        return take_writes(spec.writes, spec.working_dir, status_dir, started_ns=started_ns,
+        return take_writes(spec.writes_mode, spec.working_dir, status_dir, started_ns=started_ns,
                            completed=completed)
     except (OSError, ValueError, GvisorMagicError) as exc:
-        return Writes(spec.writes, None, None,
+        return Writes(spec.writes_mode, None, None,
                       lost=f"the command's writes could not be read from its sandbox ({exc}): "
                       "none reached the working dir")
 

@@ -198,9 +198,18 @@ class DockerBackend:
             image = self.image()
         except Exception as exc:
             raise SandboxStartError(self.name, f"cannot prepare the image: {exc}") from exc
+        note = None
+        if self._image and request.spec.holds_writes and request.spec.writes is None:
+            # An image of one's own runs no init of ours: nothing can hold the writes.
+            request = request.with_spec(writes="direct")
+            note = ("direct: an image of its own (GVISOR_MAGIC_IMAGE) cannot hold writes (the "
+                    "default, 'auto', holds them with the host's system image)")
         scratch = make_run_dir(tempfile.gettempdir())  # named after us: reaped if we die
         try:
-            return self._run(request, on_output, runtime, image, scratch)
+            result = self._run(request, on_output, runtime, image, scratch)
+            if note:
+                result.details["writes"] = note
+            return result
         except SandboxStartError:
             self.forget()  # the daemon may have changed under us: look again next time
             raise
@@ -254,7 +263,7 @@ class DockerBackend:
         marker = f"[gvisor-magic:start:{secrets.token_hex(8)}]" if host_system else None
         # The relay answers tools' proxy requests with "the network is off" and notes them.
         layer = layer_setting(request.spec, layout.identity)
-        if layer and not marker:
+        if layer and not marker:  # given explicitly (run() made the default direct here)
             raise SandboxStartError(self.name, f"writes={request.spec.writes!r} needs the "
                                     "sandbox's own init, which an image of its own "
                                     "(GVISOR_MAGIC_IMAGE) does not run",

@@ -27,7 +27,7 @@ def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
             raise InvalidRequestError(f"unknown kernel setting {name!r}: expected one of "
                                       f"{', '.join(SETTINGS)}")
     spec = SandboxSpec.from_options(with_named_settings(config))
-    if spec.writes != "direct":
+    if spec.writes not in (None, "direct"):
         raise InvalidRequestError(f"writes={spec.writes!r}: the gVisor kernel runs its cells "
                                   "in one warm sandbox, which writes its working dir directly; "
                                   "held writes are for one-shot runs (%%isolated --writes, "

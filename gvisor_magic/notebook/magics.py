@@ -29,7 +29,6 @@ from .. import registry
 from ..egress.policy import NetworkPolicy
 from ..errors import CommandInterrupted, InvalidRequestError, IsolationUnavailable
 from ..request import (
-    DEFAULT_WRITES,
     MODES,
     WRITES,
     Limits,
@@ -93,7 +92,7 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                   "help": "what happens to the command's writes to the working dir: 'auto' "
                           "(land unless a host tool would run them; those are held for "
                           "review), 'review' (all held), 'direct' (land as made; default: "
-                          "Isolation.writes)"}),
+                          "Isolation.writes, else auto where gVisor runs)"}),
     ("--set", {"action": "append", "default": [], "metavar": "NAME=VALUE",
                "help": "any other sandbox setting by name, e.g. hostname=build "
                        "(repeatable; see Isolation.sandbox)"}),
@@ -191,10 +190,11 @@ class Isolation(Configurable):
                            "a path of the working dir read-only in the sandbox, '-.bashrc' "
                            "relaxes a built-in entry (shown in results and the widget).",
                            ).tag(config=True)
-    writes = Unicode(DEFAULT_WRITES, help="What happens to a command's writes to the working "
-                     "dir: 'direct' (they land as made), 'auto' (they land unless a host tool "
-                     "would run or load them; those are held for review: %isolation apply), "
-                     "'review' (all held). Held writes run one-shot, not in the warm sandbox."
+    writes = Unicode(None, allow_none=True, help="What happens to a command's writes to the "
+                     "working dir: 'auto' (they land unless a host tool would run or load "
+                     "them; those are held for review: %isolation apply), 'review' (all held), "
+                     "'direct' (they land as made). None: auto where gVisor runs, direct where "
+                     "writes cannot be held (the subprocess backend), as each result says."
                      ).tag(config=True)
     sandbox = Dict(help="Any other sandbox setting by name, e.g. {'hostname': 'build'} "
                    "(the names of SandboxSpec.from_options; see docs/api.md).").tag(config=True)
@@ -564,6 +564,16 @@ class IsolatedMagics(Magics):
         self.state.require_isolation = info.require_isolation
         self.state.network = self.settings.network_policy().describe()
         self.state.pod_gvisor = info.pod_runs_gvisor
+        spec = self.spec()
+        self.state.writes = (
+            f"{spec.writes_mode}: what a host tool would run is held for review"
+            if spec.holds_writes and spec.writes_mode == "auto" and info.isolated else
+            f"{spec.writes_mode}: every change is held for review"
+            if spec.holds_writes and info.isolated else
+            "direct: they land as made" if spec.writes_mode == "direct" else
+            f"{spec.writes}: refused, {info.auto_backend or 'the host'} cannot hold writes"
+            if spec.writes else
+            f"direct: {info.auto_backend or 'the host'} cannot hold writes")
         self.state.limits = self.settings.effective_limits().describe(
             registry.enforcement((info.auto_backend,)) if info.auto_backend else None)
         if info.auto_backend:

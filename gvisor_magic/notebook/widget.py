@@ -66,6 +66,9 @@ class IsolationState:
     #: Protected-path entries the user relaxed, and what the last command left in quarantine.
     relaxed: str | None = None
     quarantined: str | None = None
+    #: What happens to commands' writes to the working dir ("auto: 2 applied, 1 held...",
+    #: "direct: subprocess runs on the host and cannot hold writes ...").
+    writes: str | None = None
 
     @property
     def colour(self) -> str:
@@ -110,6 +113,8 @@ class IsolationState:
             self.pod_gvisor = result.details.get("pod_sandbox") == "gVisor"
         self.relaxed = result.details.get("relaxed_protection")
         self.quarantined = result.details.get("quarantined")
+        if result.details.get("writes"):
+            self.writes = result.details["writes"]
         if outcome is None:
             outcome = "timed out" if result.timed_out else (
                 f"killed by {result.signal_name}" if result.returncode < 0
@@ -146,6 +151,9 @@ class IsolationState:
             rows.append(("protected paths", "RELAXED for " + self.relaxed if self.relaxed
                          else "git, shell, IPython/Jupyter and Python start-up files read-only;"
                          " credentials hidden", None))
+        if self.writes:
+            rows.append(("writes", self.writes, AMBER if self.writes.startswith("direct:")
+                         else None))
         if self.quarantined:
             rows.append(("quarantined", self.quarantined, AMBER))
         if self.blocked:

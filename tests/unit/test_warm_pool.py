@@ -105,7 +105,9 @@ def test_idle_sandboxes_and_keys_expire(pool):
     sandbox = pool.take("runsc", SPEC)
     pool.give_back(sandbox)
     deadline = time.monotonic() + 5
-    while pool.live() and time.monotonic() < deadline:
+    # The timer takes it out of the pool, then stops it (outside the pool's lock): wait for
+    # both, not for the first.
+    while (pool.live() or not sandbox.transport.closed) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pool.live() == 0 and sandbox.transport.closed, "the idle timer stops it"
     assert pool.take("runsc", SPEC) is None, "an expired key starts over: fresh first"

@@ -107,9 +107,14 @@ def test_the_notebook_lists_held_changes_and_acts_on_them_by_path(tmp_path, work
     assert sorted(os.listdir(work)) == ["a.py", "c.csv", "gone.txt"]
 
 
-def test_writes_is_a_checked_setting():
+def test_writes_is_a_checked_setting(tmp_path):
     assert SandboxSpec.from_options({"writes": "auto"}).writes == "auto"
-    assert SandboxSpec().writes == "direct" and not SandboxSpec().holds_writes
+    default = SandboxSpec()
+    assert default.writes is None and default.writes_mode == "auto"
+    assert not default.holds_writes  # no working dir: nothing to hold
+    assert SandboxSpec.from_options({"working_dir": str(tmp_path)}).holds_writes
+    kernel = SandboxSpec.from_options({"working_dir": str(tmp_path), "kernel_dir": str(tmp_path)})
+    assert not kernel.holds_writes  # a gVisor kernel writes directly unless told otherwise
     with pytest.raises(InvalidRequestError, match="'auto' holds back"):
         SandboxSpec.from_options({"writes": "later"})
     with pytest.raises(TypeError):
