@@ -101,6 +101,7 @@ deleting it can switch off a setting that kept code from running (``ignore-scrip
 from __future__ import annotations
 
 import configparser
+import contextlib
 import fnmatch
 import functools
 import importlib.machinery
@@ -109,8 +110,10 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .postrun import git_config_runs_programs
 from .protected import HOME_PROTECTED
@@ -637,41 +640,55 @@ def _repository(full: str, name: str, parts: list[str], wd: str, is_dir: bool,
     return None
 
 
+_GIT_NAMING_KEYS = frozenset({
+    "hookspath", "path", "fsmonitor", "clean", "smudge", "process", "textconv", "command",
+    "driver", "cmd", "program", "editor", "pager", "askpass", "sshcommand"})
+
+
 def _named_by_git_config(full: str, wd: str) -> str | None:
     """Whether the host's git configuration (the repository's own, the user's, the system's)
     already names ``full``: a file in ``core.hooksPath``, or one an ``include.path``, a
     driver or a program setting points at. Git runs or reads it on its own."""
-    top = _work_tree_of(full, wd)
+    top = _work_tree_of(os.path.dirname(full), wd)
     configs = [os.path.expanduser("~/.gitconfig"), os.path.expanduser("~/.config/git/config"),
                "/etc/gitconfig"]
     if top is not None:
         configs.insert(0, os.path.join(top, ".git", "config"))
+    base = top or wd
     for config in configs:
+        for key, value, word in _naming_entries(config):
+            target = os.path.normpath(os.path.join(base, os.path.expanduser(word)))
+            if full == target or (key == "hookspath" and _under(full, target)):
+                return (f"the host's git config ({config}) names it ({key} = {value}): git "
+                        "runs or reads it on its own")
+    return None
+
+
+def _naming_entries(config: str) -> list[tuple[str, str, str]]:
+    """(key, value, the path it names) of a git config file's keys that name a file."""
+    def read() -> list[tuple[str, str, str]]:
         try:
             with open(config, encoding="utf-8", errors="replace") as handle:
                 text = handle.read(MAX_CONFIG_BYTES)
         except OSError:
-            continue
-        base = top or wd
+            return []
+        found = []
         for key, value in re.findall(r"(?im)^\s*([\w.-]+)\s*=\s*(.+?)\s*$", text):
             key = key.lower()
-            if key not in ("hookspath", "path", "fsmonitor", "clean", "smudge", "process",
-                           "textconv", "command", "driver", "cmd", "program", "editor",
-                           "pager", "askpass", "sshcommand"):
-                continue
             word = value.strip().strip('"').split()[0] if value.strip() else ""
-            if not word or "://" in word:
-                continue
-            target = os.path.normpath(os.path.join(base, os.path.expanduser(word)))
-            if full == target or (key == "hookspath" and _under(full, target)):
-                return (f"the host's git config ({config}) names it ({key} = {value.strip()}):"
-                        " git runs or reads it on its own")
-    return None
+            if key in _GIT_NAMING_KEYS and word and "://" not in word:
+                found.append((key, value.strip(), word))
+        return found
+
+    return _memo(("git-config", config), read)
 
 
-def _work_tree_of(full: str, wd: str) -> str | None:
-    """The host work tree that holds ``full`` (the nearest directory with a ``.git``)."""
-    directory = os.path.dirname(full)
+def _work_tree_of(directory: str, wd: str) -> str | None:
+    """The host work tree that holds ``directory`` (the nearest directory with a ``.git``)."""
+    return _memo(("work-tree", directory, wd), lambda: _find_work_tree(directory, wd))
+
+
+def _find_work_tree(directory: str, wd: str) -> str | None:
     while True:
         if os.path.isdir(os.path.join(directory, ".git")):
             return directory
@@ -778,10 +795,37 @@ def _shadowing(full: str, name: str, module: str, rel: list[str], wd: str, is_di
 
 def _holds_notebook(directory: str) -> bool:
     """Whether the host directory holds a notebook (Jupyter starts its kernel there)."""
+    def look() -> bool:
+        try:
+            return any(entry.endswith(".ipynb") for entry in os.listdir(directory))
+        except OSError:
+            return False
+
+    return _memo(("notebook", directory), look)
+
+
+_BATCH = threading.local()
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Classify many changes of one command: what the host's files say (git configs, work
+    trees, notebooks beside a module) is read once for the batch, not once per change."""
+    outer = getattr(_BATCH, "memo", None)
+    _BATCH.memo = {} if outer is None else outer
     try:
-        return any(entry.endswith(".ipynb") for entry in os.listdir(directory))
-    except OSError:
-        return False
+        yield
+    finally:
+        _BATCH.memo = outer
+
+
+def _memo(key: tuple, compute: Callable[[], Any]) -> Any:
+    memo = getattr(_BATCH, "memo", None)
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
 
 
 def _tool(full: str, name: str, parts: list[str], reader: _Reader) -> Verdict:

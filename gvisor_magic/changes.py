@@ -250,6 +250,10 @@ class ChangeSet:
     deletion_origin: dict[str, str] = field(default_factory=dict, repr=False)
     #: The upper's opaque directories (the lower below them is hidden).
     opaque: set[str] = field(default_factory=set, repr=False)
+    #: The upper is a private copy nothing else uses (a store the host made from a layer
+    #: copied out of a sandbox that has ended): ``apply`` may move its files into place
+    #: (a rename on the same filesystem) instead of copying them.
+    movable: bool = field(default=False, repr=False)
 
     def __iter__(self) -> Iterator[Change]:
         return iter(self.changes.values())
@@ -341,14 +345,24 @@ class ChangeSet:
         """
         if paths is None:
             return [c.path for c in self if c.held_reason is None or c.applied is not None]
+        asked = {_normalize(raw) for raw in paths}
+        if "" in asked:
+            return list(self.changes)
+        # One pass over the changes, each looking up its own ancestors: linear in the
+        # changes (a pip install writes thousands), not changes x paths.
         wanted: set[str] = set()
-        for raw in paths:
-            rel = _normalize(raw)
-            prefix = rel + "/"
-            below = [p for p in self.changes if p == rel or p.startswith(prefix) or rel == ""]
-            if not below:
-                raise ChangeError(rel, "not in this change set")
-            wanted.update(below)
+        matched: set[str] = set()
+        for p in self.changes:
+            above = p
+            while above:
+                if above in asked:
+                    wanted.add(p)
+                    matched.add(above)
+                    break
+                above = posixpath.dirname(above)
+        for rel in asked - matched:
+            raise ChangeError(rel, "not in this change set")
+        for rel in matched:
             parent = posixpath.dirname(rel)
             while parent:
                 up = self.changes.get(parent)
@@ -930,6 +944,8 @@ class _Applier:
             os.fsync(parent)
 
     def _copy_in(self, parts: tuple[str, ...], tmp: str, parent: int, mode: int) -> None:
+        if self.cs.movable and self._move_in(parts, tmp, parent, mode):
+            return
         src = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                       dir_fd=self.upper.dir(parts[:-1]))
         try:
@@ -948,6 +964,29 @@ class _Applier:
                 os.close(dst)
         finally:
             os.close(src)
+
+
+    def _move_in(self, parts: tuple[str, ...], tmp: str, parent: int, mode: int) -> bool:
+        """Rename the upper's file to ``tmp`` (same filesystem), then give it ``mode``:
+        whether it moved (False: copy it)."""
+        upper = self.upper.dir(parts[:-1])
+        st = os.lstat(parts[-1], dir_fd=upper)
+        if not stat.S_ISREG(st.st_mode):
+            raise ChangeError("/".join(parts), "no longer a regular file in the upper")
+        try:
+            os.rename(parts[-1], tmp, src_dir_fd=upper, dst_dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES):
+                return False
+            raise
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            os.fchmod(fd, mode)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
 
 
 def _copy_data(src: int, dst: int, size: int) -> None:

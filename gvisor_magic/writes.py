@@ -211,9 +211,15 @@ def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int
     otherwise nothing is applied, whatever the layer says.
     """
     out = os.path.join(status_dir, "upper")
-    if not os.path.exists(os.path.join(status_dir, "done")):
+    try:
+        with open(os.path.join(status_dir, "done"), "rb") as handle:
+            done = handle.read(64)
+    except FileNotFoundError:
         return Writes(mode, None, None, lost="the sandbox ended before its writes were copied "
                       "out: none reached the working dir")
+    os.unlink(os.path.join(status_dir, "done"))  # a warm sandbox's next copy starts clean
+    if done == b"empty":
+        return Writes(mode, None, None)  # the command wrote nothing
     # Named as a run dir (its maker's pid): removed by the next run if this process dies.
     store = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-writes-",
                              dir=_store_base(status_dir))
@@ -224,6 +230,7 @@ def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int
         markers = ListedMarkers(_names(listed.get("deleted")), _names(listed.get("opaque")))
         changeset = read_upper(os.path.join(store, "upper"), working_dir, markers=markers,
                                started_ns=started_ns)
+        changeset.movable = True  # the store is this process's own: apply moves from it
         for name in _names(listed.get("skipped")):
             changeset.skipped[name] = "not a file, directory or symlink: never applied"
     except BaseException:
@@ -283,20 +290,22 @@ def judge(changeset: ChangeSet, working_dir: str, mode: str,
           host: activity.HostContext | None = None) -> None:
     """Hold what ``mode`` holds: everything in review, the active changes in auto."""
     host = host or activity.HostContext.current()
-    for c in changeset:
-        if c.held_reason is not None or c.applied is not None:
-            continue
-        reason = _active_reason(changeset, c, working_dir, host)
-        if reason is not None:
-            changeset.hold(c.path, reason)
-        elif mode == "review":
-            changeset.hold(c.path, REVIEW)
+    real = os.path.realpath(working_dir)
+    with activity.batch():
+        for c in changeset:
+            if c.held_reason is not None or c.applied is not None:
+                continue
+            reason = _active_reason(changeset, c, working_dir, real, host)
+            if reason is not None:
+                changeset.hold(c.path, reason)
+            elif mode == "review":
+                changeset.hold(c.path, REVIEW)
     for path, why in changeset.changed_during.items():
         if path in changeset and changeset[path].held_reason is None:
             changeset.hold(path, why)
 
 
-def _active_reason(cs: ChangeSet, c: Change, working_dir: str,
+def _active_reason(cs: ChangeSet, c: Change, working_dir: str, real: str,
                    host: activity.HostContext) -> str | None:
     if c.is_dir and c.kind != "deleted":
         return None  # a directory runs nothing; what it holds is judged one by one
@@ -305,12 +314,12 @@ def _active_reason(cs: ChangeSet, c: Change, working_dir: str,
         content=functools.partial(cs.content, c.path, activity.MAX_CONFIG_BYTES),
         mode=c.mode, is_symlink=c.is_symlink, link_target=c.symlink,
         deleted=c.kind == "deleted", host=host,
-        exists=lambda p: _exists_after(cs, working_dir, p))
+        exists=lambda p: _exists_after(cs, real, p))
     return f"{verdict.klass}: {verdict.reason}" if verdict.active else None
 
 
-def _exists_after(cs: ChangeSet, working_dir: str, path: str) -> bool:
-    rel = os.path.relpath(path, os.path.realpath(working_dir))
+def _exists_after(cs: ChangeSet, real: str, path: str) -> bool:
+    rel = os.path.relpath(path, real)
     if rel.startswith(".."):
         return os.path.lexists(path)
     return cs.exists_after(rel)

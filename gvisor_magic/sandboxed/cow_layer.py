@@ -116,11 +116,14 @@ def layer_mount(layer, keep=()):
     first: a session's held changes, less those applied or discarded since), and go
     otherwise."""
     root = layer["root"]
+    wanted = {int(number): drop for number, drop in keep}
+    if layer["mounted"] is not None and not os.listdir(layer["upper"]) and not any(
+            wanted.values()) and list(wanted) == [number for number, _ in layer["kept"]]:
+        return layer  # the last command wrote nothing: its overlay is as good as new
     if layer["mounted"] is not None:
         _umount(root)  # the overlay, and the mounts made on top of it
         layer["kept"].insert(0, (layer["count"], layer["mounted"]))
         layer["mounted"] = None
-    wanted = {int(number): drop for number, drop in keep}
     kept = []
     for number, place in layer["kept"]:
         if number in wanted:
@@ -205,27 +208,19 @@ def _as_root(layer):
         os.setresuid(-1, 0, -1)
 
 
+#: Files opened (as root) before they are copied (as the caller): one switch of the
+#: effective uid each way per batch, not per file.
+_BATCH = 256
+
+
 def layer_copy_out(layer, out):
-    """Copy the upper layer into ``out``/upper and list its markers (see the top)."""
+    """Copy the upper layer into ``out``/upper and list its markers (see the top); an empty
+    upper writes only ``done`` (saying "empty"). This layer's id."""
     upper, made = layer["upper"], set(layer["made"])
     target = os.path.join(out, "upper")
-    _as_caller(layer)
-    try:  # what an earlier command's copy left, if the host did not take it
-        for name in ("done", "markers.json"):
-            if os.path.lexists(os.path.join(out, name)):
-                os.unlink(os.path.join(out, name))
-        if os.path.lexists(target):
-            _remove(target)
-    finally:
-        _as_root(layer)
-    deleted, opaque, skipped, modes = [], [], [], []
-    _as_caller(layer)
-    try:
-        os.mkdir(target, 0o700)
-    finally:
-        _as_root(layer)
+    deleted, opaque, skipped, dirs, links, files = [], [], [], [], [], []
     stack = [""]
-    while stack:
+    while stack:  # as root: any mode, and the overlay's trusted.* attributes
         rel = stack.pop()
         source = os.path.join(upper, rel) if rel else upper
         with os.scandir(source) as entries:
@@ -238,42 +233,98 @@ def layer_copy_out(layer, out):
             mode = st.st_mode
             if stat.S_ISCHR(mode) and st.st_rdev == 0:
                 deleted.append(name)
-                continue
-            dest = os.path.join(target, name)
-            if stat.S_ISDIR(mode):
+            elif stat.S_ISDIR(mode):
                 try:
                     if os.getxattr(entry.path, _OPAQUE, follow_symlinks=False) == b"y":
                         opaque.append(name)
                 except OSError:
                     pass
-                _as_caller(layer)
-                try:
-                    os.mkdir(dest, 0o700)
-                finally:
-                    _as_root(layer)
-                modes.append((dest, stat.S_IMODE(mode) & 0o1777))
+                dirs.append((name, stat.S_IMODE(mode) & 0o1777))
                 stack.append(name)
             elif stat.S_ISLNK(mode):
-                link = os.readlink(entry.path)
-                _as_caller(layer)
-                try:
-                    os.symlink(link, dest)
-                finally:
-                    _as_root(layer)
+                links.append((name, os.readlink(entry.path)))
             elif stat.S_ISREG(mode):
-                _copy_file(layer, entry.path, dest, st)
+                files.append((name, entry.path, st))
             else:
                 skipped.append(name)
-    _as_caller(layer)
+    empty = not (deleted or opaque or skipped or dirs or links or files)
+    old_umask = os.umask(0)  # files are created with their final mode (no chmod each)
     try:
-        for dest, mode in reversed(modes):  # children first: a 0555 dir is filled already
-            os.chmod(dest, mode)
-        with open(os.path.join(out, "markers.json"), "w") as handle:
-            json.dump({"deleted": deleted, "opaque": opaque, "skipped": skipped}, handle)
-        os.close(os.open(os.path.join(out, "done"), os.O_CREAT | os.O_WRONLY, 0o600))
+        _as_caller(layer)
+        try:
+            _clear(out, target)
+            if empty:
+                _write_done(out, "empty")
+                return layer["count"]
+            os.mkdir(target, 0o700)
+            for name, _mode in sorted(dirs, key=lambda d: d[0].count("/")):
+                os.mkdir(os.path.join(target, name), 0o700)
+            for name, link in links:
+                os.symlink(link, os.path.join(target, name))
+        finally:
+            _as_root(layer)
+        for start in range(0, len(files), _BATCH):
+            _copy_batch(layer, target, files[start:start + _BATCH])
+        _as_caller(layer)
+        try:
+            for name, mode in sorted(dirs, key=lambda d: -d[0].count("/")):
+                os.chmod(os.path.join(target, name), mode)  # children first: 0555 is filled
+            with open(os.path.join(out, "markers.json"), "w") as handle:
+                json.dump({"deleted": deleted, "opaque": opaque, "skipped": skipped}, handle)
+            _write_done(out, str(len(files)))
+        finally:
+            _as_root(layer)
     finally:
-        _as_root(layer)
+        os.umask(old_umask)
     return layer["count"]  # this layer's id, for a later ``layer_mount(keep=...)``
+
+
+def _clear(out, target):
+    """What an earlier command's copy left, if the host did not take it."""
+    for name in ("done", "markers.json"):
+        if os.path.lexists(os.path.join(out, name)):
+            os.unlink(os.path.join(out, name))
+    if os.path.lexists(target):
+        _remove(target)
+
+
+def _write_done(out, text):
+    fd = os.open(os.path.join(out, "done"), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _copy_batch(layer, target, batch):
+    """Open the batch's files as root, then make and fill their copies as the caller, each
+    with its mode (never set-ID: see the host) and times (``make`` compares times)."""
+    sources = []
+    try:
+        for name, path, st in batch:
+            sources.append((name, os.open(path, os.O_RDONLY | os.O_NOFOLLOW), st))
+        _as_caller(layer)
+        try:
+            for name, fd, st in sources:
+                out = os.open(os.path.join(target, name),
+                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                              stat.S_IMODE(st.st_mode) & 0o1777)
+                try:
+                    while True:
+                        chunk = os.read(fd, 1 << 20)
+                        if not chunk:
+                            break
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(out, view):]
+                    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(out)
+        finally:
+            _as_root(layer)
+    finally:
+        for _name, fd, _st in sources:
+            os.close(fd)
 
 
 def _drop(upper, rel):
@@ -304,28 +355,3 @@ def _remove(path):
                 os.rmdir(full)
     os.chmod(path, 0o700)
     os.rmdir(path)
-
-
-def _copy_file(layer, source, dest, st):
-    """Copy a regular file with its mode and times (``make`` compares times)."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        _as_caller(layer)
-        try:  # made and moded as the caller (set-ID bits are never kept: see the host)
-            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o1777)
-        finally:
-            _as_root(layer)
-        try:
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view):]
-            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(out)
-    finally:
-        os.close(fd)
