@@ -37,6 +37,10 @@ class Probe:
                  limits: Limits | None = None, max_output: int = 4 * 2**20) -> None:
         self.node, self.backend, self.flavour = node, backend, flavour
         self.workdir = workdir
+        #: The probes attack the sandbox where its writes reach the host as they are made
+        #: (``writes="direct"``), the setting that gives them the most; held writes, the
+        #: default, are attacked by tests/security/test_held_writes.py.
+        self.writes = "direct"
         self.limits = limits
         self.max_output = max_output
         self.results: list[CommandResult] = []
@@ -61,7 +65,8 @@ class Probe:
         if self.flavour == "session":
             if self.session is None:
                 self.session = IsolatedSession(self.workdir, mode=self.backend,
-                                               limits=self.limits, max_output=self.max_output)
+                                               limits=self.limits, max_output=self.max_output,
+                                               writes=self.writes)
             result = self.session.run(command, timeout=timeout, **kwargs)
         else:
             reused = self.flavour == "reused"
@@ -71,10 +76,11 @@ class Probe:
                 same = {k: v for k, v in kwargs.items()
                         if k in ("protected_paths", "network", "repo_path", "shell")}
                 run_command_isolated("true", working_dir=self.workdir, mode=self.backend,
-                                     limits=self.limits, **same)
+                                     limits=self.limits, writes=self.writes, **same)
             result = run_command_isolated(command, working_dir=self.workdir, mode=self.backend,
                                           timeout=timeout, limits=self.limits,
-                                          max_output=self.max_output, reuse=reused, **kwargs)
+                                          max_output=self.max_output, reuse=reused,
+                                          writes=self.writes, **kwargs)
             if reused:
                 assert {"reused", "not_reused", "not_started"} & set(result.details), (
                     "a reused call ran in a fresh sandbox without saying why: "
