@@ -61,7 +61,7 @@ bench: system venv
 	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/programs.py && \
 	  $(PY) benchmarks/latency.py && \
 	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py && \
-	  $(PY) benchmarks/kernel.py'
+	  $(PY) benchmarks/kernel.py && $(PY) benchmarks/writes.py'
 
 # The single-user image of deploy/kubernetes/Dockerfile, built here (no registry needed):
 # a debootstrapped Debian base with the docker-stacks contract, then the Dockerfile on it.
