@@ -107,10 +107,13 @@ class Writes:
         directory standing for everything below it), or every pending change, held ones
         included: the caller has reviewed them. A path the host changed since the command
         started is left alone and reported in ``report.conflicts``."""
-        if self.changeset is None or not self.held():  # nothing pending: the store is gone
+        if self.changeset is None or not self.changeset.pending():  # the store may be gone
             return ApplyReport()
         if paths is None:
             paths = [c.path for c in self.held()]
+        paths = list(paths)
+        if not paths:
+            return ApplyReport()
         report = apply(self.changeset, paths)
         for path, conflict in report.conflicts.items():
             self.conflicts[path] = conflict.reason
@@ -119,7 +122,7 @@ class Writes:
 
     def discard(self, paths: Iterable[str] | None = None) -> DiscardReport:
         """Throw the chosen pending changes away (all by default)."""
-        if self.changeset is None or not self.held():
+        if self.changeset is None or not self.changeset.pending():
             return DiscardReport()
         report = discard(self.changeset, paths)
         self._settle()

@@ -170,12 +170,12 @@ def test_repo_path_is_read_only(sandboxed, tmp_path):
     work.mkdir()
     result = run_command_isolated(
         f"cat {repo}/code.py; echo changed > {repo}/code.py; echo rc=$?; touch {repo}/new; "
-        f"cp {repo}/code.py copied.py", mode=sandboxed, working_dir=work, repo_path=repo)
+        f"cp {repo}/code.py copied.txt", mode=sandboxed, working_dir=work, repo_path=repo)
     assert result.stdout.startswith("original\n")
     assert "rc=0" not in result.stdout and "Read-only file system" in result.stderr
     assert (repo / "code.py").read_text() == "original\n"
     assert not (repo / "new").exists()
-    assert (work / "copied.py").read_text() == "original\n"
+    assert (work / "copied.txt").read_text() == "original\n"
 
 
 def test_host_secrets_and_homes_are_not_visible(sandboxed, tmp_path):

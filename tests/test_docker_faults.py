@@ -118,9 +118,9 @@ def test_dockerd_dying_mid_command_is_reported_not_rerun(private_dockerd, tmp_pa
     killer = threading.Thread(target=kill_daemon)
     killer.start()
     begin = time.monotonic()
-    result = run_command_isolated(
+    result = run_command_isolated(  # writes="direct": the marker shows each run on the host
         f"echo ran >> {marker}; echo started; sleep 600", mode="docker", working_dir=tmp_path,
-        timeout=300, on_output=lambda stream, text: started.set())
+        timeout=300, on_output=lambda stream, text: started.set(), writes="direct")
     killer.join()
     assert time.monotonic() - begin < 90, "a lost daemon must not hang the caller"
     assert result.backend == "docker" and not result.success

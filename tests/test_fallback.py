@@ -87,9 +87,11 @@ def test_sandbox_killed_mid_command_is_reported_not_rerun(runsc_works, tmp_path)
     killer = threading.Thread(target=kill_sandbox)
     killer.start()
     start = time.monotonic()
+    # writes="direct": the marker is how the host sees each run, and a killed command's
+    # held writes would be discarded.
     result = run_command_isolated(f"echo ran >> {marker}; echo started; sleep 60",
                                   working_dir=tmp_path, mode="auto", timeout=120,
-                                  on_output=lambda s, t: seen.set())
+                                  on_output=lambda s, t: seen.set(), writes="direct")
     killer.join()
     assert time.monotonic() - start < 60
     assert result.backend == "runsc" and result.isolated

@@ -222,15 +222,40 @@ def test_a_fallback_cell_is_loud_in_the_kernel(kernel):
     assert execution.stderr.startswith("[gvisor-magic] WARNING: subprocess (NOT isolated)")
 
 
-def test_a_planted_module_never_reaches_the_kernel_and_the_cell_says_why(fresh_kernel, tmp_path):
+PLANT_CELL = ("echo 'print(\"PLANTED-IN-KERNEL\")' > colorsys.py\n"
+              "echo 'print(\"PLANTED-AT-START\")' > sitecustomize.py\n"
+              "echo kept > data.txt\n")
+
+
+def test_a_planted_module_is_held_off_the_host_and_the_cell_lists_it(fresh_kernel, tmp_path):
     """IPython puts the kernel's directory first on sys.path: a ``colorsys.py`` that a cell
-    writes there would be what the kernel's next ``import colorsys`` runs, on the host. It is
-    quarantined when the cell ends, the cell warns (even with --quiet), and ordinary files stay."""
+    writes there would be what the kernel's next ``import colorsys`` runs, on the host. With
+    held writes (the default) it never reaches the host: the cell shows what it held and how
+    to apply it, and ordinary files land."""
+    cell = _ok(fresh_kernel.execute("%%isolated --quiet\n" + PLANT_CELL))
+    review = [d["text/plain"] for d in cell.displays if "held for review" in d["text/plain"]]
+    assert len(review) == 1, cell.describe()
+    assert "+ colorsys.py" in review[0] and "+ sitecustomize.py" in review[0], review
+    assert "%isolation apply PATH" in review[0]
+    assert (tmp_path / "data.txt").read_text() == "kept\n"
+    assert not (tmp_path / "colorsys.py").exists()
+    assert not (tmp_path / "sitecustomize.py").exists()
+    imported = _ok(fresh_kernel.execute("import colorsys; print(colorsys.__file__)"))
+    assert "PLANTED" not in imported.stdout + imported.stderr
+    discarded = _ok(fresh_kernel.execute("%isolation discard"))
+    assert "discarded colorsys.py" in discarded.stdout, discarded.describe()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+
+
+def test_a_planted_module_never_reaches_the_kernel_and_the_cell_says_why(fresh_kernel, tmp_path):
+    """With writes landing directly (``--writes direct``): a ``colorsys.py`` a cell writes
+    into the kernel's directory is quarantined when the cell ends, the cell warns (even with
+    --quiet), and ordinary files stay."""
     quarantine = tmp_path.parent / f"{tmp_path.name}-quarantine"
     _ok(fresh_kernel.execute(f"import os; os.environ['GVISOR_MAGIC_QUARANTINE_DIR'] = "
                              f"{str(quarantine)!r}"))
     cell = _ok(fresh_kernel.execute(
-        "%%isolated --quiet\n"
+        "%%isolated --quiet --writes direct\n"
         "echo 'print(\"PLANTED-IN-KERNEL\")' > colorsys.py\n"
         "echo 'print(\"PLANTED-AT-START\")' > sitecustomize.py\n"
         "echo kept > data.txt\n"))

@@ -21,12 +21,13 @@ def test_what_needs_attention_is_loud_on_stderr(ip, capfd, tmp_path, monkeypatch
     run(ip, "%%isolated --timeout 1 --no-raise-error\nsleep 20\n")
     [line] = status_lines(capfd.readouterr().err)
     assert re.fullmatch(r"\[gvisor-magic\] runsc \(gVisor\): timed out in \d+\.\d\ds", line)
-    run(ip, "%%isolated\necho 'print(1)' > sitecustomize.py\n")
+    # Writes landing directly (held writes would keep these off the host, silently).
+    run(ip, "%%isolated --writes direct\necho 'print(1)' > sitecustomize.py\n")
     err = capfd.readouterr().err
     assert "[gvisor-magic] runsc (gVisor): exit 0 in" in err and badges(ip) == []
     assert "WARNING: the command left files" in err and "sitecustomize.py" in err, err
     # --quiet drops the status line, never a warning.
-    run(ip, "%%isolated --quiet\necho 'print(1)' > colorsys.py\n")
+    run(ip, "%%isolated --quiet --writes direct\necho 'print(1)' > colorsys.py\n")
     err = capfd.readouterr().err
     assert "quarantine" in err and "colorsys.py" in err and "(gVisor): exit" not in err
 

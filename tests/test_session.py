@@ -223,6 +223,11 @@ def test_an_interrupted_command_reports_what_happened(session, command):
 
 
 def test_a_dead_sandbox_is_reported_and_replaced_without_a_rerun(session, tmp_path):
+    # writes="direct": the marker shows each run on the host, and the writes of a command
+    # whose sandbox died are never applied when held.
+    session.close()
+    session = IsolatedSession(tmp_path, mode=session.backend, writes="direct")
+    session.start()
     marker = tmp_path / "runs.log"
     seen = threading.Event()
 
@@ -241,6 +246,7 @@ def test_a_dead_sandbox_is_reported_and_replaced_without_a_rerun(session, tmp_pa
     assert not result.success and result.error and "fresh sandbox" in result.error
     assert marker.read_text() == "ran\n"
     again = session.run("uname -r")
+    session.close()
     assert again.stdout == "4.4.0\n" and "replaced" in again.details["session_note"]
     assert marker.read_text() == "ran\n", "the interrupted command must not run again"
 

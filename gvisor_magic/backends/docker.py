@@ -302,7 +302,7 @@ class DockerBackend:
         if layer:
             writes = take_held_writes(request.spec, status_dir, started_ns, completed=bool(
                 started and not outcome.timed_out and not outcome.interrupted and not oom_kills
-                and not process.error and outcome.gate_seen
+                and not process.error and started_in(status_dir)
                 and not status.startswith("signal")))
         if marker and not outcome.gate_seen and started_in(status_dir):
             # It may have run (see sandbox_init): report it, never try elsewhere.

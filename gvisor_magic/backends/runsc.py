@@ -382,7 +382,8 @@ class RunscBackend:
                     # memory limit) or never started. An exit status >= 128 of its own is
                     # completed (git exits 128): the init writes "exit N" for it.
                     nonlocal writes
-                    completed = (outcome is not None and outcome.gate_seen
+                    # The init's start file, not the stderr gate (noise can hide it).
+                    completed = (outcome is not None and started_in(status_dir)
                                  and not (outcome.timed_out or outcome.interrupted)
                                  and not (guard is not None and guard.breached())
                                  and not read_status(os.path.join(status_dir, "status"))

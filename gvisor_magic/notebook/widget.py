@@ -113,7 +113,7 @@ class IsolationState:
             self.pod_gvisor = result.details.get("pod_sandbox") == "gVisor"
         self.relaxed = result.details.get("relaxed_protection")
         self.quarantined = result.details.get("quarantined")
-        if result.details.get("writes"):
+        if result.details.get("writes") and not own_choice:  # as the backend: the default's
             self.writes = result.details["writes"]
         if outcome is None:
             outcome = "timed out" if result.timed_out else (

@@ -441,7 +441,7 @@ def open_session(probe, **kwargs) -> None:
     """Give the probe a session made with extra arguments (the fixture still closes it)."""
     assert probe.session is None
     probe.session = IsolatedSession(probe.workdir, mode=probe.backend, limits=probe.limits,
-                                    max_output=probe.max_output, **kwargs)
+                                    max_output=probe.max_output, writes=probe.writes, **kwargs)
 
 
 # -- the harness itself -------------------------------------------------------------------------

@@ -64,6 +64,15 @@ def test_auto_applies_what_no_host_tool_runs_and_holds_the_rest(tmp_path, work):
     assert not os.path.exists(writes.store)  # nothing pending: the store is gone
 
 
+def test_auto_applies_a_new_empty_directory(tmp_path, work):
+    status = copied_out(tmp_path, {})
+    os.mkdir(os.path.join(status, "upper", "empty"))
+    writes = take_writes("auto", str(work), status, started_ns=start_stamp(),
+                         completed=True, host=HOST)
+    assert [(c.path, c.status) for c in writes.changes] == [("empty", "applied")]
+    assert (work / "empty").is_dir()
+
+
 def test_review_holds_every_change(tmp_path, work):
     status = copied_out(tmp_path, {"data.csv": "1"})
     writes = take_writes("review", str(work), status, started_ns=start_stamp(),
