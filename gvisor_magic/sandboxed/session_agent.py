@@ -116,9 +116,8 @@ def drop_bounding_set():
         c.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last one; EPERM if gone
 
 
-def drop_capabilities():
-    """No capability in any set, bounding included: an exec'd root shell gains none back."""
-    drop_bounding_set()
+def capability_sets():
+    """(ctypes, libc, a capget/capset header for this thread, its two data halves)."""
     ctypes, c = libc()
 
     class Header(ctypes.Structure):
@@ -128,7 +127,14 @@ def drop_capabilities():
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                     ("inheritable", ctypes.c_uint32)]
 
-    if c.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)()) != 0:
+    return ctypes, c, Header(_LINUX_CAPABILITY_VERSION_3, 0), (Data * 2)()
+
+
+def drop_capabilities():
+    """No capability in any set, bounding included: an exec'd root shell gains none back."""
+    drop_bounding_set()
+    ctypes, c, header, empty = capability_sets()
+    if c.capset(ctypes.byref(header), empty) != 0:
         fail("cannot drop capabilities (errno %d)" % ctypes.get_errno())
     with open("/proc/self/status") as status:
         left = [line.split()[0] for line in status
@@ -147,16 +153,7 @@ KEEPER = None
 def raise_effective():
     """This thread's effective capabilities := its permitted ones (the keeper's, after the
     agent's uid change cleared them)."""
-    ctypes, c = libc()
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    header, data = Header(_LINUX_CAPABILITY_VERSION_3, 0), (Data * 2)()
+    ctypes, c, header, data = capability_sets()
     if c.capget(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capget")
     for half in data:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -30,12 +29,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.host_tools import TOOL_TIMEOUT, run_host_tool
 
 from gvisor_magic import CommandResult, IsolatedSession
 
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
-#: Every host tool gets this long at most (seconds); its process group is then killed.
-TOOL_TIMEOUT = 60
 
 # A Debian skeleton, shortened: .bashrc stops early in non-interactive shells,
 # .profile sources .bashrc under bash and puts ~/.local/bin first on PATH.
@@ -270,22 +268,6 @@ def host_env(home: Path, ceiling: Path, **extra: str) -> dict[str, str]:
     """The minimal environment of a user's later shell on the host."""
     return {"HOME": str(home), "PATH": "/usr/bin:/bin", "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CEILING_DIRECTORIES": str(ceiling), "LANG": "C.UTF-8", **extra}
-
-
-def run_host_tool(argv: list[str], *, cwd: Path, env: dict[str, str]) -> str:
-    """Run one host tool as the user would, bounded; returns how it ended (for evidence)."""
-    process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TOOL_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return f"{argv[0]}: timed out after {TOOL_TIMEOUT}s"
-    text = output.decode(errors="replace").strip()
-    return f"{' '.join(argv[:3])}: exit {process.returncode} {text[-150:]}"
 
 
 def host_git(home: Path, *args: str, cwd: Path | None = None) -> None:

@@ -34,7 +34,6 @@ import importlib.util
 import os
 import py_compile
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.host_tools import TOOL_TIMEOUT
+from support.host_tools import run_host_tool as host_tool
 
 from gvisor_magic import CommandResult, IsolatedSession, SandboxSpec, activity, run_command_isolated
 from gvisor_magic.changes import CLOCK_SLACK_NS
@@ -55,8 +56,6 @@ from gvisor_magic.writes import REVIEW
 PY = sys.executable
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
 SITE = f".venv/lib/python{PYVER}/site-packages"
-#: Every host tool gets this long at most (seconds); its process group is then killed.
-TOOL_TIMEOUT = 60
 #: A sandboxed command gets this long.
 SANDBOX_TIMEOUT = 120
 BACKENDS = ("runsc", "docker")
@@ -103,19 +102,8 @@ class Project:
 
 def run_host_tool(project: Project, tool: Tool) -> str:
     """Run one host tool as the user would, bounded; returns how it ended (evidence)."""
-    process = subprocess.Popen(tool.argv, cwd=project.wd / tool.cwd,
-                               env=project.env(**tool.env), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TOOL_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        return f"{' '.join(tool.argv[:4])}: timed out after {TOOL_TIMEOUT}s"
-    text = output.decode(errors="replace").strip()
-    return f"{' '.join(tool.argv[:4])} (in {tool.cwd}): exit {process.returncode} {text[-200:]}"
+    return host_tool(tool.argv, cwd=project.wd / tool.cwd, env=project.env(**tool.env),
+                     label=f"{' '.join(tool.argv[:4])} (in {tool.cwd})", keep=200)
 
 
 #: The notebook in notebooks/: Jupyter starts its kernel in that directory.
