@@ -3,8 +3,10 @@
 
 For each kernel, interleaved round by round: **start** (``start_kernel`` until the first
 ``execute_reply`` of a trivial cell, as a notebook's first run waits), **cell round trip**
-(``execute`` of ``pass`` to its reply, and of ``!true``, a shell escape that starts a
-program), and **shutdown**. Prints medians; ``--json`` for JSON.
+(``execute`` of ``pass`` to its reply, of ``!true``, a shell escape that starts a
+program, and of a cell writing a CSV), and **shutdown**. The gVisor kernel runs twice: with
+its writes held cell by cell (``auto``, the default) and with ``writes: direct``. Prints
+medians; ``--json`` for JSON.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ from jupyter_client.manager import KernelManager
 from gvisor_magic.kernel import KERNEL_NAME
 from gvisor_magic.kernel.kernelspec import kernel_json
 
-CELLS = {"cell `pass`": "pass", "cell `!true`": "!true"}
+CELLS = {"cell `pass`": "pass", "cell `!true`": "!true",
+         "cell writing a CSV": "open('bench.csv', 'w').write('a,b\\n1,2\\n')"}
+GVISOR_DIRECT = "Python 3 (gVisor), writes direct"
 
 
 def managers(specs: str) -> dict[str, KernelManager]:
     for name, spec in (("ipykernel", {"argv": [sys.executable, "-m", "ipykernel_launcher",
                                                "-f", "{connection_file}"],
                                       "display_name": "bench", "language": "python"}),
-                       (KERNEL_NAME, kernel_json())):
+                       (KERNEL_NAME, kernel_json()),
+                       (KERNEL_NAME + "-direct", kernel_json({"writes": "direct"}))):
         os.makedirs(os.path.join(specs, name), exist_ok=True)
         with open(os.path.join(specs, name, "kernel.json"), "w") as handle:
             json.dump(spec, handle)
@@ -42,7 +47,9 @@ def managers(specs: str) -> dict[str, KernelManager]:
     return {"normal ipykernel": KernelManager(kernel_name="ipykernel",
                                               kernel_spec_manager=found),
             "Python 3 (gVisor)": KernelManager(kernel_name=KERNEL_NAME,
-                                               kernel_spec_manager=found)}
+                                               kernel_spec_manager=found),
+            GVISOR_DIRECT: KernelManager(kernel_name=KERNEL_NAME + "-direct",
+                                         kernel_spec_manager=found)}
 
 
 def one_round(km: KernelManager, work: str, cells: int) -> dict[str, list[float]]:

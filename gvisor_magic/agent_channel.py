@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import select
+import threading
 import time
 from collections.abc import Mapping
 
@@ -20,6 +22,8 @@ from .process import Capture, OutputCallback
 from .result import returncode_of
 from .sandboxed.agent_wire import (
     ACCEPTED,
+    COPIED,
+    COPY_OUT,
     EXIT,
     FROM_AGENT,
     GO,
@@ -47,17 +51,25 @@ class Channel:
     def __init__(self, transport) -> None:
         self.transport = transport
         self._buffer = bytearray()
+        self._sending = threading.Lock()  # a copy-out is asked from another thread
+        #: The agent's answers to ``COPY_OUT`` (``COPIED`` frames), whenever they come.
+        self.copied: queue.Queue[bytes] = queue.Queue()
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         try:
-            self.transport.send(pack_frame(kind, payload))
+            with self._sending:
+                self.transport.send(pack_frame(kind, payload))
         except (OSError, ValueError) as exc:
             raise SessionBroken(f"cannot write to the sandbox agent: {exc}") from exc
 
     def receive(self, deadline: float | None) -> tuple[bytes, bytes] | None:
-        """The next frame, or None when ``deadline`` passes first."""
+        """The next frame, or None when ``deadline`` passes first (``COPIED`` frames go to
+        ``copied``, for the thread that asked)."""
         while True:
             frame = self._parse()
+            if frame is not None and frame[0] == COPIED:
+                self.copied.put(frame[1])
+                continue
             if frame is not None:
                 return frame
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
@@ -138,6 +150,8 @@ class AgentClient:
 
     def __init__(self, transport) -> None:
         self.channel = Channel(transport)
+        #: A command was told to run and has not ended yet (``copy_out`` may be asked).
+        self.running = False
 
     def hello(self, deadline: float) -> bool:
         """True once the agent said it is ready; False if it did not before ``deadline``."""
@@ -164,7 +178,7 @@ class AgentClient:
             # Only now may it run: an agent we gave up on never gets this, so a command
             # retried on a fresh sandbox cannot also run in the stalled one.
             self.channel.send(GO)
-            run.accepted = True
+            run.accepted = self.running = True
             while run.status is None:
                 try:
                     frame = self.channel.receive(deadline)
@@ -190,7 +204,41 @@ class AgentClient:
                     raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
         except SessionBroken as exc:
             run.broken, run.lost = exc, True
+        finally:
+            self.running = False
         return run
+
+    def copy_out(self, timeout: float) -> dict:
+        """Ask the agent to copy its layer's changes out now, while the command runs (the
+        thread in ``run`` reads the answer); its answer, or ``{"layer": why not}``."""
+        if not self.running:
+            return {"layer": "no command runs"}
+        while True:  # an answer to an earlier ask that gave up waiting is stale
+            try:
+                self.channel.copied.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self.channel.send(COPY_OUT)
+        except SessionBroken as exc:
+            return {"layer": str(exc)}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data = self.channel.copied.get(timeout=0.1)
+            except queue.Empty:
+                if not self.running:
+                    return {"layer": "the command ended first"}
+                if time.monotonic() >= deadline:
+                    return {"layer": f"the sandbox agent did not answer in {timeout:g} s"}
+                continue
+            try:
+                answer = json.loads(data)
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict) or not isinstance(answer.get("layer"), str):
+                return {"layer": "a malformed answer from the sandbox agent"}
+            return answer
 
     def _kill(self, run: AgentRun) -> dict | None:
         """Kill the running command's tree inside the sandbox, keeping the sandbox."""

@@ -138,6 +138,7 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, object]:
     options = {"network": args.network, "allow_hosts": args.allow_host,
                "limits": parse_pairs(args.limit or (), "--limit", form="NAME=VALUE"),
                "protected_paths": args.protect,
+               "writes": getattr(args, "kernel_writes", None),
                "sandbox": named_settings(parse_pairs(args.set or (), "--set",
                                                      form="NAME=VALUE"), "--set")}
     return {name: value for name, value in options.items() if value}
@@ -163,6 +164,54 @@ def _kernelspec(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(f"installed {DISPLAY_NAME!r} ({KERNEL_NAME}) in {where}")
+    return 0
+
+
+def _held(args: argparse.Namespace) -> int:
+    """``gvisor-magic held``: the held changes of this user's running gVisor kernels."""
+    from .kernel import cells
+
+    args.verb = args.verb or "list"
+    running = cells.running_kernels()
+    if args.kernel is not None and args.kernel not in running:
+        print(f"gvisor-magic held: no running gVisor kernel {args.kernel!r} holds writes "
+              f"(running: {', '.join(running) or 'none'})", file=sys.stderr)
+        return 1
+    kernels = [args.kernel] if args.kernel is not None else running
+    if args.verb != "list":
+        if not args.paths and not args.all and args.verb == "apply":
+            print("gvisor-magic held apply: name the paths to apply, or --all",
+                  file=sys.stderr)
+            return 2
+        if len(kernels) != 1:
+            print(f"gvisor-magic held {args.verb}: "
+                  + ("no running gVisor kernel holds writes" if not kernels else
+                     f"say which kernel with --kernel ({', '.join(kernels)})"),
+                  file=sys.stderr)
+            return 1
+    answers = []
+    for kernel_id in kernels:
+        try:
+            answers.append(cells.ask(kernel_id, args.verb, args.paths or None))
+        except (OSError, ValueError) as exc:
+            print(f"gvisor-magic held: kernel {kernel_id} did not answer ({exc})",
+                  file=sys.stderr)
+            if args.verb != "list":
+                return 1
+    if args.json:
+        print(json.dumps(answers, indent=1))
+        return 0
+    for answer in answers:
+        for line in answer.get("lines", []):
+            print(line)
+        held = answer.get("held", [])
+        print(f"kernel {answer.get('kernel_id')} ({answer.get('working_dir')}): "
+              f"{len(held)} change(s) held")
+        for change in held:
+            why = f"  ({change['held_reason']})" if change.get("held_reason") else ""
+            print(f"  {change['kind']:9} {change['path']}{why}")
+    if not answers and args.verb == "list":
+        print("no running gVisor kernel holds writes")
     return 0
 
 
@@ -237,7 +286,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="in this Python environment (sys.prefix)")
     where.add_argument("--prefix", default=None, help="under PREFIX/share/jupyter/kernels")
     _add_sandbox_options(spec)
+    spec.add_argument("--writes", dest="kernel_writes", choices=WRITES, default=None,
+                      help="what happens to the cells' writes to the working dir: 'auto' "
+                           "(the default: they land as each cell ends, unless a host tool "
+                           "would run or load them; those are held and listed in the cell), "
+                           "'review' (all held), 'direct' (they land as made)")
     spec.set_defaults(handler=_kernelspec)
+
+    held = sub.add_parser("held", help="list, apply or discard what running 'Python 3 "
+                          "(gVisor)' kernels hold back from the working dir")
+    held.set_defaults(handler=_held, verb="list", paths=[], kernel=None, all=False,
+                      json=False)
+    verbs = held.add_subparsers(dest="verb")
+    for verb, about in (("list", "what each kernel holds (the default)"),
+                        ("apply", "write held changes into the working dir"),
+                        ("discard", "throw held changes away (all, without paths)")):
+        one = verbs.add_parser(verb, help=about)
+        if verb != "list":
+            one.add_argument("paths", nargs="*", metavar="PATH",
+                             help="relative to the kernel's working dir (a directory stands "
+                                  "for what is below it)")
+        one.add_argument("--kernel", default=None, metavar="ID",
+                         help="the kernel, as its cells name it (needed when several hold "
+                              "writes)")
+        if verb == "apply":
+            one.add_argument("--all", action="store_true", help="apply every held change")
+        one.add_argument("--json", action="store_true", help="machine-readable output")
 
     # Listed here for --help; its options are the installer's own (gvisor-magic install -h).
     sub.add_parser("install", add_help=False,

@@ -227,8 +227,9 @@ class SandboxSpec:
     #: What happens to the command's writes to the working dir (``WRITES``): "direct"
     #: (they land as made), "review" (all held), "auto" (inert ones land, active ones held).
     #: None: not given, ``DEFAULT_WRITES`` where writes can be held, and direct where they
-    #: cannot (the subprocess backend, an image of one's own, a gVisor kernel), which the
-    #: result then says; given, it is never weakened (``review``/``auto`` are refused there).
+    #: cannot (the subprocess backend, an image of one's own), which the result then says;
+    #: given, it is never weakened (``review``/``auto`` are refused there). A gVisor kernel
+    #: holds them per cell (``kernel/cells.py``).
     writes: str | None = None
     #: The plan made for its mounts just before it starts (host state, not input).
     plan: ProtectionPlan | None = field(default=None, compare=False, repr=False)
@@ -241,10 +242,8 @@ class SandboxSpec:
     @property
     def holds_writes(self) -> bool:
         """Whether the command's writes to the working dir go to a copy-on-write layer: a
-        working dir, a mode other than direct, and not a gVisor kernel's sandbox (one long
-        command: its cells' files must appear as they are written)."""
-        return (self.writes_mode != "direct" and self.working_dir is not None
-                and (self.kernel_dir is None or self.writes is not None))
+        working dir and a mode other than direct."""
+        return self.writes_mode != "direct" and self.working_dir is not None
 
     @classmethod
     def build(

@@ -40,7 +40,7 @@ from .request import (
 from .result import CommandResult
 from .runner import check_mode_can_isolate, isolation_required, plan, run_fresh
 from .warm import WarmSandbox
-from .writes import HeldChanges
+from .writes import HeldChanges, Writes
 
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
 
@@ -225,6 +225,19 @@ class IsolatedSession:
         if result.writes is not None:
             self.held.add(result.writes)
         return result
+
+    def copy_out_writes(self, timeout: float = 60.0) -> Writes | None:
+        """The running command's writes since it started or since the last call, taken now
+        (judged and, in auto, the inert ones applied; the held ones join ``changes``) while
+        it goes on: a gVisor kernel's cell has ended. Called from another thread than the
+        one in ``run``; None when no command runs in a warm sandbox or writes are not held."""
+        warm = self._warm
+        if warm is None:
+            return None
+        writes = warm.copy_out_writes(timeout)
+        if writes is not None:
+            self.held.add(writes)
+        return writes
 
     def changes(self) -> list[Change]:
         """Every change this session's commands left held for review (not on the host)."""

@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -29,6 +30,7 @@ from .process import Capture, OutputCallback
 from .protected import plan_for
 from .request import CommandRequest, SandboxSpec, sandbox_env
 from .result import KILLED, CommandResult, network_fields
+from .sandboxed.agent_wire import CELL_COPY
 from .writes import Writes, take_held_writes, with_writes
 
 log = logging.getLogger("gvisor_magic")
@@ -56,6 +58,11 @@ class WarmSandbox:
         #: A session's held writes by the id of the layer that holds them in the sandbox:
         #: the next commands see them until they are applied or discarded.
         self.layers: dict[int, Writes] = {}
+        #: While a command runs: when its writes were last copied out (``start_stamp``),
+        #: and the writes of its copies so far (``copy_out_writes``).
+        self._copied_at: int | None = None
+        self._copies: list[Writes] = []
+        self._copying = threading.Lock()
 
     @classmethod
     def launch(cls, backend: str, spec: SandboxSpec) -> WarmSandbox:
@@ -113,7 +120,8 @@ class WarmSandbox:
         memory_before = transport.memory_events()
         network_mark = transport.network.mark()
         self.commands += 1
-        started_ns = start_stamp()
+        started_ns = self._copied_at = start_stamp()
+        self._copies = []
         run = self.client.run(
             {"argv": list(request.argv), "cwd": request.working_dir, "env": env,
              "stdin": request.stdin.hex() if request.stdin else None, "fresh": fresh,
@@ -150,7 +158,11 @@ class WarmSandbox:
             network=request.network, error=error, blocked=blocked,
             details={"memory_limit": memory_note} if memory_note else {})
         if self.spec.holds_writes and run.accepted:
-            writes = self._writes(run, started_ns, error or memory_note)
+            with self._copying:  # after a copy asked while it ran, if one is being taken
+                writes = self._writes(run, self._copied_at or started_ns,
+                                      error or memory_note)
+                self._supersede_copies(writes)
+                self._copied_at, self._copies = None, []
             if not fresh:
                 self._supersede(writes, (run.status or {}).get("layer_id"))
             result = with_writes(result, writes)
@@ -202,6 +214,50 @@ class WarmSandbox:
                 older.discard(stale)
         if isinstance(number, int) and writes.held():
             self.layers[number] = writes
+
+    def copy_out_writes(self, timeout: float = 60.0) -> Writes | None:
+        """The writes of the running command since it started or since the last call, taken
+        now (judged and, in auto, the inert ones applied) while it goes on running: a gVisor
+        kernel's cell has ended. None when no command runs or its writes are not held.
+
+        Its later writes over or deletions of a path held by an earlier copy supersede it
+        (the earlier one is discarded). Something the command is still writing as this runs
+        is taken as it stands then; the next copy has the rest.
+        """
+        if not self.spec.holds_writes or not self.client.running:
+            return None
+        with self._copying:
+            started_ns = self._copied_at
+            if started_ns is None:
+                return None
+            answer = self.client.copy_out(timeout)
+            if answer.get("layer") != "done":
+                return Writes(self.spec.writes_mode, None, None, lost=(
+                    f"its writes could not be copied out of the sandbox "
+                    f"({str(answer.get('layer'))[:200]}): none reached the working dir yet"))
+            self._copied_at = start_stamp()
+            writes = take_held_writes(self.spec, os.path.join(self.transport.status_dir,
+                                                              CELL_COPY),
+                                      started_ns, completed=True,
+                                      store_base=os.path.dirname(
+                                          os.path.dirname(self.transport.status_dir)))
+            self._supersede_copies(writes)
+            if writes.held():
+                self._copies.append(writes)
+            return writes
+
+    def _supersede_copies(self, writes: Writes) -> None:
+        """Held changes of the running command's earlier copies that ``writes`` wrote over
+        or deleted are discarded: the newest copy holds what the sandbox shows now."""
+        if writes.changeset is None:
+            return
+        cs = writes.changeset
+        touched = {c.path for c in cs} | (
+            set(cs.markers.listed_deletions()) if cs.markers is not None else set())
+        for older in self._copies:
+            stale = [c.path for c in older.held() if c.path in touched]
+            if stale:
+                older.discard(stale)
 
     def _writes(self, run, started_ns: int, failed: str | None) -> Writes:
         """The command's held writes, as the agent's layer keeper copied them out."""

@@ -207,11 +207,13 @@ def _store_base(status_dir: str) -> str:
 
 
 def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int,
-                completed: bool, host: activity.HostContext | None = None) -> Writes:
+                completed: bool, host: activity.HostContext | None = None,
+                store_base: str | None = None) -> Writes:
     """The writes the sandbox copied out to ``status_dir`` (see the top of this module).
 
     ``completed``: the command ended on its own (not killed, timed out or out of memory):
-    otherwise nothing is applied, whatever the layer says.
+    otherwise nothing is applied, whatever the layer says. ``store_base``: where the held
+    files are kept (by default beside the run dir whose status dir this is).
     """
     out = os.path.join(status_dir, "upper")
     try:
@@ -225,7 +227,7 @@ def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int
         return Writes(mode, None, None)  # the command wrote nothing
     # Named as a run dir (its maker's pid): removed by the next run if this process dies.
     store = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-writes-",
-                             dir=_store_base(status_dir))
+                             dir=store_base or _store_base(status_dir))
     try:
         os.rename(out, os.path.join(store, "upper"))
         with open(os.path.join(status_dir, "markers.json"), "rb") as handle:
@@ -254,13 +256,13 @@ def take_writes(mode: str, working_dir: str, status_dir: str, *, started_ns: int
 
 
 def take_held_writes(spec: SandboxSpec, status_dir: str, started_ns: int, *,
-                     completed: bool) -> Writes:
+                     completed: bool, store_base: str | None = None) -> Writes:
     """``take_writes`` for a backend: a layer that cannot be read is reported on the result
     (its writes lost, none applied), never raised: the command has run."""
     assert spec.working_dir is not None
     try:
         return take_writes(spec.writes_mode, spec.working_dir, status_dir, started_ns=started_ns,
-                           completed=completed)
+                           completed=completed, store_base=store_base)
     except (OSError, ValueError, GvisorMagicError) as exc:
         return Writes(spec.writes_mode, None, None,
                       lost=f"the command's writes could not be read from its sandbox ({exc}): "

@@ -450,17 +450,24 @@ def test_the_gvisor_kernel_from_the_launcher(browser, lab, runsc_works):
     _wait_kernel_ready(page, "Python 3 (gVisor)")
     editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
     editor.click()
+    # It also writes a CSV (lands when the cell ends) and a module (held: the host's next
+    # import would run it), and the cell says so.
     page.keyboard.type("import os, subprocess\nprint('python in', os.uname().release)\n"
                        "print('subprocess in', subprocess.run(['uname', '-r'], "
-                       "capture_output=True, text=True).stdout.strip())")
+                       "capture_output=True, text=True).stdout.strip())\n"
+                       "open('results.csv', 'w').write('a,b')\n"
+                       "open('helpers.py', 'w').write('X = 1')")
     page.keyboard.press("Control+Enter")
     output = page.locator(".jp-Notebook .jp-Cell .jp-OutputArea-output").first
     output.wait_for(timeout=CELL_TIMEOUT_MS)
     page.wait_for_function(
         "() => document.querySelector('.jp-Notebook .jp-OutputArea') && document"
-        ".querySelector('.jp-Notebook .jp-OutputArea').textContent.includes('subprocess in')",
+        ".querySelector('.jp-Notebook .jp-OutputArea').textContent.includes('gvisor-magic held')",
         timeout=CELL_TIMEOUT_MS)
     text = page.locator(".jp-Notebook .jp-OutputArea").first.text_content()
     assert "python in 4.4.0" in text and "subprocess in 4.4.0" in text, text
+    assert "held back" in text and "helpers.py" in text, text
+    assert (lab.root / "results.csv").read_text() == "a,b"
+    assert not (lab.root / "helpers.py").exists(), "a module the cell wrote reached the host"
     page.screenshot(path=str(ARTIFACTS / "gvisor-kernel-cell.png"))
     page.close()

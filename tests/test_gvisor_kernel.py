@@ -227,12 +227,13 @@ def test_kernelspec_install_and_remove_from_the_cli(tmp_path):
                              "--json"], env=env, capture_output=True, text=True)
     assert KERNEL_NAME in json.loads(listed.stdout)["kernelspecs"]
     done = subprocess.run([*cli, "install", "--prefix", str(tmp_path / "prefix"),
-                           "--network", "pypi", "--limit", "memory=2G"], env=env,
-                          capture_output=True, text=True)
+                           "--network", "pypi", "--limit", "memory=2G", "--writes", "review"],
+                          env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "prefix" / "share" / "jupyter" / "kernels" / KERNEL_NAME
                          / "kernel.json").read_text())["metadata"]["kernel_provisioner"]
-    assert config["config"] == {"network": "pypi", "limits": {"memory": "2G"}}
+    assert config["config"] == {"network": "pypi", "limits": {"memory": "2G"},
+                                "writes": "review"}
     bad = subprocess.run([*cli, "install", "--user", "--network", "http://x"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a URL" in bad.stderr, bad.stderr

@@ -16,7 +16,7 @@ from . import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
 #: The sandbox settings a kernelspec may carry: the provisioner's traits, named as
 #: ``SandboxSpec.from_options`` names them, and ``sandbox``, any other setting by name
 #: (``NAMED_SETTINGS``); the rest is fixed when the kernel starts.
-SETTINGS = ("network", "allow_hosts", "limits", "protected_paths", "sandbox")
+SETTINGS = ("network", "allow_hosts", "limits", "protected_paths", "writes", "sandbox")
 
 
 def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
@@ -26,13 +26,7 @@ def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
         if name not in SETTINGS:
             raise InvalidRequestError(f"unknown kernel setting {name!r}: expected one of "
                                       f"{', '.join(SETTINGS)}")
-    spec = SandboxSpec.from_options(with_named_settings(config))
-    if spec.writes not in (None, "direct"):
-        raise InvalidRequestError(f"writes={spec.writes!r}: the gVisor kernel runs its cells "
-                                  "in one warm sandbox, which writes its working dir directly; "
-                                  "held writes are for one-shot runs (%%isolated --writes, "
-                                  "gvisor-magic run --writes)")
-    return spec
+    return SandboxSpec.from_options(with_named_settings(config))
 
 
 def kernel_json(config: Mapping[str, Any] | None = None,

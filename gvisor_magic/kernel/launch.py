@@ -42,6 +42,7 @@ from .. import registry
 from ..errors import CommandInterrupted, GvisorMagicError
 from ..request import SandboxSpec
 from ..session import IsolatedSession
+from .cells import CELL_ENV, CELL_HOOK, CellWrites, HeldControl
 
 #: Exit status when the sandbox cannot start here (nothing ran).
 EXIT_UNAVAILABLE = 1
@@ -72,6 +73,7 @@ BOOT = ("import importlib, os, runpy, sys\n"
         "        return plain(self, line)\n"
         "    pip.__doc__ = plain.__doc__\n"
         "    packaging.PackagingMagics.pip = pip\n"
+        + CELL_HOOK +
         "sys.argv[0] = 'ipykernel_launcher'\n"
         "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)\n")
 
@@ -93,6 +95,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--working-dir", help="without --spec: mounted read-write (the cwd)")
     parser.add_argument("--ready-fd", type=int, default=None, metavar="N",
                         help="an inherited pipe: 'ok' once the sandbox runs, else the reason")
+    parser.add_argument("--kernel-id", default=None,
+                        help="the kernel's id, which 'gvisor-magic held' names it by")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.argv[:1] == ["--"]:
@@ -203,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent(os.getppid())
     session = IsolatedSession(spec, mode=registry.kernel_backend(), require_isolation=True)
+    cells = control = None
     try:
         try:
             session.start()
@@ -220,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["PYTHONPATH"] = os.pathsep.join([*spec.python_path, PACKAGES])
         if not spec.network.enabled:
             env["GVISOR_MAGIC_PIP_NOTE"] = PIP_NOTE.format(packages=PACKAGES)
+        if spec.holds_writes and spec.kernel_dir is not None:
+            cells, control = _hold_cell_writes(session, spec.kernel_dir, args.kernel_id)
+            env[CELL_ENV] = cells.path
         stop.armed = True
         try:
             if stop.requested:  # a signal came just before it was armed
@@ -233,13 +241,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.armed = False
         if result.error:
             print(f"gvisor-magic: {result.error}", file=sys.stderr, flush=True)
+        held = session.changes()
+        if held:
+            print(f"gvisor-magic: the kernel ended with {len(held)} change(s) held; they are "
+                  "discarded: " + ", ".join(c.path for c in held[:20]),
+                  file=sys.stderr, flush=True)
         code = result.returncode
         return 128 - code if code < 0 else code
     except (KeyboardInterrupt, CommandInterrupted):
         return 0
     finally:
         ready.tell("the launcher ended before its sandbox started")  # if not told yet
+        if cells is not None:
+            cells.stop()
+        if control is not None:
+            control.close()
+        session.discard()  # held changes live no longer than the kernel
         session.close()
+
+
+def _hold_cell_writes(session: IsolatedSession, kernel_dir: str, kernel_id: str | None
+                      ) -> tuple[CellWrites, HeldControl | None]:
+    """The cell link and the ``gvisor-magic held`` socket of a kernel whose writes are held."""
+    control = None
+    if kernel_id:
+        control = HeldControl(session, kernel_id)
+        try:
+            control.start()
+        except OSError as exc:
+            print(f"gvisor-magic: held changes cannot be applied from a terminal "
+                  f"({control.path}: {exc})", file=sys.stderr, flush=True)
+            control, kernel_id = None, None
+    cells = CellWrites(session, kernel_dir, kernel_id)
+    cells.start()
+    return cells, control
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ It is ``LocalProvisioner`` with four changes:
   dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look.
 
 Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see docs/kernel.md,
-"A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``
-and ``sandbox`` (any other setting by name; ``kernelspec.SETTINGS``), read by
+"A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``,
+``writes`` and ``sandbox`` (any other setting by name; ``kernelspec.SETTINGS``), read by
 ``SandboxSpec.from_options``; a bad one stops the start.
 """
 
@@ -178,6 +178,10 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     allow_hosts = List(Unicode(), config=True, help="hosts added to the network allowlist")
     limits = Dict(config=True, help="limits, e.g. {'memory': '2G', 'max_processes': 256}")
     protected_paths = List(Unicode(), config=True, help="protected-path rules")
+    writes = Unicode(None, allow_none=True, config=True,
+                     help="what happens to the cells' writes to the working dir: 'auto' (the "
+                     "default: they land when the cell ends unless a host tool would run "
+                     "them), 'review' (all held) or 'direct'")
     sandbox = Dict(config=True, help="any other sandbox setting by name, e.g. "
                    "{'hostname': 'build'} (see docs/kernel.md)")
 
@@ -237,7 +241,9 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
         # by this server do not, so its end closes when the launcher closes it.
         kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end)
         kwargs["cmd"] = [sys.executable, "-m", "gvisor_magic.kernel.launch",
-                         "--spec", self.spec_file, "--ready-fd", str(write_end), "--", *cmd]
+                         "--spec", self.spec_file, "--ready-fd", str(write_end),
+                         *(["--kernel-id", self.kernel_id] if self.kernel_id else []),
+                         "--", *cmd]
         self.log.info("gvisor: starting the kernel in a gVisor sandbox (sockets in %s)",
                       self.sockets_dir)
         return kwargs

@@ -13,9 +13,13 @@ protocol itself is described in ``session_agent.py``.
 
 import struct
 
-RUN, GO, KILL = b"R", b"G", b"K"  # host -> agent
-HELLO, ACCEPTED, STDOUT, STDERR, EXIT = b"H", b"A", b"O", b"E", b"X"  # agent -> host
-FROM_AGENT = HELLO + ACCEPTED + STDOUT + STDERR + EXIT
+RUN, GO, KILL, COPY_OUT = b"R", b"G", b"K", b"C"  # host -> agent
+HELLO, ACCEPTED, STDOUT, STDERR, EXIT, COPIED = (  # agent -> host
+    b"H", b"A", b"O", b"E", b"X", b"L")
+FROM_AGENT = HELLO + ACCEPTED + STDOUT + STDERR + EXIT + COPIED
+#: Where a copy of the layer asked for while its command runs goes (``COPY_OUT``), in the
+#: status dir: apart from the copy made at the command's end, which may follow it at once.
+CELL_COPY = "cell"
 #: The largest request the agent takes (it carries the command's stdin).
 MAX_REQUEST = 16 * 1024 * 1024
 #: The largest frame the agent sends: it reads a command's output this much at a time

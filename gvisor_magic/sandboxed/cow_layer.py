@@ -19,6 +19,13 @@ attributes (deletions, opaque directories) in ``OUT/markers.json``, which the ho
 ``gvisor_magic.changes.ListedMarkers`` reads. ``OUT/done`` is written last: without it
 the host takes nothing from the layer (a sandbox killed during the copy leaves no half).
 
+A copy holds what changed in the upper since the overlay's last copy, so an overlay may be
+copied out more than once while its command runs (a gVisor kernel's cells, each at its
+end): a file, link or marker already copied and unchanged since is left out, and one
+copied before that is gone from the upper now (removed with no marker: the lower did not
+have it when the overlay looked) is listed as deleted. A new overlay starts with nothing
+copied.
+
 The copy is written with the caller's effective uid, so the host's caller owns it; the
 upper is read as root of the sandbox, which reads any mode and the overlay's trusted
 extended attributes.
@@ -148,6 +155,7 @@ def layer_mount(layer, keep=()):
     lower = ":".join([os.path.join(place, "upper") for _, place in kept] + [root])
     _mount("overlay", root, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
     layer["mounted"], layer["upper"] = place, upper
+    layer["copied"] = {}  # what layer_copy_out copied of this overlay, and as what
     made = []
     for point, aside in layer["moved"]:
         if not os.path.lexists(point):  # a mount point the lower lacks: made in the upper
@@ -214,11 +222,15 @@ _BATCH = 256
 
 
 def layer_copy_out(layer, out):
-    """Copy the upper layer into ``out``/upper and list its markers (see the top); an empty
-    upper writes only ``done`` (saying "empty"). This layer's id."""
+    """Copy what changed in the upper layer since its last copy into ``out``/upper and list
+    its markers (see the top); no change writes only ``done`` (saying "empty"). This
+    layer's id."""
     upper, made = layer["upper"], set(layer["made"])
+    copied = layer.setdefault("copied", {})
+    seen = {}  # name -> what it is now, for the next copy
     target = os.path.join(out, "upper")
     deleted, opaque, skipped, dirs, links, files = [], [], [], [], [], []
+    new_dirs = False
     stack = [""]
     while stack:  # as root: any mode, and the overlay's trusted.* attributes
         rel = stack.pop()
@@ -232,29 +244,49 @@ def layer_copy_out(layer, out):
             st = entry.stat(follow_symlinks=False)
             mode = st.st_mode
             if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                deleted.append(name)
+                seen[name] = ("deleted",)
+                if copied.get(name) != seen[name]:
+                    deleted.append(name)
             elif stat.S_ISDIR(mode):
+                was = copied.get(name, ())
                 try:
                     if os.getxattr(entry.path, _OPAQUE, follow_symlinks=False) == b"y":
-                        opaque.append(name)
+                        seen[name] = ("dir", stat.S_IMODE(mode), True)
+                        if was[2:] != (True,):  # once: a later copy leaves files out
+                            opaque.append(name)
                 except OSError:
                     pass
+                seen.setdefault(name, ("dir", stat.S_IMODE(mode), was[2:] == (True,)))
+                new_dirs = new_dirs or was[:2] != seen[name][:2]
                 dirs.append((name, stat.S_IMODE(mode) & 0o1777))
                 stack.append(name)
             elif stat.S_ISLNK(mode):
-                links.append((name, os.readlink(entry.path)))
+                seen[name] = ("link", os.readlink(entry.path))
+                if copied.get(name) != seen[name]:
+                    links.append((name, seen[name][1]))
             elif stat.S_ISREG(mode):
-                files.append((name, entry.path, st))
+                seen[name] = ("file", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                              mode)
+                if copied.get(name) != seen[name]:
+                    files.append((name, entry.path, st))
             else:
-                skipped.append(name)
-    empty = not (deleted or opaque or skipped or dirs or links or files)
+                seen[name] = ("other", st.st_ino, st.st_mode)
+                if copied.get(name) != seen[name]:
+                    skipped.append(name)
+    # Copied before and gone now, with no marker: removed from the upper alone.
+    deleted += sorted(name for name, was in copied.items()
+                      if name not in seen and was[0] not in ("deleted", "other"))
+    empty = not (deleted or opaque or skipped or new_dirs or links or files)
     old_umask = os.umask(0)  # files are created with their final mode (no chmod each)
     try:
         _as_caller(layer)
         try:
+            if not os.path.isdir(out):
+                os.mkdir(out, 0o700)
             _clear(out, target)
             if empty:
                 _write_done(out, "empty")
+                layer["copied"] = seen
                 return layer["count"]
             os.mkdir(target, 0o700)
             for name, _mode in sorted(dirs, key=lambda d: d[0].count("/")):
@@ -276,6 +308,7 @@ def layer_copy_out(layer, out):
             _as_root(layer)
     finally:
         os.umask(old_umask)
+    layer["copied"] = seen
     return layer["count"]  # this layer's id, for a later ``layer_mount(keep=...)``
 
 

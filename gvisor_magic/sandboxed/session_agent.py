@@ -17,12 +17,18 @@ big-endian) + payload (``agent_wire``).
                                               the earlier layers it sees, see cow_layer)
                   G  (empty)                  go: run the command just accepted
                   K  (empty)                                               kill the command
+                  C  (empty)                  copy the layer's changes out now, while the
+                                              command runs (held writes: a gVisor kernel's
+                                              cell has ended)
   agent -> host   H  JSON {"pid"}             ready (sent once, at start)
                   A  (empty)                  request accepted; runs only after the host's G
                   O / E  bytes                stdout / stderr of the command
                   X  JSON {"exit": N} or {"signal": N} or {"error": text}, with
                      "blocked": [[host, port]...] when the network is off and the
                      command's tools asked the relay for somewhere
+                  L  JSON {"layer": "done", "layer_id": N} or {"layer": why not}
+                                              the answer to C: what changed in the layer
+                                              since its last copy is in STATUS_DIR/cell
 
 Held writes (``--layer SETTING``, see ``cow_layer.py``, whose source runs before this
 one's): a thread of the agent, the layer keeper, keeps the capabilities the layer needs
@@ -1050,6 +1056,8 @@ def run(request):
                 if kind == KILL:
                     killed = True
                     tainted = tainted or kill_everything_else()
+                elif kind == COPY_OUT:
+                    send(COPIED, copy_out_now(status is None and not killed))
                 continue
             chunk = os.read(fd, MAX_FRAME)
             if chunk:
@@ -1107,6 +1115,23 @@ def run(request):
         if tried:
             report["blocked"] = tried
     send(EXIT, json.dumps(report).encode())
+
+
+def copy_out_now(running):
+    """The answer to ``C``: the layer's changes since its last copy, copied out to
+    ``STATUS_DIR/cell`` while the command runs."""
+    if KEEPER is None:
+        report = {"layer": "not held: this sandbox writes its working dir directly"}
+    elif not running:
+        report = {"layer": "the command has ended: its writes come with its exit"}
+    else:
+        try:
+            report = {"layer_id": keeper_call(layer_copy_out,  # cow_layer.py's
+                                              os.path.join(STATUS_DIR, CELL_COPY)),
+                      "layer": "done"}
+        except OSError as exc:
+            report = {"layer": "not copied out: %s" % exc}
+    return json.dumps(report).encode()
 
 
 WAKE = (-1, -1)
@@ -1177,6 +1202,8 @@ def main():
         if kind == RUN:
             run(payload)
             prestart()
+        elif kind == COPY_OUT:  # came as the command ended: its exit report has its writes
+            send(COPIED, copy_out_now(False))
         # a stray K between commands has nothing to kill
     kill_everything_else()
     sys.exit(0)

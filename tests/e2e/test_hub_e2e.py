@@ -282,6 +282,7 @@ def test_without_usable_runsc_the_hub_setting_fails_closed(no_runsc_server):
 
 
 GVISOR_KERNEL = """import os, subprocess, json
+open("from-the-gvisor-kernel.csv", "w").write("a,b")  # lands when the cell ends
 secrets = {}
 for name in (".ssh/id_ed25519", ".aws/credentials", ".netrc"):
     try:
@@ -307,6 +308,9 @@ def test_the_gvisor_kernel_runs_as_the_user_in_gvisor(hub, hub_user, default_ser
     assert seen["uid"] == hub_user.pw_uid and seen["cwd"] == hub_user.pw_dir, seen
     assert not seen["token"] and not seen["user_secret"], seen
     assert FILE_SECRET not in json.dumps(seen["secrets"]), seen["secrets"]
+    made = os.path.join(hub_user.pw_dir, "from-the-gvisor-kernel.csv")
+    with open(made) as handle:
+        assert handle.read() == "a,b" and os.stat(made).st_uid == hub_user.pw_uid
 
 
 def test_the_gvisor_kernel_does_not_start_without_runsc(hub, no_runsc_server):

@@ -92,3 +92,34 @@ def test_a_reset_channel_is_a_broken_session(fake):
     fake.agent.close()
     with pytest.raises(SessionBroken, match=r"channel broke: .*reset.*runsc: boom"):
         Channel(fake).receive(time.monotonic() + 5)
+
+
+def test_a_copy_out_answer_goes_to_the_thread_that_asked_whenever_it_comes(fake):
+    """A gVisor kernel's cell end: the answer to ``C`` arrives among the command's output,
+    read by the thread following the command; ``copy_out`` (another thread) gets it."""
+    import threading
+
+    from gvisor_magic.agent_channel import AgentClient
+    from gvisor_magic.process import Capture
+
+    client = AgentClient(fake)
+    assert client.copy_out(1.0) == {"layer": "no command runs"}
+    fake.agent.send(frame(b"A"))
+    out, err = Capture("stdout", None), Capture("stderr", None)
+    runs = []
+    follower = threading.Thread(target=lambda: runs.append(
+        client.run({"argv": ["k"]}, out, err, None, time.monotonic() + 30)))
+    follower.start()
+    deadline = time.monotonic() + 10
+    while not client.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    fake.agent.send(frame(b"O", b"before ") + frame(b"L", b'{"layer": "done", "layer_id": 3}'))
+    assert client.copy_out(10.0) == {"layer": "done", "layer_id": 3}
+    assert bytes(fake.sent).endswith(frame(b"C"))
+    fake.agent.send(frame(b"L", b"[]") + frame(b"O", b"after") + frame(b"X", b'{"exit": 0}'))
+    follower.join(10)
+    assert runs and runs[0].status == {"exit": 0} and not client.running
+    assert out.text() == "before after"
+    # A stale answer (to an ask that gave up) is not taken for the next one's.
+    assert client.copy_out(0.2) == {"layer": "no command runs"}

@@ -380,7 +380,7 @@ def test_a_bad_kernelspec_setting_is_refused_when_written(tmp_path):
     with pytest.raises(InvalidRequestError, match="not a URL"):
         kernel_json({"network": "http://x"})
     config = {"network": True, "allow_hosts": [HOST], "limits": {"memory": "2G"},
-              "protected_paths": RULES, "sandbox": {"hostname": HOSTNAME}}
+              "protected_paths": RULES, "writes": "review", "sandbox": {"hostname": HOSTNAME}}
     assert tuple(config) == SETTINGS
     assert kernel_json(config)["metadata"]["kernel_provisioner"]["config"] == config
 

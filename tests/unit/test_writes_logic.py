@@ -4,6 +4,7 @@ reading of mount points. The real sandboxes are tests/test_writes.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -123,7 +124,8 @@ def test_writes_is_a_checked_setting(tmp_path):
     assert not default.holds_writes  # no working dir: nothing to hold
     assert SandboxSpec.from_options({"working_dir": str(tmp_path)}).holds_writes
     kernel = SandboxSpec.from_options({"working_dir": str(tmp_path), "kernel_dir": str(tmp_path)})
-    assert not kernel.holds_writes  # a gVisor kernel writes directly unless told otherwise
+    assert kernel.holds_writes  # a gVisor kernel's cells too (kernel/cells.py)
+    assert not dataclasses.replace(kernel, writes="direct").holds_writes
     with pytest.raises(InvalidRequestError, match="'auto' holds back"):
         SandboxSpec.from_options({"writes": "later"})
     with pytest.raises(TypeError):
@@ -140,3 +142,41 @@ def test_the_init_reads_mount_points_below_the_working_dir(tmp_path):
         "33 20 0:5 / /home/u/workshop rw - 9p a rw\n")
     assert cow_layer.submounts("/home/u/work", str(info)) == [
         ("/home/u/work/.ssh", True), ("/home/u/work/my dir/.git/hooks", True)]
+
+
+def _copied(out: Path) -> tuple[set[str], dict]:
+    """(files copied, markers) of one ``layer_copy_out`` into ``out``."""
+    if (out / "done").read_text() == "empty":
+        return set(), {}
+    files = {str(p.relative_to(out / "upper")) for p in (out / "upper").rglob("*")
+             if p.is_file()}
+    return files, json.loads((out / "markers.json").read_text())
+
+
+def test_a_layer_copied_out_twice_gives_only_what_changed_since(tmp_path):
+    """A gVisor kernel's cells: each copy of the one overlay has what changed since the last
+    (unchanged files left out, an opaque dir listed once, a file gone without a marker
+    listed as deleted)."""
+    upper = tmp_path / "upper"
+    (upper / "pkg").mkdir(parents=True)
+    (upper / "a.csv").write_text("1")
+    (upper / "pkg" / "mod.py").write_text("x = 1")
+    layer = {"upper": str(upper), "made": [], "count": 1, "switch": False, "copied": {}}
+
+    def copy(n: int) -> tuple[set[str], dict]:
+        out = tmp_path / f"out{n}"
+        cow_layer.layer_copy_out(layer, str(out))
+        return _copied(out)
+
+    files, markers = copy(1)
+    assert files == {"a.csv", "pkg/mod.py"} and markers["deleted"] == []
+    assert copy(2) == (set(), {})  # nothing changed since
+    time.sleep(0.01)
+    (upper / "pkg" / "mod.py").write_text("x = 2")
+    (upper / "b.txt").write_text("new")
+    files, markers = copy(3)
+    assert files == {"pkg/mod.py", "b.txt"}
+    (upper / "a.csv").unlink()  # gone from the upper with no whiteout
+    files, markers = copy(4)
+    assert files == set() and markers["deleted"] == ["a.csv"]
+    assert copy(5) == (set(), {})
