@@ -236,6 +236,8 @@ class WarmSandbox:
                     f"its writes could not be copied out of the sandbox "
                     f"({str(answer.get('layer'))[:200]}): none reached the working dir yet"))
             self._copied_at = start_stamp()
+            if answer.get("empty") is True:
+                return Writes(self.spec.writes_mode, None, None)  # nothing changed since
             writes = take_held_writes(self.spec, os.path.join(self.transport.status_dir,
                                                               CELL_COPY),
                                       started_ns, completed=True,

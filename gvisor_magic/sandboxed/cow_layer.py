@@ -221,10 +221,11 @@ def _as_root(layer):
 _BATCH = 256
 
 
-def layer_copy_out(layer, out):
+def layer_copy_out(layer, out, quiet=False):
     """Copy what changed in the upper layer since its last copy into ``out``/upper and list
-    its markers (see the top); no change writes only ``done`` (saying "empty"). This
-    layer's id."""
+    its markers (see the top); no change writes only ``done`` (saying "empty"), or nothing at
+    all when ``quiet`` (the caller says so itself). This layer's id (None: quiet and
+    empty)."""
     upper, made = layer["upper"], set(layer["made"])
     copied = layer.setdefault("copied", {})
     seen = {}  # name -> what it is now, for the next copy
@@ -277,6 +278,9 @@ def layer_copy_out(layer, out):
     deleted += sorted(name for name, was in copied.items()
                       if name not in seen and was[0] not in ("deleted", "other"))
     empty = not (deleted or opaque or skipped or new_dirs or links or files)
+    if empty and quiet:
+        layer["copied"] = seen
+        return None
     old_umask = os.umask(0)  # files are created with their final mode (no chmod each)
     try:
         _as_caller(layer)

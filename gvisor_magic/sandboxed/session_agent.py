@@ -29,6 +29,7 @@ big-endian) + payload (``agent_wire``).
                   L  JSON {"layer": "done", "layer_id": N} or {"layer": why not}
                                               the answer to C: what changed in the layer
                                               since its last copy is in STATUS_DIR/cell
+                                              ("empty": true instead of an id: nothing)
 
 Held writes (``--layer SETTING``, see ``cow_layer.py``, whose source runs before this
 one's): a thread of the agent, the layer keeper, keeps the capabilities the layer needs
@@ -1126,9 +1127,10 @@ def copy_out_now(running):
         report = {"layer": "the command has ended: its writes come with its exit"}
     else:
         try:
-            report = {"layer_id": keeper_call(layer_copy_out,  # cow_layer.py's
-                                              os.path.join(STATUS_DIR, CELL_COPY)),
-                      "layer": "done"}
+            number = keeper_call(layer_copy_out,  # cow_layer.py's
+                                 os.path.join(STATUS_DIR, CELL_COPY), True)
+            report = {"layer": "done", "layer_id": number} if number is not None else {
+                "layer": "done", "empty": True}  # nothing to read: no file written
         except OSError as exc:
             report = {"layer": "not copied out: %s" % exc}
     return json.dumps(report).encode()
