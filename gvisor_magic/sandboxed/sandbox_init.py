@@ -31,8 +31,9 @@ copies the layer out next to the status file. Without LAYER it starts as the cal
 argv: MARKER STATUS_FILE DEADLINE EGRESS LAYER PROGRAM [ARGS...]
 """
 
+# _signal, not signal: signal imports enum, about 11 ms of the init inside gVisor.
+import _signal as signal
 import os
-import signal
 import sys
 
 
