@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 
 from . import registry
 from .agent_channel import AgentClient, SessionBroken
@@ -161,7 +162,7 @@ class WarmSandbox:
             with self._copying:  # after a copy asked while it ran, if one is being taken
                 writes = self._writes(run, self._copied_at or started_ns,
                                       error or memory_note)
-                self._supersede_copies(writes)
+                _discard_superseded(writes, self._copies)
                 self._copied_at, self._copies = None, []
             if not fresh:
                 self._supersede(writes, (run.status or {}).get("layer_id"))
@@ -201,17 +202,7 @@ class WarmSandbox:
     def _supersede(self, writes: Writes, number: object) -> None:
         """A session's command saw the held changes of earlier ones: those it wrote over or
         deleted are discarded (the newest is what the session holds now)."""
-        if writes.changeset is None:
-            return
-        cs = writes.changeset
-        gone = set(cs.markers.listed_deletions()) if cs.markers is not None else set()
-        touched = {c.path for c in cs} | gone
-        hidden = tuple(p + "/" for p in cs.opaque | gone)
-        for older in self.layers.values():
-            stale = [c.path for c in older.held()
-                     if c.path in touched or c.path.startswith(hidden)]
-            if stale:
-                older.discard(stale)
+        _discard_superseded(writes, self.layers.values())
         if isinstance(number, int) and writes.held():
             self.layers[number] = writes
 
@@ -243,23 +234,10 @@ class WarmSandbox:
                                       started_ns, completed=True,
                                       store_base=os.path.dirname(
                                           os.path.dirname(self.transport.status_dir)))
-            self._supersede_copies(writes)
+            _discard_superseded(writes, self._copies)
             if writes.held():
                 self._copies.append(writes)
             return writes
-
-    def _supersede_copies(self, writes: Writes) -> None:
-        """Held changes of the running command's earlier copies that ``writes`` wrote over
-        or deleted are discarded: the newest copy holds what the sandbox shows now."""
-        if writes.changeset is None:
-            return
-        cs = writes.changeset
-        touched = {c.path for c in cs} | (
-            set(cs.markers.listed_deletions()) if cs.markers is not None else set())
-        for older in self._copies:
-            stale = [c.path for c in older.held() if c.path in touched]
-            if stale:
-                older.discard(stale)
 
     def _writes(self, run, started_ns: int, failed: str | None) -> Writes:
         """The command's held writes, as the agent's layer keeper copied them out."""
@@ -273,6 +251,23 @@ class WarmSandbox:
                          or "signal" in run.status)
         return take_held_writes(self.spec, self.transport.status_dir, started_ns,
                                 completed=completed)
+
+
+def _discard_superseded(writes: Writes, earlier: Iterable[Writes]) -> None:
+    """Held changes of ``earlier`` writes that ``writes`` wrote over or deleted (a path, or
+    one below a directory it deleted or made opaque) are discarded: the newest is what the
+    sandbox shows and what is held now (a session's commands, a kernel's cells)."""
+    if writes.changeset is None:
+        return
+    cs = writes.changeset
+    gone = set(cs.markers.listed_deletions()) if cs.markers is not None else set()
+    touched = {c.path for c in cs} | gone
+    hidden = tuple(p + "/" for p in cs.opaque | gone)
+    for older in earlier:
+        stale = [c.path for c in older.held()
+                 if c.path in touched or c.path.startswith(hidden)]
+        if stale:
+            older.discard(stale)
 
 
 #: At most this many earlier layers under a session's command (overlay lower layers).
