@@ -77,6 +77,9 @@ def _kernel_readiness(info) -> dict[str, object]:
 
 def _run(args: argparse.Namespace) -> int:
     from .runner import run_command_isolated
+    from .warm import POOL
+
+    POOL.ready = False  # one command per process: a sandbox booted for a next one is waste
 
     command = list(args.command)
     if command and command[0] == "--":

@@ -2,12 +2,20 @@
 of a one-shot run's scratch working dir, named after the process that made it
 (``gvisor-magic-PID-XXXXXXXX``).
 
-The name carries the maker's pid so that a later run can tell the dirs of a process that
-died without cleaning up (a kernel killed with SIGKILL) and remove them: their sandboxes
-ended with their owner (the agent sees its channel close; a one-shot's runsc dies with
-its pipes). Every run makes one, so every run reclaims what dead processes left: their
-run dirs here, the private dirs of "Python 3 (gVisor)" kernels whose server died
-(below) and their memory cgroups (``memory.remove_orphan_cgroups``).
+The name carries the maker's pid so that the dirs of a process that died without cleaning
+up (a kernel killed with SIGKILL) can be told and removed: their sandboxes ended with their
+owner (the agent sees its channel close; a one-shot's runsc dies with its pipes).
+
+- At once, by the owner's **watcher** (``watch_owner``): the first run dir a process makes
+  in a base starts one small detached process that waits for the owner's exit (a pidfd)
+  and then removes what the owner left there, killing what still mentions it first. A
+  sandbox kept booted for a next call (``warm.WarmPool.prepare``) has no next call to
+  reclaim it when its kernel is killed with SIGKILL, which is how nbval and a hurried
+  Jupyter stop kernels.
+- And by the next run, as a backstop (a watcher cannot outlive a machine's reboot or a
+  kill of its own): every run makes one, so every run reclaims what dead processes left:
+  their run dirs here, the private dirs of "Python 3 (gVisor)" kernels whose server died
+  (below) and their memory cgroups (``memory.remove_orphan_cgroups``).
 
 Neutral and light: the standard library at import time (psutil and the reclaimer of
 cgroups only when reclaiming), so that the backends, the runner and the kernel's
@@ -41,6 +49,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 
 log = logging.getLogger("gvisor_magic")
@@ -75,7 +84,85 @@ def make_run_dir(base: str) -> str:
     remove_orphans(base, owner_of, "sandbox directory")
     remove_orphan_kernel_dirs()  # and those of killed Jupyter servers (below)
     remove_orphan_cgroups()
+    watch_owner(base)
     return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)
+
+
+#: (pid, base) pairs whose watcher runs: one per process and base (a forked child has a
+#: pid of its own, so it starts its own).
+_WATCHED: set[tuple[int, str]] = set()
+_WATCH_LOCK = threading.Lock()
+
+#: The watcher, run by this Python with ``-I -S`` (nothing imported but built-ins until
+#: the owner has gone). argv: OWNER BASE PACKAGE_PARENT. It forks once and the first
+#: process exits, so the watcher is nobody's child and in a session of its own: a kill of
+#: the owner's process group (Jupyter's SIGKILL of a kernel) does not reach it. It waits on
+#: a pidfd of the owner, holding nothing else (cwd /, no fds), and when the owner has
+#: exited and left run dirs in BASE, becomes this Python with ``remove_run_dirs_of``.
+#: The text of the run dirs' prefix is built, not written, so that the watcher's command
+#: line never looks like a sandbox's (tests and ``remove_orphans`` find those by it).
+WATCH = """\
+import os, select, sys, time
+if os.fork():
+    os._exit(0)
+os.chdir("/")
+owner, base, package = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+try:
+    fd = os.pidfd_open(owner)
+except ProcessLookupError:
+    fd = None
+except OSError:
+    fd = -1
+if fd is None:
+    pass
+elif fd >= 0:
+    select.select([fd], [], [])
+else:
+    while True:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        time.sleep(1.0)
+prefix = "-".join(("gvisor", "magic", str(owner), ""))
+try:
+    left = [name for name in os.listdir(base) if name.startswith(prefix)]
+except OSError:
+    left = []
+if left:
+    os.execv(sys.executable, [sys.executable, "-c",
+             "import sys; sys.path.insert(0, sys.argv[1]); "
+             "from gvisor_magic.run_dirs import remove_run_dirs_of; "
+             "remove_run_dirs_of(int(sys.argv[2]), sys.argv[3])",
+             package, str(owner), base])
+"""
+
+
+def watch_owner(base: str) -> None:
+    """Start this process's watcher of ``base`` (see the top) unless it runs; a few ms, once.
+    Not inside gVisor, where nothing is reclaimed; a watcher that cannot start is logged
+    and left to the next run's reclaiming."""
+    import subprocess
+    import sys
+
+    from .detect import inside_gvisor
+
+    key = (os.getpid(), os.path.realpath(base))
+    with _WATCH_LOCK:
+        if key in _WATCHED or inside_gvisor():
+            return
+        _WATCHED.add(key)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        subprocess.run([sys.executable, "-I", "-S", "-c", WATCH, str(key[0]), key[1],
+                        package], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+                       check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("gvisor: no watcher of %s for this process (%s); what a kill of it "
+                    "leaves there is reclaimed by the next run", base, exc)
 
 
 def remove_orphans(base: str, owner: Callable[[str], int | None], what: str) -> list[str]:
@@ -167,7 +254,7 @@ def remove_run_dirs_of(pid: int, base: str, wait: float = 10.0) -> list[str]:
     from .memory import remove_orphan_cgroups
 
     dirs = run_dirs_of(pid, base)
-    if not dirs or psutil.pid_exists(pid):
+    if not dirs or _lives_pid(pid):
         return []
     victims = []
     for process in psutil.process_iter(["cmdline"]):
@@ -195,6 +282,16 @@ def remove_run_dirs_of(pid: int, base: str, wait: float = 10.0) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
     remove_orphan_cgroups()
     return dirs
+
+
+def _lives_pid(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet waited for, does not)."""
+    import psutil
+
+    try:
+        return _lives(psutil.Process(pid))
+    except psutil.Error:
+        return False
 
 
 def _lives(process) -> bool:

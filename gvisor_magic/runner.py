@@ -237,15 +237,18 @@ def run_command_isolated(
     mode = resolve_mode(mode)
     asked = resolve_require_isolation(require_isolation)
     check_mode_can_isolate(mode, asked, request.network)
-    declined = None
+    declined = pooled = None
     if resolve_reuse(reuse) and request.working_dir is not None:
         names, why = plan(mode, isolation_required(asked, request.network))
-        reused, declined = _run_reused(request, names, why, mode, on_output)
+        reused, declined, pooled = _run_reused(request, names, why, mode, on_output)
         if reused is not None:
             return reused
     result = run_fresh(request, mode=mode, require_isolation=asked, on_output=on_output)
     if declined:
         result.details["not_reused"] = declined
+    elif pooled is not None and result.backend == pooled:
+        # Its key's first call: the next one finds a sandbox booted (WarmPool.prepare).
+        POOL.prepare(pooled, request.spec)
     return result
 
 
@@ -273,9 +276,11 @@ def run_fresh(request: CommandRequest, *, mode: str, require_isolation: bool,
 
 
 def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
-                on_output: OutputCallback | None) -> tuple[CommandResult | None, str | None]:
-    """Run ``request`` in a warm sandbox of the pool: (its result, None), or (None, why not
-    when worth saying) to run it fresh. Never a result unless the command ran there.
+                on_output: OutputCallback | None
+                ) -> tuple[CommandResult | None, str | None, str | None]:
+    """Run ``request`` in a warm sandbox of the pool: (its result, None, None), or (None, why
+    not when worth saying, the pool's backend if the pool could keep one for it) to run it
+    fresh. Never a result unless the command ran there.
 
     Only on the backend a fresh run would use (the first of ``names`` not known to be
     unusable), and only if it keeps warm sandboxes.
@@ -283,7 +288,7 @@ def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
     name = next((n for n in names if REGISTRY.backend(n) is not None
                  and getattr(REGISTRY.cached(n), "available", True)), None)
     if name is None or registry.transport_class(name) is None:
-        return None, None
+        return None, None, None
     plan_now = plan_for(request.spec)
     stand_ins = [p.path for p in plan_now.protections if not p.exists]
     if stand_ins:
@@ -291,15 +296,15 @@ def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
         # them while a sandbox runs; kept between calls, they would stay visible on the host.
         return None, ("a fresh sandbox, as the working dir needs stand-ins for missing "
                       f"protected paths ({', '.join(stand_ins[:3])}...), which must not stay "
-                      "on the host after the call")
+                      "on the host after the call"), None
     sandbox = POOL.take(name, request.spec)
     if sandbox is None:
-        return None, None
+        return None, None, name
     if sandbox.protection != plan_now.key():
         # A credential or repository appeared since it started: its mounts miss it.
         sandbox.retire()
         POOL.give_back(sandbox)
-        return None, None
+        return None, None, None
     request = request.with_spec(plan=plan_now)
     log.info("gvisor: running %r in warm sandbox %s (%s)", request.display[:200],
              sandbox.sandbox_id, why)
@@ -310,7 +315,7 @@ def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
         # Never accepted, so it did not run: a fresh sandbox runs it, once.
         log.info("gvisor: warm sandbox %s did not take the command (%s)", sandbox.sandbox_id,
                  exc.reason)
-        return None, None
+        return None, None, None
     except CommandInterrupted as exc:
         _after_reuse(sandbox, request, wall, exc.result)
         exc.result = _with_reason(exc.result, {}, mode, time.monotonic() - started)
@@ -318,19 +323,28 @@ def _run_reused(request: CommandRequest, names: list[str], why: str, mode: str,
     finally:
         POOL.give_back(sandbox)
     _after_reuse(sandbox, request, wall, result)
-    return _with_reason(result, {}, mode, time.monotonic() - started), None
+    return _with_reason(result, {}, mode, time.monotonic() - started), None, None
 
 
 def _after_reuse(sandbox: WarmSandbox, request: CommandRequest, since: float,
                  result: CommandResult) -> None:
     """The epilogue of a command run in ``sandbox``: what its mounts protected and which
     sandbox it was, as a fresh sandbox's result says, then the post-run check."""
+    extra = {"sandbox_id": sandbox.sandbox_id,
+             "reused": f"call {sandbox.commands} of a warm sandbox kept for this spec "
+                       "(each call starts with an empty /tmp and HOME and no process "
+                       "of another)"}
+    if sandbox.commands == 1 and sandbox.ready_since is not None:
+        extra["ready"] = ready_note(sandbox)
     epilogue(result, working_dir=request.working_dir, since=since, plan=request.plan,
-             mounted=sandbox.spec.plan, etc_scrubbed=sandbox.etc_scrubbed,
-             extra={"sandbox_id": sandbox.sandbox_id,
-                    "reused": f"call {sandbox.commands} of a warm sandbox kept for this spec "
-                              "(each call starts with an empty /tmp and HOME and no process "
-                              "of another)"})
+             mounted=sandbox.spec.plan, etc_scrubbed=sandbox.etc_scrubbed, extra=extra)
+
+
+def ready_note(sandbox: WarmSandbox) -> str:
+    """What a result says of a sandbox booted ahead of need (``WarmPool.prepare``)."""
+    assert sandbox.ready_since is not None
+    return (f"booted ahead of need, {time.monotonic() - sandbox.ready_since:.1f} s before "
+            "its first command was asked")
 
 
 def _run_first_that_starts(request: CommandRequest, names: list[str], why: str, mode: str,

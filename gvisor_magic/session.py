@@ -38,8 +38,8 @@ from .request import (
     resolve_spec,
 )
 from .result import CommandResult
-from .runner import check_mode_can_isolate, isolation_required, plan, run_fresh
-from .warm import WarmSandbox
+from .runner import check_mode_can_isolate, isolation_required, plan, ready_note, run_fresh
+from .warm import POOL, WarmSandbox
 from .writes import HeldChanges, Writes
 
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
@@ -83,6 +83,7 @@ class IsolatedSession:
         self._lock = threading.RLock()
         self._idle_timer: threading.Timer | None = None
         self._note: str | None = None  # told to the next result (e.g. a restart)
+        self._ready: str | None = None  # the sandbox was booted ahead of need: how long ago
         #: Why commands run one-shot instead of in a warm sandbox (None while warm).
         self.cold_reason: str | None = None
         self.backend: str | None = None
@@ -151,6 +152,11 @@ class IsolatedSession:
         self._starting = True
         try:
             for name in names:
+                ready = POOL.adopt(name, self.spec)  # one booted ahead of need, if any
+                if ready is not None:
+                    self._warm, self.backend, self.cold_reason = ready, name, None
+                    self._ready = ready_note(ready)  # said by the first result
+                    return
                 try:
                     self._warm = WarmSandbox.launch(name, self.spec)
                     self.backend, self.cold_reason = name, None
@@ -315,6 +321,8 @@ class IsolatedSession:
         assert warm is not None
         note, self._note = self._note, None
         details = {"session": warm.sandbox_id, **({"session_note": note} if note else {})}
+        if self._ready:
+            details["ready"], self._ready = self._ready, None
         since, result = time.time(), None
         try:
             result = warm.run(request, on_output)

@@ -56,6 +56,8 @@ class WarmSandbox:
         self.commands = 0
         #: Set when it must not run another command: why ("" when there is nothing to say).
         self.retired: str | None = None
+        #: When it was booted ahead of need (``WarmPool.prepare``), for its first result.
+        self.ready_since: float | None = None
         #: A session's held writes by the id of the layer that holds them in the sandbox:
         #: the next commands see them until they are applied or discarded.
         self.layers: dict[int, Writes] = {}
@@ -270,6 +272,12 @@ def _discard_superseded(writes: Writes, earlier: Iterable[Writes]) -> None:
             older.discard(stale)
 
 
+def _key(backend: str, spec: SandboxSpec) -> tuple[str, SandboxSpec]:
+    """What a pooled sandbox is made of: its backend and spec (not the plan of its mounts,
+    which is looked at again when it is handed out)."""
+    return backend, dataclasses.replace(spec, plan=None)
+
+
 #: At most this many earlier layers under a session's command (overlay lower layers).
 MAX_KEPT_LAYERS = 64
 
@@ -287,21 +295,34 @@ class WarmPool:
 
     A call takes an idle sandbox of its key, or, when its key was used within
     ``idle_timeout``, starts one (the first call of a key runs in a fresh sandbox as
-    before and leaves nothing running). Each call gets its own environment, and after it
-    the agent kills everything the command left and empties ``/tmp`` and ``HOME``
-    (``fresh``). A sandbox idle for ``idle_timeout`` seconds is stopped; at most
-    ``max_sandboxes`` run at once (further calls start fresh sandboxes). A sandbox that
-    failed, was tainted or was interrupted mid-start is never handed out again.
+    before). Each call gets its own environment, and after it the agent kills everything
+    the command left and empties ``/tmp`` and ``HOME`` (``fresh``). A sandbox idle for
+    ``idle_timeout`` seconds is stopped; at most ``max_sandboxes`` run at once, booting
+    ones included (further calls start fresh sandboxes). A sandbox that failed, was tainted
+    or was interrupted mid-start is never handed out again.
+
+    Ready sandboxes (``ready``, on by default): once a key's first call has ended, and
+    when a session takes one (``adopt``), ``prepare`` boots one more of that key in the
+    background, so the next call or session finds it booted. A call that comes while it
+    boots waits for it rather than starting another. It counts against ``max_sandboxes``
+    and stops when idle as any other; ``close`` (at exit too) waits for those booting and
+    stops them.
     """
 
-    def __init__(self, idle_timeout: float = 30.0, max_sandboxes: int = 4) -> None:
+    def __init__(self, idle_timeout: float = 30.0, max_sandboxes: int = 4,
+                 ready: bool = True) -> None:
         self.idle_timeout = idle_timeout
         self.max_sandboxes = max_sandboxes
+        #: Boot a sandbox ahead of need after a key's first call (``prepare``).
+        self.ready = ready
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, SandboxSpec], list[_Idle]] = {}
         self._busy = 0
         self._last_use: dict[tuple[str, SandboxSpec], float] = {}
         self._timer: threading.Timer | None = None
+        #: Keys whose ready sandbox is booting, and the thread booting it.
+        self._preparing: dict[tuple[str, SandboxSpec], threading.Thread] = {}
+        self._generation = 0  # a close while one boots: it is stopped, never kept
         self.closed = False
 
     def live(self) -> int:
@@ -312,7 +333,7 @@ class WarmPool:
     def take(self, backend: str, spec: SandboxSpec) -> WarmSandbox | None:
         """A warm sandbox for ``spec`` (started now if its key is in use), or None: run the
         call in a fresh sandbox. Give it back with ``give_back``."""
-        key = (backend, dataclasses.replace(spec, plan=None))
+        key = _key(backend, spec)
         now = time.monotonic()
         with self._lock:
             if self.closed:
@@ -320,15 +341,21 @@ class WarmPool:
             expired = self._expire_locked(now)
             recent = now - self._last_use.get(key, -1e9) < self.idle_timeout
             self._last_use[key] = now
-            idle = self._idle.get(key)
-            found = idle.pop().sandbox if idle else None
-            if idle == []:
-                del self._idle[key]
-            launch = found is None and recent and self._live_locked() < self.max_sandboxes
+            found = self._pop_idle_locked(key)
+            booting = self._preparing.get(key) if found is None else None
+            launch = (found is None and booting is None and recent
+                      and self._live_locked() < self.max_sandboxes)
             if found is not None or launch:
                 self._busy += 1
         for sandbox in expired:
             sandbox.retire()
+        if booting is not None:
+            booting.join(START_TIMEOUT)  # nearer to ready than one started now
+            with self._lock:
+                found = None if self.closed else self._pop_idle_locked(key)
+                if found is not None:
+                    self._busy += 1
+            return found
         if found is not None or not launch:
             return found
         try:
@@ -343,9 +370,70 @@ class WarmPool:
                   sandbox.sandbox_id)
         return sandbox
 
+    def prepare(self, backend: str, spec: SandboxSpec) -> None:
+        """Boot a sandbox of ``spec`` in the background for the next call or session, unless
+        one is idle or booting already, the pool is full, or ``ready`` is off."""
+        key = _key(backend, spec)
+        with self._lock:
+            if (self.closed or not self.ready or key in self._preparing or self._idle.get(key)
+                    or self._live_locked() >= self.max_sandboxes):
+                return
+            self._busy += 1  # counted while it boots
+            self._last_use[key] = time.monotonic()
+            thread = threading.Thread(target=self._boot, args=(key, self._generation),
+                                      daemon=True, name="gvisor-magic-ready")
+            self._preparing[key] = thread
+        thread.start()
+
+    def _boot(self, key: tuple[str, SandboxSpec], generation: int) -> None:
+        backend, spec = key
+        sandbox = None
+        try:
+            sandbox = WarmSandbox.launch(backend, spec)
+        except SandboxStartError as exc:
+            log.info("gvisor: no sandbox ready ahead of need (%s)", exc.reason)
+        except Exception:  # never let a background boot die with a traceback
+            log.exception("gvisor: booting a sandbox ahead of need failed")
+        with self._lock:
+            self._busy -= 1
+            keep = sandbox is not None and not self.closed and generation == self._generation
+            if keep:
+                assert sandbox is not None
+                sandbox.ready_since = time.monotonic()
+                self._idle.setdefault(key, []).append(_Idle(sandbox, sandbox.ready_since))
+                self._arm_locked()
+            self._preparing.pop(key, None)
+        if sandbox is not None and not keep:
+            sandbox.close()
+
+    def adopt(self, backend: str, spec: SandboxSpec) -> WarmSandbox | None:
+        """An idle sandbox of ``spec`` for a session, which owns it from now on (it leaves
+        the pool, which prepares another), or None: the session starts its own."""
+        key = _key(backend, spec)
+        with self._lock:
+            if self.closed:
+                return None
+            expired = self._expire_locked(time.monotonic())
+            found = self._pop_idle_locked(key)
+        for sandbox in expired:
+            sandbox.retire()
+        if found is not None and found.transport.alive():
+            self.prepare(backend, spec)
+            return found
+        if found is not None:
+            found.close()
+        return None
+
+    def _pop_idle_locked(self, key: tuple[str, SandboxSpec]) -> WarmSandbox | None:
+        idle = self._idle.get(key)
+        found = idle.pop().sandbox if idle else None
+        if idle == []:
+            del self._idle[key]
+        return found
+
     def give_back(self, sandbox: WarmSandbox) -> None:
         """Keep ``sandbox`` for the next call of its key, unless it is retired or dead."""
-        key = (sandbox.backend, dataclasses.replace(sandbox.spec, plan=None))
+        key = _key(sandbox.backend, sandbox.spec)
         with self._lock:
             self._busy -= 1
             if sandbox.retired is None and not self.closed and sandbox.transport.alive():
@@ -355,17 +443,23 @@ class WarmPool:
         sandbox.close()
 
     def close(self) -> None:
-        """Stop every idle sandbox (busy ones stop when their call gives them back)."""
+        """Stop every idle sandbox (busy ones stop when their call gives them back), and
+        wait for those booting ahead of need, which stop too."""
         with self._lock:
             self.closed = True
+            self._generation += 1
             idle = [entry.sandbox for entries in self._idle.values() for entry in entries]
             self._idle.clear()
             self._last_use.clear()
+            booting = list(self._preparing.values())
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
         for sandbox in idle:
             sandbox.close()
+        for thread in booting:
+            if thread is not threading.current_thread():
+                thread.join(START_TIMEOUT)
 
     def reset(self) -> None:
         """Stop every idle sandbox and forget every key; the pool stays usable."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from support.kernel_helpers import GVISOR_ENV
+from support.leaks import wait_for_watchers
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -62,6 +63,11 @@ def run_nbval(mode: str, sanitize_files: list[Path],
             suite = ET.parse(report).getroot()
             suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
             counts = {key: int(suite.get(key, 0)) for key in counts}
+        # A kernel stopped at once (nbval's shutdown_kernel(now=True) is a SIGKILL) cannot
+        # remove the sandbox it kept booted for a next call; its watcher does, when it saw
+        # the kernel exit (run_dirs.watch_owner).
+        waiting = wait_for_watchers(str(kernel_tmp))
+        assert not waiting, f"processes still use the kernels' TMPDIR: {waiting}"
         left = os.listdir(kernel_tmp)
         assert not left, f"the notebooks' kernels left files in their TMPDIR: {left}"
         return run, counts

@@ -46,7 +46,8 @@ def mode(request):
 
 
 def _warm(work, mode, **kwargs):
-    """Two calls: the first runs fresh, the second starts the warm sandbox it runs in."""
+    """Two calls: the first runs fresh, the second runs in the warm sandbox the first left
+    booting ahead of need."""
     first = run_command_isolated("true", working_dir=work, mode=mode, **kwargs)
     assert first.success and "reused" not in first.details, first
     second = run_command_isolated("uname -r", working_dir=work, mode=mode, **kwargs)
@@ -151,10 +152,67 @@ def test_idle_sandboxes_stop_after_the_idle_timeout(runsc_works, tmp_path, monke
     assert POOL.live() == 1
     assert not _wait_gone(sandbox, 15), "an idle sandbox outlived the idle timeout"
     assert POOL.live() == 0
-    # After a pause longer than the timeout, a call runs fresh again and leaves nothing.
+    # After a pause longer than the timeout, a call runs fresh again; the sandbox it leaves
+    # ready for the next call stops after the idle timeout too.
     time.sleep(1.6)
     again = run_command_isolated("true", working_dir=tmp_path, mode="runsc")
-    assert "reused" not in again.details and POOL.live() == 0
+    assert "reused" not in again.details
+    ready = _ready_sandbox(tmp_path)
+    assert not _wait_gone(ready, 15), "a sandbox booted ahead of need outlived the timeout"
+    assert POOL.live() == 0
+
+
+def _ready_sandbox(work, seconds: float = 60) -> str:
+    """The id of the sandbox the pool booted ahead of need for ``work``, once it runs."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with POOL._lock:
+            idle = [e.sandbox for entries in POOL._idle.values() for e in entries
+                    if e.sandbox.spec.working_dir == str(work)]
+        if idle:
+            return idle[0].sandbox_id
+        time.sleep(0.05)
+    raise AssertionError("no sandbox was booted ahead of need")
+
+
+def test_a_first_call_leaves_a_sandbox_ready_for_the_next_call_or_session(mode, tmp_path):
+    """After a spec's first call the pool boots one sandbox for it in the background: the
+    next call runs in it at once and says so, and a session of the same spec takes the next
+    one (the pool boots another). Another spec never gets it."""
+    from gvisor_magic import IsolatedSession
+
+    first = run_command_isolated("true", working_dir=tmp_path, mode=mode)
+    assert "reused" not in first.details and "ready" not in first.details
+    ready = _ready_sandbox(tmp_path)
+    assert _sandbox_pids(ready), "the ready sandbox is not running"
+    other = tmp_path / "other"
+    other.mkdir()
+    elsewhere = run_command_isolated("true", working_dir=other, mode=mode)
+    assert elsewhere.details.get("sandbox_id") != ready and "reused" not in elsewhere.details
+    second = run_command_isolated("uname -r", working_dir=tmp_path, mode=mode)
+    assert second.stdout == "4.4.0\n" and second.details["sandbox_id"] == ready
+    assert "booted ahead of need" in second.details["ready"], second.details
+    third = run_command_isolated("true", working_dir=tmp_path, mode=mode)
+    assert third.details["sandbox_id"] == ready and "ready" not in third.details
+    if mode != "runsc":
+        return  # sessions keep warm sandboxes on runsc only
+    with IsolatedSession(working_dir=tmp_path, mode="runsc") as session:
+        result = session.run("uname -r")
+        assert result.stdout == "4.4.0\n" and result.details["session"] == ready
+        assert "booted ahead of need" in result.details["ready"], result.details
+        again = session.run("true")
+        assert "ready" not in again.details
+        assert _ready_sandbox(tmp_path) != ready, "the pool did not boot a replacement"
+    assert not _wait_gone(ready), "the session's sandbox outlived it"
+
+
+def test_a_pool_closed_while_a_sandbox_boots_ahead_of_need_stops_it(runsc_works, tmp_path):
+    run_command_isolated("true", working_dir=tmp_path, mode="runsc")
+    with POOL._lock:
+        booting = list(POOL._preparing.values())
+    assert booting, "no sandbox is booting ahead of need after the first call"
+    POOL.reset()  # what interpreter exit does (close), keeping the pool usable
+    assert not any(t.is_alive() for t in booting) and POOL.live() == 0
 
 
 def test_another_spec_gets_another_sandbox(runsc_works, tmp_path):
@@ -215,31 +273,61 @@ def test_concurrent_calls_each_run_once(runsc_works, tmp_path):
 
 
 CALLER = """
-import sys
+import os, sys
 from gvisor_magic import run_command_isolated
 for _ in range(3):
     r = run_command_isolated("true", working_dir=sys.argv[1], mode="runsc")
+other = os.path.join(sys.argv[1], "other")
+os.mkdir(other)
+run_command_isolated("true", working_dir=other, mode="runsc")  # boots one for a next call
 print(r.details["sandbox_id"], flush=True)
 sys.stdin.read()
 """
 
 
 def test_a_pooled_sandbox_never_outlives_a_killed_caller(runsc_works, tmp_path):
+    """A caller killed with its process group (as Jupyter kills a kernel) leaves nothing:
+    its pooled sandbox ends with it, and its watcher removes the run dirs it left, the one
+    of the sandbox it kept booted for a next call too, without waiting for another run."""
     caller = subprocess.Popen([sys.executable, "-c", CALLER, str(tmp_path)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              start_new_session=True)
     try:
         sandbox = caller.stdout.readline().decode().strip()
         assert sandbox.startswith("gvisor-magic-") and _sandbox_pids(sandbox)
-        caller.send_signal(signal.SIGKILL)
+        _ready_sandbox_of(caller.pid)
+        os.killpg(caller.pid, signal.SIGKILL)
         caller.wait(timeout=10)
         assert not _wait_gone(sandbox, 30), "the pooled sandbox outlived its caller"
-        # The next fresh run of the same user reclaims what the dead caller left on disk.
-        run_command_isolated("true", working_dir=tmp_path, mode="runsc", reuse=False)
-        left = [n for n in os.listdir(tempfile.gettempdir()) if f"-{caller.pid}-" in n]
-        assert not left, left
+        mark = f"gvisor-magic-{caller.pid}-"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(mark)]
+            running = [p.pid for p in psutil.process_iter(["cmdline"])
+                       if any(mark in part for part in p.info["cmdline"] or [])]
+            if not left and not running:
+                break
+            time.sleep(0.1)
+        assert not left, f"the killed caller's run dirs stayed: {left}"
+        assert not running, f"processes of the killed caller's sandboxes run: {running}"
     finally:
         if caller.poll() is None:
             caller.kill()
+
+
+def _ready_sandbox_of(pid: int, seconds: float = 60) -> None:
+    """Wait until process ``pid`` has two sandboxes (the pooled one and the one it booted
+    ahead of need), each with a run dir and runsc processes."""
+    mark = f"gvisor-magic-{pid}-"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        dirs = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(mark)}
+        served = {d for d in dirs for p in psutil.process_iter(["cmdline"])
+                  if any(d in part for part in p.info["cmdline"] or [])}
+        if len(served) >= 2:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} did not boot a sandbox ahead of need")
 
 
 def test_a_home_that_needs_stand_ins_gets_a_fresh_sandbox_each_call(runsc_works, tmp_path,

@@ -42,3 +42,26 @@ def our_containers() -> list[str]:
 def scratch_dirs(session_tmp: str) -> set[str]:
     """The sandboxes' scratch directories in this session's temporary directory."""
     return {name for name in os.listdir(session_tmp) if name.startswith("gvisor-magic-")}
+
+
+def wait_for_watchers(base: str, timeout: float = 30.0) -> list[str]:
+    """Wait until no process mentions ``base`` (the watchers of its run dirs' owners have
+    removed what killed owners left there and exited); return the command lines still
+    there after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for process in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if process.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                cmdline = process.info.get("cmdline") or []
+            except psutil.Error:
+                continue
+            if any(base in part for part in cmdline):
+                left.append(" ".join(cmdline)[:300])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)

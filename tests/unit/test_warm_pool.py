@@ -131,3 +131,76 @@ def test_close_stops_idle_ones_and_busy_ones_on_return(pool):
     pool.reset()
     pool.take("runsc", SPEC)
     assert pool.take("runsc", SPEC) is not None, "reset makes it usable again"
+
+
+class SlowSandbox(FakeSandbox):
+    """Boots in a while, and tells when it starts booting."""
+
+    import threading as _threading
+
+    started = _threading.Event()
+    go = _threading.Event()
+
+    @classmethod
+    def launch(cls, backend: str, spec: SandboxSpec) -> FakeSandbox:
+        cls.started.set()
+        assert cls.go.wait(10)
+        return super().launch(backend, spec)
+
+
+def test_a_sandbox_prepared_ahead_of_need_is_the_next_calls_and_counts_against_the_limit(pool):
+    pool.prepare("runsc", SPEC)
+    [ready] = FakeSandbox.launched
+    assert pool.live() == 1 and ready.ready_since is not None
+    pool.prepare("runsc", SPEC)  # one idle already: nothing more
+    assert len(FakeSandbox.launched) == 1
+    assert pool.take("runsc", SPEC) is ready  # the first call of the key, served at once
+    pool.prepare("runsc", SandboxSpec(working_dir="/other"))
+    pool.prepare("runsc", SandboxSpec(working_dir="/third"))  # the pool is full
+    assert pool.live() == 2 and len(FakeSandbox.launched) == 2
+    pool.ready = False
+    pool.give_back(ready)
+    pool.close()
+    pool.closed = False
+    pool.prepare("runsc", SandboxSpec(working_dir="/fourth"))
+    assert len(FakeSandbox.launched) == 2, "prepared with ready off"
+
+
+def test_a_call_waits_for_the_sandbox_booting_for_it_and_close_stops_one_booting(pool,
+                                                                                  monkeypatch):
+    import threading
+
+    monkeypatch.setattr(warm, "WarmSandbox", SlowSandbox)
+    SlowSandbox.started.clear()
+    SlowSandbox.go.clear()
+    pool.prepare("runsc", SPEC)
+    assert SlowSandbox.started.wait(10)
+    got = []
+    caller = threading.Thread(target=lambda: got.append(pool.take("runsc", SPEC)))
+    caller.start()
+    time.sleep(0.1)
+    assert caller.is_alive(), "the call did not wait for the sandbox booting for it"
+    SlowSandbox.go.set()
+    caller.join(10)
+    assert got == FakeSandbox.launched and len(got) == 1  # no second launch
+    pool.give_back(got[0])
+    SlowSandbox.go.clear()
+    SlowSandbox.started.clear()
+    other = SandboxSpec(working_dir="/other")
+    pool.prepare("runsc", other)
+    assert SlowSandbox.started.wait(10)
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    time.sleep(0.1)
+    assert closer.is_alive(), "close did not wait for the sandbox booting"
+    SlowSandbox.go.set()
+    closer.join(10)
+    assert FakeSandbox.launched[-1].transport.closed and pool.live() == 0
+
+
+def test_a_session_adopts_a_ready_sandbox_and_the_pool_prepares_another(pool):
+    pool.prepare("runsc", SPEC)
+    [ready] = FakeSandbox.launched
+    assert pool.adopt("runsc", SandboxSpec(working_dir="/other")) is None
+    assert pool.adopt("runsc", SPEC) is ready
+    assert len(FakeSandbox.launched) == 2 and pool.live() == 1  # the session owns the first
