@@ -157,8 +157,10 @@ def _kernelspec(args: argparse.Namespace) -> int:
     prefix = sys.prefix if args.sys_prefix else args.prefix
     try:
         # Checked by kernelspec.kernel_json, kept as written, applied by the kernel.
-        where = kernelspec.install(user=args.user, prefix=prefix,
-                                   config=_sandbox_options(args))
+        config = _sandbox_options(args)
+        if args.pool is not None:
+            config["pool"] = args.pool
+        where = kernelspec.install(user=args.user, prefix=prefix, config=config)
     except GvisorMagicError as exc:
         print(f"gvisor-magic kernelspec: {exc}", file=sys.stderr)
         return 2
@@ -294,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(the default: they land as each cell ends, unless a host tool "
                            "would run or load them; those are held and listed in the cell), "
                            "'review' (all held), 'direct' (they land as made)")
+    spec.add_argument("--pool", type=int, default=None, metavar="N",
+                      help="kernels of the same settings and folder the Jupyter server keeps "
+                           "started ahead of need once one has started (default 1; 0: none)")
     spec.set_defaults(handler=_kernelspec)
 
     held = sub.add_parser("held", help="list, apply or discard what running 'Python 3 "

@@ -6,6 +6,7 @@ Helpers that are not fixtures live in tests/support/ (``from support.leaks impor
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def no_leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     before = scratch_dirs(SESSION_TMP)
     yield
     REGISTRY.forget()
+    pool = sys.modules.get("gvisor_magic.kernel.pool")
+    if pool is not None:
+        pool.POOL.reset()  # kernels started ahead of need end with their server: this one
     if not unit:
         left = sandbox_processes(SESSION_TMP)
         assert not left, f"sandbox processes left behind: {[p.info['cmdline'] for p in left]}"

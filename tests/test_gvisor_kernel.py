@@ -32,9 +32,12 @@ STARTUP = 120.0
 
 
 def make_manager(tmp_path, config: dict | None = None) -> KernelManager:
-    """A kernel manager for python3-gvisor from a kernelspec dir of the test's own."""
+    """A kernel manager for python3-gvisor from a kernelspec dir of the test's own; no
+    kernel is started ahead of need unless ``config`` sets ``pool`` (see
+    test_gvisor_kernel_pool.py)."""
     specs = tmp_path / "kernels"
     (specs / KERNEL_NAME).mkdir(parents=True, exist_ok=True)
+    config = {"pool": 0, **(config or {})}
     (specs / KERNEL_NAME / "kernel.json").write_text(json.dumps(kernel_json(config)))
     return KernelManager(kernel_name=KERNEL_NAME,
                          kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(specs)]))
@@ -227,13 +230,17 @@ def test_kernelspec_install_and_remove_from_the_cli(tmp_path):
                              "--json"], env=env, capture_output=True, text=True)
     assert KERNEL_NAME in json.loads(listed.stdout)["kernelspecs"]
     done = subprocess.run([*cli, "install", "--prefix", str(tmp_path / "prefix"),
-                           "--network", "pypi", "--limit", "memory=2G", "--writes", "review"],
+                           "--network", "pypi", "--limit", "memory=2G", "--writes", "review",
+                           "--pool", "2"],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "prefix" / "share" / "jupyter" / "kernels" / KERNEL_NAME
                          / "kernel.json").read_text())["metadata"]["kernel_provisioner"]
     assert config["config"] == {"network": "pypi", "limits": {"memory": "2G"},
-                                "writes": "review"}
+                                "writes": "review", "pool": 2}
+    bad = subprocess.run([*cli, "install", "--user", "--pool", "9"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "pool must be a whole number from 0 to 8" in bad.stderr
     bad = subprocess.run([*cli, "install", "--user", "--network", "http://x"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a URL" in bad.stderr, bad.stderr

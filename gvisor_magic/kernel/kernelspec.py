@@ -17,6 +17,17 @@ from . import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
 #: ``SandboxSpec.from_options`` names them, and ``sandbox``, any other setting by name
 #: (``NAMED_SETTINGS``); the rest is fixed when the kernel starts.
 SETTINGS = ("network", "allow_hosts", "limits", "protected_paths", "writes", "sandbox")
+#: The provisioner's own settings, not the sandbox's: ``pool``, how many kernels of the
+#: same recipe the server keeps started ahead of need (``pool.py``; 1 unless set).
+OPTIONS = ("pool",)
+
+
+def check_config(config: Mapping[str, Any]) -> SandboxSpec:
+    """``check_settings`` for a kernelspec's whole provisioner config (``OPTIONS`` too)."""
+    pool = config.get("pool", 1)
+    if isinstance(pool, bool) or not isinstance(pool, int) or not 0 <= pool <= 8:
+        raise InvalidRequestError(f"pool must be a whole number from 0 to 8, not {pool!r}")
+    return check_settings({k: v for k, v in config.items() if k not in OPTIONS})
 
 
 def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
@@ -25,7 +36,7 @@ def check_settings(config: Mapping[str, Any]) -> SandboxSpec:
     for name in config:
         if name not in SETTINGS:
             raise InvalidRequestError(f"unknown kernel setting {name!r}: expected one of "
-                                      f"{', '.join(SETTINGS)}")
+                                      f"{', '.join(SETTINGS + OPTIONS)}")
     return SandboxSpec.from_options(with_named_settings(config))
 
 
@@ -33,11 +44,11 @@ def kernel_json(config: Mapping[str, Any] | None = None,
                 python: str | None = None) -> dict[str, Any]:
     """The kernelspec: this environment's ipykernel, started by the gVisor provisioner.
 
-    ``config`` becomes the provisioner's settings (``SETTINGS``), checked here and kept as
-    written. Interrupts are messages on the control channel: no signal has to reach a
-    process inside the sandbox.
+    ``config`` becomes the provisioner's settings (``SETTINGS`` and ``OPTIONS``), checked
+    here and kept as written. Interrupts are messages on the control channel: no signal has
+    to reach a process inside the sandbox.
     """
-    check_settings(config or {})
+    check_config(config or {})
     return {
         "argv": [python or sys.executable, "-m", "ipykernel_launcher", "-f",
                  "{connection_file}"],

@@ -23,6 +23,14 @@ is killed (SIGKILL), the provisioner removes what it left (``GvisorProvisioner.c
 The kernel's exit status is its own (137 after a memory kill), so Jupyter sees a dead
 kernel as it would.
 
+Started ahead of need (``pool.py``), with ``--claim-fd N``, the kernel starts as any kernel
+does (on a connection file the pool wrote) and is claimed later: the launcher reads one
+JSON line on that inherited pipe, ``{"kernel_id": ...}``, and names the kernel's held
+writes by that id; the provisioner gives the kernel its environment (``JPY_SESSION_NAME``)
+on a socket the kernel makes in its sockets dir (``CLAIM_SOCKET``, ``CLAIM_LISTEN``). The
+pipe closed without a claim (the pool shut the kernel down, or the server died) ends the
+kernel and its sandbox.
+
 Fails closed: where no runsc sandbox can start, it says why on stderr and exits 1; it
 never runs the kernel anywhere else. With ``--ready-fd N`` it also tells the provisioner,
 on that inherited pipe: ``ok`` once the sandbox runs (before the kernel starts in it), or
@@ -59,6 +67,41 @@ KERNEL_ENV = {"PIP_TARGET": PACKAGES, "PYTHONPATH": PACKAGES,
 PIP_NOTE = ("gvisor-magic: this kernel's network is off, so %pip can install only files "
             "already here (packages go to {packages}: this environment is read-only). To "
             "download from PyPI: gvisor-magic kernelspec install --user --network pypi")
+#: Where a kernel started ahead of need waits for its claim (in its sockets dir), and the
+#: variable that tells it where.
+CLAIM_SOCKET = "gvisor-magic-claim"
+CLAIM_ENV = "GVISOR_MAGIC_CLAIM"
+#: Run inside a kernel started ahead of need, before it starts as any kernel does: a thread
+#: that takes its claim (one JSON object, its environment) on ``CLAIM_SOCKET``, sets it,
+#: and ``__session__`` if the shell already read the environment, then answers ``ok``.
+CLAIM_LISTEN = r"""
+claim = os.environ.pop('GVISOR_MAGIC_CLAIM', '')
+if claim:
+    import json, socket, threading
+    claim_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(claim):
+        os.unlink(claim)
+    claim_listener.bind(claim)
+    claim_listener.listen(1)
+    def take_claim(listener=claim_listener, path=claim):
+        conn = listener.accept()[0]
+        listener.close()
+        os.unlink(path)
+        data = b''
+        while not data.endswith(b'\n') and len(data) < (1 << 20):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        env = json.loads(data or b'{}')
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        from IPython.core.interactiveshell import InteractiveShell
+        if InteractiveShell.initialized() and env.get('JPY_SESSION_NAME'):
+            InteractiveShell.instance().user_ns['__session__'] = env['JPY_SESSION_NAME']
+        conn.sendall(b'ok\n')
+        conn.close()
+    threading.Thread(target=take_claim, daemon=True, name='gvisor-magic-claim').start()
+"""
 #: ``python -m ipykernel_launcher`` after making ``PACKAGES`` (so it is on sys.path now),
 #: with ``%pip`` saying ``PIP_NOTE`` first where it is set.
 BOOT = ("import importlib, os, runpy, sys\n"
@@ -73,7 +116,7 @@ BOOT = ("import importlib, os, runpy, sys\n"
         "        return plain(self, line)\n"
         "    pip.__doc__ = plain.__doc__\n"
         "    packaging.PackagingMagics.pip = pip\n"
-        + CELL_HOOK +
+        + CELL_HOOK + CLAIM_LISTEN +
         "sys.argv[0] = 'ipykernel_launcher'\n"
         "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)\n")
 
@@ -97,6 +140,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="an inherited pipe: 'ok' once the sandbox runs, else the reason")
     parser.add_argument("--kernel-id", default=None,
                         help="the kernel's id, which 'gvisor-magic held' names it by")
+    parser.add_argument("--claim-fd", type=int, default=None, metavar="N",
+                        help="started ahead of need: an inherited pipe the kernel's claim "
+                             "comes on (a JSON line); closed without one, the kernel ends")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.argv[:1] == ["--"]:
@@ -207,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent(os.getppid())
     session = IsolatedSession(spec, mode=registry.kernel_backend(), require_isolation=True)
-    cells = control = None
+    cells = control = claim = None
     try:
         try:
             session.start()
@@ -228,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec.holds_writes and spec.kernel_dir is not None:
             cells, control = _hold_cell_writes(session, spec.kernel_dir, args.kernel_id)
             env[CELL_ENV] = cells.path
+        if args.claim_fd is not None and spec.kernel_dir is not None:
+            claim = _Claim(args.claim_fd, session, os.path.join(spec.kernel_dir, CLAIM_SOCKET),
+                           cells)
+            env[CLAIM_ENV] = claim.path
+            claim.start()
         stop.armed = True
         try:
             if stop.requested:  # a signal came just before it was armed
@@ -256,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cells.stop()
         if control is not None:
             control.close()
+        if claim is not None:
+            claim.stop()
         session.discard()  # held changes live no longer than the kernel
         session.close()
 
@@ -275,6 +328,64 @@ def _hold_cell_writes(session: IsolatedSession, kernel_dir: str, kernel_id: str 
     cells = CellWrites(session, kernel_dir, kernel_id)
     cells.start()
     return cells, control
+
+
+class _Claim:
+    """A kernel started ahead of need: waits for its claim on ``fd`` (``pool.py``), then
+    names its held writes by the claimed id. A pipe closed without a claim stops the
+    launcher (SIGTERM to itself, as a shutdown would). ``path`` is where the kernel takes
+    its own part of the claim (``CLAIM_LISTEN``)."""
+
+    def __init__(self, fd: int, session: IsolatedSession, path: str,
+                 cells: CellWrites | None) -> None:
+        import threading
+
+        os.set_inheritable(fd, False)  # not for the sandbox's processes
+        self.fd, self.session, self.path, self.cells = fd, session, path, cells
+        self.control: HeldControl | None = None
+        self.stopped = threading.Event()
+        self._thread = threading.Thread(target=self._wait, daemon=True,
+                                        name="gvisor-magic-claim")
+
+    def start(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.control is not None:
+            self.control.close()
+
+    def _wait(self) -> None:
+        import json
+
+        data = b""
+        with os.fdopen(self.fd, "rb", buffering=0) as pipe:
+            while not data.endswith(b"\n") and len(data) < 1 << 20:
+                chunk = pipe.read(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        try:
+            claim = json.loads(data) if data.endswith(b"\n") else None
+        except ValueError:
+            claim = None
+        if not isinstance(claim, dict) or self.stopped.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # not claimed: the kernel is not needed
+            return
+        kernel_id = claim.get("kernel_id")
+        if isinstance(kernel_id, str) and kernel_id and self.cells is not None:
+            self.control = HeldControl(self.session, kernel_id)
+            try:
+                self.control.start()
+                self.cells.kernel_id = kernel_id
+            except OSError as exc:
+                print(f"gvisor-magic: held changes cannot be applied from a terminal "
+                      f"({self.control.path}: {exc})", file=sys.stderr, flush=True)
+                self.control = None
 
 
 if __name__ == "__main__":

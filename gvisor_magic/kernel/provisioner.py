@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import select
 import shutil
@@ -48,7 +49,7 @@ from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
 from tornado.web import HTTPError
-from traitlets import Bool, Dict, List, Unicode, Union
+from traitlets import Bool, Dict, Int, List, Unicode, Union
 
 from .. import registry
 from ..backends.layout import caller_identity
@@ -58,6 +59,7 @@ from ..request import SandboxSpec
 from ..run_dirs import make_kernel_dir, remove_run_dirs_of
 from .kernelspec import SETTINGS, check_settings
 from .launch import python_path
+from .pool import CONNECTION_FILE, POOL, PooledKernel, Recipe
 
 #: How long the launcher may take to start its sandbox before the start counts as failed
 #: (a sandbox starts in well under a second here; a loaded machine may take several).
@@ -68,6 +70,16 @@ READY = b"ok\n"
 EXIT_GRACE = 10.0
 #: How long a launcher that closed its pipe without READY is given to exit, for its status.
 CLOSED_GRACE = 1.0
+
+
+def launcher_cmd(spec_file: str, ready_fd: int, kernel_id: str | None,
+                 kernel_cmd: list[str], claim_fd: int | None = None) -> list[str]:
+    """The launcher's command line (``launch.py``) for the kernel command ``kernel_cmd``."""
+    return [sys.executable, "-m", "gvisor_magic.kernel.launch", "--spec", spec_file,
+            "--ready-fd", str(ready_fd),
+            *(["--kernel-id", kernel_id] if kernel_id else []),
+            *(["--claim-fd", str(claim_fd)] if claim_fd is not None else []),
+            "--", *kernel_cmd]
 
 
 class GvisorKernelUnavailable(HTTPError, RuntimeError):
@@ -184,6 +196,15 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
                      "them), 'review' (all held) or 'direct'")
     sandbox = Dict(config=True, help="any other sandbox setting by name, e.g. "
                    "{'hostname': 'build'} (see docs/kernel.md)")
+    pool = Int(1, config=True, help="kernels of the same settings, working dir and "
+               "environment kept started ahead of need in this server, once one has started "
+               "(0: none)")
+
+    #: The recipe of this kernel (its pool's key), and the pooled kernel it claims.
+    _recipe: Recipe | None = None
+    _claimed: PooledKernel | None = None
+    #: Whether the running kernel came from the pool.
+    from_pool = False
 
     sockets_dir: str | None = None
     #: The sandbox's ``SandboxSpec`` as JSON, read by the launcher (``write_spec``).
@@ -207,7 +228,26 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             self.log.error("gvisor: %s", why)
             raise GvisorKernelUnavailable(why) from None
         km = self.parent
-        if self.sockets_dir is None or not os.path.isdir(self.sockets_dir):
+        given = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+        # Where the launcher makes its sandboxes' run dirs, said to it: if it is killed,
+        # cleanup() removes what it left there.
+        self._state_base = (given.get(ENV_STATE_DIR)
+                            or state_base(caller_identity().rootless)[0])
+        if self._state_base:
+            given[ENV_STATE_DIR] = self._state_base
+        kwargs["env"] = given
+        spec = SandboxSpec.from_options({
+            "working_dir": os.path.realpath(kwargs.get("cwd") or os.getcwd()),
+            "python_path": python_path(given)}, settings)
+        argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        self._recipe = Recipe.of(spec, [*argv, *kwargs.get("extra_arguments", ())], given,
+                                 self._state_base)
+        first_start = self.sockets_dir is None
+        if first_start and self.pool > 0:
+            self._claimed = POOL.take(self._recipe)
+        if self._claimed is not None:
+            self.sockets_dir = self._claimed.sockets_dir
+        elif self.sockets_dir is None or not os.path.isdir(self.sockets_dir):
             # Named after this process (the server): when it dies without cleaning up, the
             # next run or kernel start removes what it left (the key, the sockets); this
             # call removes what dead servers left.
@@ -217,21 +257,22 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             km.cache_ports = False
             km.ip = os.path.join(self.sockets_dir, "k")
         kwargs = await super().pre_launch(**kwargs)
-        env = kwargs["env"] = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
-        # Where the launcher makes its sandboxes' run dirs, said to it: if it is killed,
-        # cleanup() removes what it left there.
-        self._state_base = env.get(ENV_STATE_DIR) or state_base(caller_identity().rootless)[0]
-        if self._state_base:
-            env[ENV_STATE_DIR] = self._state_base
-        cmd: list[str] = list(kwargs["cmd"])
         inside = os.path.join(self.sockets_dir, "connection.json")
-        if km is not None and km.connection_file:
+        if km is not None and km.connection_file and self._claimed is None:
             shutil.copyfile(km.connection_file, inside)
             os.chmod(inside, 0o600)
-            cmd = [inside if arg == km.connection_file else arg for arg in cmd]
-        spec = SandboxSpec.from_options({
-            "working_dir": os.path.realpath(kwargs.get("cwd") or os.getcwd()),
-            "kernel_dir": self.sockets_dir, "python_path": python_path(env)}, settings)
+        kwargs["cmd"] = [inside if km is not None and arg == km.connection_file else arg
+                         for arg in kwargs["cmd"]]
+        self._recipe = dataclasses.replace(self._recipe, kernel_cmd=tuple(
+            CONNECTION_FILE if arg == inside else arg for arg in kwargs["cmd"]))
+        if self._claimed is None:
+            self._prepare_launcher(kwargs, dataclasses.replace(
+                spec, kernel_dir=self.sockets_dir))
+        return kwargs
+
+    def _prepare_launcher(self, kwargs: dict[str, Any], spec: SandboxSpec) -> None:
+        """Make ``kwargs`` start a launcher of ``spec`` running ``kwargs["cmd"]``."""
+        km = self.parent
         self._remove_spec_file()
         self.spec_file = write_spec(spec, km.connection_file if km is not None else None)
         self._close_ready_pipe()
@@ -240,17 +281,55 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
         # Only the launcher gets it (Popen's pass_fds): launchers started at the same time
         # by this server do not, so its end closes when the launcher closes it.
         kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end)
-        kwargs["cmd"] = [sys.executable, "-m", "gvisor_magic.kernel.launch",
-                         "--spec", self.spec_file, "--ready-fd", str(write_end),
-                         *(["--kernel-id", self.kernel_id] if self.kernel_id else []),
-                         "--", *cmd]
+        kwargs["cmd"] = launcher_cmd(self.spec_file, write_end, self.kernel_id, kwargs["cmd"])
         self.log.info("gvisor: starting the kernel in a gVisor sandbox (sockets in %s)",
                       self.sockets_dir)
-        return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Start the launcher, and return only once its sandbox runs: a launcher that
-        cannot start one (runsc broke since it was probed) fails the start with its reason."""
+        cannot start one (runsc broke since it was probed) fails the start with its reason.
+        Or claim the pooled kernel ``pre_launch`` took, which runs already."""
+        claimed, self._claimed = self._claimed, None
+        if claimed is not None:
+            why = await asyncio.get_running_loop().run_in_executor(
+                None, claimed.claim, self.kernel_id, kwargs.get("env") or {})
+            if why is None:
+                self.log.info("gvisor: the kernel was started ahead of need (launcher %s, "
+                              "%.1f s ago)", claimed.process.pid,
+                              time.monotonic() - claimed.since)
+                self.process = claimed.process
+                self.pid, self._launcher = claimed.process.pid, claimed.process
+                with contextlib.suppress(OSError):
+                    self.pgid = os.getpgid(self.pid)
+                self.cwd = kwargs.get("cwd")
+                self.from_pool = True
+                # Its own sockets and key: the manager takes them in place of those it
+                # wrote (KernelManager._reconcile_connection_info).
+                self.connection_info = dict(claimed.connection_info)
+                self._refill()
+                return self.connection_info
+            # Not claimed after all: this start makes a kernel of its own, in a private dir
+            # of its own (the pooled one goes, with what it left there).
+            self.log.info("gvisor: the kernel started ahead of need cannot be used (%s); "
+                          "starting one", why)
+            await asyncio.get_running_loop().run_in_executor(None, claimed.shut_down, 5.0)
+            self.sockets_dir = make_kernel_dir()
+            km = self.parent
+            if km is not None:
+                km.cleanup_connection_file()
+                km.ip = os.path.join(self.sockets_dir, "k")
+                km.write_connection_file()
+                self.connection_info = km.get_connection_info()
+                inside = os.path.join(self.sockets_dir, "connection.json")
+                shutil.copyfile(km.connection_file, inside)
+                os.chmod(inside, 0o600)
+                cmd = [inside if arg == CONNECTION_FILE else arg
+                       for arg in self._recipe.kernel_cmd] if self._recipe else cmd
+            assert self._recipe is not None
+            kwargs["cmd"] = cmd
+            self._prepare_launcher(kwargs, dataclasses.replace(
+                self._recipe.spec, kernel_dir=self.sockets_dir))
+            cmd = kwargs.pop("cmd")
         try:
             info = await super().launch_kernel(cmd, **kwargs)
         except BaseException:
@@ -269,6 +348,8 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             self._remove_spec_file()  # read before the launcher says anything
         if why is None:
             self._launcher = self.process
+            self.from_pool = False
+            self._refill()
             return info
         if self.process is not None:
             if self.process.poll() is None:
@@ -284,6 +365,11 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
         if km is not None and hasattr(km, "cleanup_connection_file"):
             km.cleanup_connection_file()
         raise GvisorKernelUnavailable(message)
+
+    def _refill(self) -> None:
+        """After a start: the pool keeps ``pool`` kernels of this recipe ready."""
+        if self._recipe is not None and self.pool > 0:
+            POOL.fill(self._recipe, self.pool)
 
     def _close_ready_pipe(self) -> None:
         if self._ready_pipe is not None:
@@ -304,6 +390,10 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             self.spec_file = None
 
     async def cleanup(self, restart: bool = False) -> None:
+        claimed, self._claimed = self._claimed, None
+        if claimed is not None:  # taken, but the start stopped before its launch
+            await asyncio.get_running_loop().run_in_executor(None, claimed.shut_down)
+            self.sockets_dir = None
         await super().cleanup(restart=restart)
         self._close_ready_pipe()
         self._remove_spec_file()  # if a start was cut short; a restart writes it again
