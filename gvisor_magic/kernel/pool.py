@@ -160,6 +160,8 @@ class KernelPool:
         self.idle = idle
         self.max_pooled = max_pooled
         self._lock = threading.Lock()
+        #: Notified when a start ends (``take`` may be waiting for it).
+        self._changed = threading.Condition(self._lock)
         self._ready: dict[Recipe, list[PooledKernel]] = {}
         self._starting: dict[Recipe, int] = {}
         self._failed: dict[Recipe, float] = {}
@@ -167,11 +169,17 @@ class KernelPool:
         self._timer: threading.Timer | None = None
         self.closed = False
 
-    def take(self, recipe: Recipe) -> PooledKernel | None:
-        """A pooled kernel of ``recipe`` whose launcher runs, or None (start a fresh one)."""
+    def take(self, recipe: Recipe, wait: float = 0.0) -> PooledKernel | None:
+        """A pooled kernel of ``recipe`` whose launcher runs, or None (start a fresh one).
+        With ``wait``, one still starting for ``recipe`` is waited for that many seconds at
+        most: it is nearer to ready than a kernel started now."""
         stale = []
         found = None
-        with self._lock:
+        deadline = time.monotonic() + wait
+        with self._changed:
+            while (not self._ready.get(recipe) and self._starting.get(recipe)
+                   and not self.closed and time.monotonic() < deadline):
+                self._changed.wait(max(0.0, deadline - time.monotonic()))
             entries = self._ready.get(recipe, [])
             while entries and found is None:
                 entry = entries.pop(0)
@@ -249,6 +257,7 @@ class KernelPool:
                 self._arm_locked()
             elif entry is None:
                 self._failed[recipe] = time.monotonic()
+            self._changed.notify_all()
         if entry is not None and not keep:
             entry.shut_down()
 
@@ -291,6 +300,7 @@ class KernelPool:
 
         with self._lock:
             self.closed = True
+            self._changed.notify_all()
             entries = [e for entries in self._ready.values() for e in entries]
             self._ready.clear()
             threads = list(self._threads)

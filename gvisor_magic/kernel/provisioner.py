@@ -244,7 +244,9 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
                                  self._state_base)
         first_start = self.sockets_dir is None
         if first_start and self.pool > 0:
-            self._claimed = POOL.take(self._recipe)
+            # One still starting is waited for: it is nearer to ready than a new one.
+            self._claimed = await asyncio.get_running_loop().run_in_executor(
+                None, POOL.take, self._recipe, START_TIMEOUT)
         if self._claimed is not None:
             self.sockets_dir = self._claimed.sockets_dir
         elif self.sockets_dir is None or not os.path.isdir(self.sockets_dir):

@@ -149,3 +149,22 @@ def test_the_recipe_leaves_out_what_belongs_to_one_kernel(tmp_path):
     assert one != Recipe.of(spec, ["python"], {"PATH": "/usr/bin"}, None)
     assert one != Recipe.of(SandboxSpec(working_dir=str(tmp_path / "x")), ["python"],
                             {"PATH": "/bin"}, None)
+
+
+def test_a_start_waits_for_a_kernel_of_its_recipe_still_starting(monkeypatch, tmp_path):
+    go = threading.Event()
+
+    def slow(r: Recipe):
+        go.wait(5)
+        return FakeKernel(r, "/nonexistent", FakeProcess(4343), -1, time.monotonic(), {})
+
+    monkeypatch.setattr(pool_module, "start_pooled", slow)
+    made = KernelPool()
+    try:
+        made.fill(recipe(tmp_path), 1)
+        assert made.take(recipe(tmp_path / "other"), wait=5) is None  # another recipe: no wait
+        threading.Timer(0.2, go.set).start()
+        found = made.take(recipe(tmp_path), wait=5)
+        assert found is not None and found.process.pid == 4343
+    finally:
+        made.close()
