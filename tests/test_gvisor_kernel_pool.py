@@ -198,3 +198,32 @@ def test_a_pooled_kernel_that_died_is_never_handed_out(runsc_works, tmp_path):
         assert not os.path.exists(pooled.sockets_dir), "the dead kernel's dir stayed"
     finally:
         stop(first, kc1)
+
+
+def test_a_claim_that_fails_starts_a_kernel_of_its_own(runsc_works, tmp_path, monkeypatch):
+    """When the pooled kernel does not take its claim (here: refused at the claim), the
+    start goes on with a fresh kernel in a private dir of its own, on the server's own
+    connection; the pooled one is shut down and what it left removed."""
+    from gvisor_magic.kernel.pool import PooledKernel
+
+    work = tmp_path / "work"
+    work.mkdir()
+    first = make_manager(tmp_path, {"pool": 1})
+    kc1 = start(first, work)
+    try:
+        [pooled] = wait_for_pooled()
+        monkeypatch.setattr(PooledKernel, "claim", lambda self, *a, **k: "refused here")
+        second = make_manager(tmp_path, {"pool": 1})
+        kc2 = start(second, work, "second.ipynb")
+        try:
+            assert not second.provisioner.from_pool
+            assert second.provisioner.sockets_dir != pooled.sockets_dir
+            out, _ = execute(kc2, "import os; print(os.uname().release, os.getcwd(), "
+                                  "__session__)")
+            assert out.strip() == f"4.4.0 {work} second.ipynb"
+        finally:
+            stop(second, kc2)
+        assert pooled.process.poll() is not None, "the unclaimed pooled kernel runs on"
+        assert not os.path.exists(pooled.sockets_dir), "the pooled kernel's dir stayed"
+    finally:
+        stop(first, kc1)

@@ -2,19 +2,20 @@
 
 A kernel's start is mostly its sandbox's boot and ipykernel's imports inside gVisor (about
 2 s on 2 cores, against 0.5 s for a normal ipykernel). After a kernel of a given *recipe*
-started, the provisioner asks this pool to keep ``pool`` more of that recipe booted (one
-by default): the launcher runs, its sandbox is up and the kernel has imported ipykernel,
-then it waits, before it reads a connection file, for the one thing a kernel of its own
-cannot know in advance: who claims it.
+started, the provisioner asks this pool to keep ``pool`` more of that recipe started (one
+by default): the launcher runs, its sandbox is up, and the kernel has started on a
+connection file the pool wrote (IPC sockets in its private dir, a key of its own) and made
+its sockets. It is ready; all it cannot know in advance is who claims it.
 
 The recipe is everything a fresh kernel is made of, so a pooled kernel is never handed to
 a start that a fresh kernel would have made differently: the sandbox's settings (network,
 limits, protected paths, writes, any named setting), the working dir, the kernelspec's
 command and the environment the server gives the launcher. Only what belongs to one kernel
-is given at the claim (``PooledKernel.claim``): its id (``gvisor-magic held --kernel ID``
-names it by that), its ``JPY_SESSION_NAME`` (the notebook) and its connection file, which
-the provisioner writes into the pooled kernel's private dir, with the server's key, before
-the kernel reads it. The manager then talks to it as to a kernel it started itself.
+is given at the claim (``PooledKernel.claim``): its id, to the launcher (``gvisor-magic
+held --kernel ID`` names it by that), and its ``JPY_SESSION_NAME`` (the notebook), to the
+kernel, which sets ``__session__``. The provisioner then hands the server the pooled
+kernel's connection, which the manager takes in place of the one it wrote
+(``KernelManager._reconcile_connection_info``) and talks to it as to a kernel it started.
 
 A pooled kernel is shut down when nothing claimed it for ``IDLE`` seconds, when another
 recipe needs its place (at most ``MAX_POOLED`` in all), when it is replaced by a kernel of
@@ -49,6 +50,7 @@ from collections.abc import Mapping, Sequence
 from ..request import SandboxSpec
 from ..run_dirs import make_kernel_dir, remove_run_dirs_of
 from .launch import CLAIM_SOCKET
+from .starting import START_TIMEOUT, launcher_cmd, wait_for_start, write_spec
 
 log = logging.getLogger("gvisor_magic")
 
@@ -61,8 +63,8 @@ RETRY_AFTER = 60.0
 #: The variables of the server's environment that belong to one kernel, not to its recipe:
 #: given at the claim (the launcher passes only ``JPY_SESSION_NAME`` into the sandbox).
 PER_KERNEL_ENV = ("JPY_SESSION_NAME",)
-#: How long a claimed kernel may take to take its claim (seconds): one claimed as soon as
-#: its sandbox runs has still to start Python and make the socket.
+#: How long a claimed kernel may take to take its claim (seconds); it makes the socket for
+#: it before its sockets, so a ready one answers at once.
 CLAIM_TIMEOUT = 120.0
 #: Stands for the kernel's connection file in ``Recipe.kernel_cmd``.
 CONNECTION_FILE = "{connection_file}"
@@ -296,8 +298,6 @@ class KernelPool:
     def close(self, wait: float = 200.0) -> None:
         """Shut down every pooled kernel, and wait (at most ``wait`` seconds) for those
         still starting, which shut down once started."""
-        from .provisioner import START_TIMEOUT
-
         with self._lock:
             self.closed = True
             self._changed.notify_all()
@@ -322,14 +322,12 @@ class KernelPool:
 
 
 def start_pooled(recipe: Recipe) -> PooledKernel | None:
-    """Start one kernel of ``recipe`` and wait until its sandbox runs; None if it could not
-    (the reason is logged)."""
+    """Start one kernel of ``recipe`` and wait until it is ready (its sandbox runs and it
+    has made its sockets); None if it could not (the reason is logged)."""
     if not recipe.kernel_cmd:
         raise ValueError("the recipe has no formatted kernel command")
     from jupyter_client.connect import write_connection_file
     from jupyter_client.launcher import launch_kernel
-
-    from .provisioner import launcher_cmd, wait_for_start, write_spec
 
     sockets_dir = make_kernel_dir()
     inside = os.path.join(sockets_dir, "connection.json")

@@ -1,6 +1,6 @@
 """The ``jupyter_client`` kernel provisioner of "Python 3 (gVisor)" (``gvisor-provisioner``).
 
-It is ``LocalProvisioner`` with four changes:
+It is ``LocalProvisioner`` with five changes:
 
 - before anything starts, it checks that a runsc sandbox can run here and raises with the
   reason and the fix if not, so the notebook shows why and no kernel runs (fail closed);
@@ -25,12 +25,16 @@ It is ``LocalProvisioner`` with four changes:
   ``shutdown_kernel(now=True)`` or a kernel that did not exit within
   ``shutdown_wait_time``), ``cleanup`` kills the sandbox's processes and removes its run
   dir itself (``run_dirs.remove_run_dirs_of``). The launcher is told where to make run
-  dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look.
+  dirs (``GVISOR_MAGIC_STATE_DIR``), so the provisioner knows where to look;
+- a first start of a kernel claims one the server started ahead of need with the same
+  recipe, if there is one (``pool.py``), handing the manager that kernel's connection; and
+  after every start the pool is asked to keep ``pool`` of that recipe ready.
 
 Settings come from the kernelspec's ``metadata.kernel_provisioner.config`` (see docs/kernel.md,
 "A whole kernel in gVisor"): ``network``, ``allow_hosts``, ``limits``, ``protected_paths``,
 ``writes`` and ``sandbox`` (any other setting by name; ``kernelspec.SETTINGS``), read by
-``SandboxSpec.from_options``; a bad one stops the start.
+``SandboxSpec.from_options``, and ``pool`` (``kernelspec.OPTIONS``); a bad one stops the
+start.
 """
 
 from __future__ import annotations
@@ -39,11 +43,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import select
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -57,29 +58,10 @@ from ..backends.runsc import ENV_STATE_DIR, state_base
 from ..errors import InvalidRequestError
 from ..request import SandboxSpec
 from ..run_dirs import make_kernel_dir, remove_run_dirs_of
-from .kernelspec import SETTINGS, check_settings
+from .kernelspec import OPTIONS, SETTINGS, check_config
 from .launch import python_path
 from .pool import CONNECTION_FILE, POOL, PooledKernel, Recipe
-
-#: How long the launcher may take to start its sandbox before the start counts as failed
-#: (a sandbox starts in well under a second here; a loaded machine may take several).
-START_TIMEOUT = 180.0
-#: What the launcher writes on its ``--ready-fd`` once its sandbox runs.
-READY = b"ok\n"
-#: How long a launcher that failed may take to exit before it is killed.
-EXIT_GRACE = 10.0
-#: How long a launcher that closed its pipe without READY is given to exit, for its status.
-CLOSED_GRACE = 1.0
-
-
-def launcher_cmd(spec_file: str, ready_fd: int, kernel_id: str | None,
-                 kernel_cmd: list[str], claim_fd: int | None = None) -> list[str]:
-    """The launcher's command line (``launch.py``) for the kernel command ``kernel_cmd``."""
-    return [sys.executable, "-m", "gvisor_magic.kernel.launch", "--spec", spec_file,
-            "--ready-fd", str(ready_fd),
-            *(["--kernel-id", kernel_id] if kernel_id else []),
-            *(["--claim-fd", str(claim_fd)] if claim_fd is not None else []),
-            "--", *kernel_cmd]
+from .starting import EXIT_GRACE, START_TIMEOUT, launcher_cmd, wait_for_start, write_spec
 
 
 class GvisorKernelUnavailable(HTTPError, RuntimeError):
@@ -114,71 +96,6 @@ def unavailable() -> str | None:
     return (f"Python 3 (gVisor) cannot start: {name} is not usable here ({status.reason})"
             + (f". Fix: {status.fix}" if status.fix else "")
             + ". No kernel was started: this kernel never runs outside gVisor.")
-
-
-def wait_for_start(fd: int, process: subprocess.Popen, timeout: float = START_TIMEOUT
-                   ) -> str | None:
-    """Wait until the launcher reports on ``fd``: None once its sandbox runs, else why not.
-
-    The launcher writes ``READY``, or its reason and exits. Its exit (or a closed pipe)
-    without ``READY`` is a failure too; so is no word within ``timeout`` seconds.
-    """
-    data, closed = b"", False
-    deadline = time.monotonic() + timeout
-    while not data.startswith(READY):
-        if len(data) >= len(READY) and not READY.startswith(data):
-            break  # a reason, not READY: read it to the end below
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return f"no word from its launcher within {timeout:.0f}s"
-        # The process is polled too, in case something it started kept the write end.
-        readable, _, _ = select.select([fd], [], [], min(remaining, 0.25))
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                closed = True
-                break
-            data += chunk
-        elif process.poll() is not None:
-            break
-    else:
-        return None
-    # It exits once it has said why. With its pipe closed, everything it said is here
-    # already: the wait is only for its exit status, which follows at once if it is dying.
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=CLOSED_GRACE if closed else EXIT_GRACE)
-    os.set_blocking(fd, False)
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    reason = data.decode("utf-8", "replace").strip()
-    code = process.poll()
-    if not reason:
-        reason = (f"its launcher exited with status {code}" if code is not None
-                  else "its launcher said nothing")
-    return reason
-
-
-def write_spec(spec: SandboxSpec, connection_file: str | None) -> str:
-    """Write ``spec`` as JSON (mode 0600) beside ``connection_file``, named after it
-    (``.kernel-ID.sandbox.json``), else in the temporary dir; its path."""
-    if not connection_file:
-        fd, path = tempfile.mkstemp(prefix=".gvisor-kernel-", suffix=".sandbox.json")
-    else:
-        stem = os.path.basename(connection_file).removesuffix(".json")
-        path = os.path.join(os.path.dirname(connection_file), f".{stem}.sandbox.json")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a restart's: made again, never written through
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
-        handle.write(spec.to_json())
-    return path
 
 
 class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -221,7 +138,8 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             self.log.error("gvisor: %s", why)
             raise GvisorKernelUnavailable(why)
         try:
-            settings = check_settings({name: getattr(self, name) for name in SETTINGS})
+            settings = check_config({name: getattr(self, name)
+                                     for name in SETTINGS + OPTIONS})
         except (InvalidRequestError, TypeError) as exc:
             why = (f"Python 3 (gVisor) cannot start: bad kernel settings: {exc}. No kernel "
                    "was started: this kernel never runs outside gVisor.")
@@ -260,9 +178,8 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             km.ip = os.path.join(self.sockets_dir, "k")
         kwargs = await super().pre_launch(**kwargs)
         inside = os.path.join(self.sockets_dir, "connection.json")
-        if km is not None and km.connection_file and self._claimed is None:
-            shutil.copyfile(km.connection_file, inside)
-            os.chmod(inside, 0o600)
+        if self._claimed is None:  # a pooled kernel has a connection file of its own there
+            self._copy_connection_file()
         kwargs["cmd"] = [inside if km is not None and arg == km.connection_file else arg
                          for arg in kwargs["cmd"]]
         self._recipe = dataclasses.replace(self._recipe, kernel_cmd=tuple(
@@ -271,6 +188,17 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             self._prepare_launcher(kwargs, dataclasses.replace(
                 spec, kernel_dir=self.sockets_dir))
         return kwargs
+
+    def _copy_connection_file(self) -> str:
+        """Copy the manager's connection file (and its key) into the kernel's private dir,
+        mode 0600: the only copy its sandbox sees. Its path there."""
+        assert self.sockets_dir is not None
+        inside = os.path.join(self.sockets_dir, "connection.json")
+        km = self.parent
+        if km is not None and km.connection_file:
+            shutil.copyfile(km.connection_file, inside)
+            os.chmod(inside, 0o600)
+        return inside
 
     def _prepare_launcher(self, kwargs: dict[str, Any], spec: SandboxSpec) -> None:
         """Make ``kwargs`` start a launcher of ``spec`` running ``kwargs["cmd"]``."""
@@ -315,20 +243,17 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
             self.log.info("gvisor: the kernel started ahead of need cannot be used (%s); "
                           "starting one", why)
             await asyncio.get_running_loop().run_in_executor(None, claimed.shut_down, 5.0)
+            assert self._recipe is not None
             self.sockets_dir = make_kernel_dir()
             km = self.parent
-            if km is not None:
+            if km is not None:  # its connection file named the pooled kernel's sockets
                 km.cleanup_connection_file()
                 km.ip = os.path.join(self.sockets_dir, "k")
                 km.write_connection_file()
                 self.connection_info = km.get_connection_info()
-                inside = os.path.join(self.sockets_dir, "connection.json")
-                shutil.copyfile(km.connection_file, inside)
-                os.chmod(inside, 0o600)
-                cmd = [inside if arg == CONNECTION_FILE else arg
-                       for arg in self._recipe.kernel_cmd] if self._recipe else cmd
-            assert self._recipe is not None
-            kwargs["cmd"] = cmd
+            inside = self._copy_connection_file()
+            kwargs["cmd"] = [inside if arg == CONNECTION_FILE else arg
+                             for arg in self._recipe.kernel_cmd]
             self._prepare_launcher(kwargs, dataclasses.replace(
                 self._recipe.spec, kernel_dir=self.sockets_dir))
             cmd = kwargs.pop("cmd")

@@ -124,15 +124,18 @@ def test_an_unclaimed_kernel_is_shut_down_after_the_idle_time(monkeypatch, pool,
     assert pool.ready() == [] and entry.process.pid in STOPPED
 
 
+def slow_start(go: threading.Event, pid: int):
+    """A stand-in start that ends once ``go`` is set, with a kernel of pid ``pid``."""
+    def start(r: Recipe):
+        go.wait(5)
+        return FakeKernel(r, "/nonexistent", FakeProcess(pid), -1, time.monotonic(), {})
+    return start
+
+
 def test_closing_waits_for_kernels_still_starting_and_stops_them(monkeypatch, tmp_path):
     STOPPED.clear()
     go = threading.Event()
-
-    def slow(r: Recipe):
-        go.wait(5)
-        return FakeKernel(r, "/nonexistent", FakeProcess(4242), -1, time.monotonic(), {})
-
-    monkeypatch.setattr(pool_module, "start_pooled", slow)
+    monkeypatch.setattr(pool_module, "start_pooled", slow_start(go, 4242))
     made = KernelPool()
     made.fill(recipe(tmp_path), 1)
     assert made.starting() == 1
@@ -153,12 +156,7 @@ def test_the_recipe_leaves_out_what_belongs_to_one_kernel(tmp_path):
 
 def test_a_start_waits_for_a_kernel_of_its_recipe_still_starting(monkeypatch, tmp_path):
     go = threading.Event()
-
-    def slow(r: Recipe):
-        go.wait(5)
-        return FakeKernel(r, "/nonexistent", FakeProcess(4343), -1, time.monotonic(), {})
-
-    monkeypatch.setattr(pool_module, "start_pooled", slow)
+    monkeypatch.setattr(pool_module, "start_pooled", slow_start(go, 4343))
     made = KernelPool()
     try:
         made.fill(recipe(tmp_path), 1)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gvisor_magic.kernel.launch import _Stop
-from gvisor_magic.kernel.provisioner import wait_for_start
+from gvisor_magic.kernel.starting import wait_for_start
 from gvisor_magic.run_dirs import KERNEL_PREFIX as PREFIX
 from gvisor_magic.run_dirs import kernel_owner_of as owner_of
 from gvisor_magic.run_dirs import remove_run_dirs_of
