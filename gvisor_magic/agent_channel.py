@@ -126,6 +126,8 @@ class AgentRun:
     broken: SessionBroken | None = None
     #: The sandbox must go: broken, or interrupted while the agent was not listening.
     lost: bool = False
+    #: What ``on_output`` raised; the command was killed, the caller raises it again.
+    failure: BaseException | None = None
 
     def returncode(self, *, failed: bool) -> int:
         """The report through the one rule (``result.returncode_of``)."""
@@ -180,28 +182,40 @@ class AgentClient:
             self.channel.send(GO)
             run.accepted = self.running = True
             while run.status is None:
+                # An interrupt lands wherever this thread is: in the wait for a frame, or
+                # in ``on_output`` (a kernel's stdout flush waits for its IO thread, and
+                # the client that saw the output interrupts meanwhile). Either way the
+                # command is killed and the run reports it, never left running.
                 try:
                     frame = self.channel.receive(deadline)
+                    if frame is None:
+                        run.timed_out = True
+                        run.status = self._kill(run)
+                        break
+                    kind, data = frame
+                    if kind in (STDOUT, STDERR):
+                        capture = out if kind == STDOUT else err
+                        capture.add(data)
+                        if on_output is not None:
+                            text = capture.decoder.decode(data)
+                            if text:
+                                on_output(capture.name, text)
+                    elif kind == EXIT:
+                        run.status = parse_status(data)
+                    else:
+                        raise SessionBroken(
+                            f"unexpected {kind!r} frame from the sandbox agent")
                 except KeyboardInterrupt:
                     run.interrupted = True
                     run.status = self._kill(run)
                     break
-                if frame is None:
-                    run.timed_out = True
+                except SessionBroken:
+                    raise
+                except BaseException as exc:
+                    # ``on_output`` failed: the command stops, then the caller re-raises.
+                    run.failure = exc
                     run.status = self._kill(run)
                     break
-                kind, data = frame
-                if kind in (STDOUT, STDERR):
-                    capture = out if kind == STDOUT else err
-                    capture.add(data)
-                    if on_output is not None:
-                        text = capture.decoder.decode(data)
-                        if text:
-                            on_output(capture.name, text)
-                elif kind == EXIT:
-                    run.status = parse_status(data)
-                else:
-                    raise SessionBroken(f"unexpected {kind!r} frame from the sandbox agent")
         except SessionBroken as exc:
             run.broken, run.lost = exc, True
         finally:

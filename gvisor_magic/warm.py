@@ -149,6 +149,8 @@ class WarmSandbox:
                 raise SandboxStartError(self.backend, str(run.broken)) from run.broken
         elif run.lost:
             self.retire()  # interrupted again while the agent was killing the command
+        if run.failure is not None:
+            raise run.failure  # the output callback's own error, its command killed
         if memory_note is None and transport.memory_events() > memory_before:
             # The OOM killer ended the command's process; the sandbox lives on.
             memory_note = error = transport.memory_note()

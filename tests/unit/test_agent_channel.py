@@ -123,3 +123,40 @@ def test_a_copy_out_answer_goes_to_the_thread_that_asked_whenever_it_comes(fake)
     assert out.text() == "before after"
     # A stale answer (to an ask that gave up) is not taken for the next one's.
     assert client.copy_out(0.2) == {"layer": "no command runs"}
+
+
+def _run_with(fake, on_output):
+    from gvisor_magic.agent_channel import AgentClient
+    from gvisor_magic.process import Capture
+
+    # The agent accepts, prints, and confirms the kill it will be sent.
+    fake.agent.send(frame(b"A") + frame(b"O", b"start\n")
+                    + frame(b"X", b'{"signal": 9, "killed": true}'))
+    out, err = Capture("stdout", None), Capture("stderr", None)
+    run = AgentClient(fake).run({"argv": ["sleep"]}, out, err, on_output,
+                                time.monotonic() + 30)
+    return run, out
+
+
+def test_an_interrupt_inside_the_output_callback_kills_the_command(fake):
+    """Ctrl-C while the output is being shown (a kernel's flush waits for its IO thread,
+    and the client that saw "start" interrupts meanwhile) is an interrupt like any other:
+    the command is killed, never left running with the error gone up."""
+
+    def on_output(name: str, text: str) -> None:
+        raise KeyboardInterrupt
+
+    run, out = _run_with(fake, on_output)
+    assert run.interrupted and run.failure is None and not run.lost
+    assert run.status == {"signal": 9, "killed": True}
+    assert bytes(fake.sent).endswith(frame(b"K"))
+    assert out.text() == "start\n"
+
+
+def test_a_failing_output_callback_kills_the_command_and_is_kept(fake):
+    def on_output(name: str, text: str) -> None:
+        raise BrokenPipeError("stdout is gone")
+
+    run, _ = _run_with(fake, on_output)
+    assert isinstance(run.failure, BrokenPipeError) and not run.interrupted
+    assert bytes(fake.sent).endswith(frame(b"K"))
