@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from support.kernel_helpers import execute
 
 from gvisor_magic.kernel import DISPLAY_NAME, KERNEL_NAME, PROVISIONER_NAME
 from gvisor_magic.kernel.kernelspec import kernel_json
+from gvisor_magic.kernel.prestart import EXTENSION
 from gvisor_magic.runner import REGISTRY
 
 STARTUP = 120.0
@@ -229,6 +231,14 @@ def test_kernelspec_install_and_remove_from_the_cli(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "jupyter_client.kernelspecapp", "list",
                              "--json"], env=env, capture_output=True, text=True)
     assert KERNEL_NAME in json.loads(listed.stdout)["kernelspecs"]
+    # Beside it, the server extension that starts its pooled kernels with the server,
+    # enabled where `jupyter server extension enable --user` would, and valid there.
+    enabled = tmp_path / ".jupyter" / "jupyter_server_config.d" / f"{EXTENSION}.json"
+    assert enabled.exists()
+    extensions = subprocess.run([sys.executable, "-m", "jupyter_server.extension.serverextension",
+                                 "list"], env=env, capture_output=True, text=True)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", extensions.stdout + extensions.stderr)
+    assert f"{EXTENSION} enabled" in text and "OK" in text.split(EXTENSION, 2)[-1], text
     done = subprocess.run([*cli, "install", "--prefix", str(tmp_path / "prefix"),
                            "--network", "pypi", "--limit", "memory=2G", "--writes", "review",
                            "--pool", "2"],
@@ -244,10 +254,13 @@ def test_kernelspec_install_and_remove_from_the_cli(tmp_path):
     bad = subprocess.run([*cli, "install", "--user", "--network", "http://x"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a URL" in bad.stderr, bad.stderr
+    prefixed = tmp_path / "prefix" / "etc" / "jupyter" / "jupyter_server_config.d"
+    assert (prefixed / f"{EXTENSION}.json").exists()
     for _ in range(2):
         gone = subprocess.run([*cli, "remove"], env=env, capture_output=True, text=True)
         assert gone.returncode == 0, gone.stderr
     assert not spec.exists()
+    assert not enabled.exists() and not (prefixed / f"{EXTENSION}.json").exists()
 
 
 def _pip_cell(index) -> str:

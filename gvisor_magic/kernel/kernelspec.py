@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -66,25 +67,71 @@ def kernel_json(config: Mapping[str, Any] | None = None,
 
 def install(*, user: bool = False, prefix: str | None = None,
             config: Mapping[str, Any] | None = None) -> str:
-    """Install (or replace) the kernelspec; the directory it went to."""
+    """Install (or replace) the kernelspec, and enable the server extension that starts
+    its pooled kernels as a Jupyter server starts (``prestart.py``) in the matching
+    config dir; the directory the kernelspec went to."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     with tempfile.TemporaryDirectory() as staging:
         os.chmod(staging, 0o755)
         with open(os.path.join(staging, "kernel.json"), "w") as handle:
             json.dump(kernel_json(config), handle, indent=1)
-        return KernelSpecManager().install_kernel_spec(
+        where = KernelSpecManager().install_kernel_spec(
             staging, KERNEL_NAME, user=user, prefix=prefix)  # it always replaces (8.x)
+    enable_prestart(prestart_config_dir(user=user, prefix=prefix))
+    return where
+
+
+def prestart_config_dir(*, user: bool = False, prefix: str | None = None) -> str:
+    """The Jupyter config dir that goes with a kernelspec installed with these options,
+    as ``jupyter server extension enable`` chooses it (``--user``, ``--sys-prefix``, or
+    the system's), ``PREFIX/etc/jupyter`` for a prefix."""
+    from jupyter_core.paths import SYSTEM_CONFIG_PATH, jupyter_config_dir
+
+    if user:
+        return jupyter_config_dir()
+    if prefix is not None:
+        return os.path.join(prefix, "etc", "jupyter")
+    return SYSTEM_CONFIG_PATH[0]
+
+
+def _prestart_file(config_dir: str) -> str:
+    from .prestart import EXTENSION
+
+    return os.path.join(config_dir, "jupyter_server_config.d", f"{EXTENSION}.json")
+
+
+def enable_prestart(config_dir: str) -> str:
+    """Enable the extension for servers reading ``config_dir``; the file written. (The
+    file ``jupyter server extension enable`` writes; a server without this package
+    installed ignores it with a warning.)"""
+    from .prestart import EXTENSION
+
+    path = _prestart_file(config_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({"ServerApp": {"jpserver_extensions": {EXTENSION: True}}}, handle, indent=2)
+    return path
 
 
 def remove() -> str | None:
-    """Remove the kernelspec wherever Jupyter finds it; the directory removed, or None."""
+    """Remove the kernelspec wherever Jupyter finds it, and the extension's enabling
+    wherever ``install`` wrote it; the kernelspec's directory removed, or None."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    from jupyter_core.paths import jupyter_config_path
 
     try:
-        return KernelSpecManager().remove_kernel_spec(KERNEL_NAME)
+        removed = KernelSpecManager().remove_kernel_spec(KERNEL_NAME)
     except (NoSuchKernel, KeyError):
-        return None
+        removed = None
+    config_dirs = list(jupyter_config_path())
+    if removed is not None:  # PREFIX/share/jupyter/kernels/NAME: PREFIX/etc/jupyter too
+        prefix = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(removed))))
+        config_dirs.append(os.path.join(prefix, "etc", "jupyter"))
+    for config_dir in config_dirs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_prestart_file(config_dir))
+    return removed
 
 
 def installed() -> str | None:

@@ -46,6 +46,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
@@ -132,7 +133,12 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
     _launcher: subprocess.Popen | None = None
     _state_base: str | None = None
 
-    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+    def recipe(self, env: Mapping[str, str] | None, cwd: str | None,
+               extra_arguments: Sequence[str] = ()) -> tuple[Recipe, dict[str, str]]:
+        """The recipe of a kernel started with ``env`` (None: this process's) in ``cwd``,
+        and the environment its launcher gets; ``GvisorKernelUnavailable`` if no kernel of
+        these settings can start here. ``pre_launch`` and the server's start
+        (``prestart.py``) both make a kernel's recipe with it, so they always agree."""
         why = unavailable()
         if why is not None:
             self.log.error("gvisor: %s", why)
@@ -145,21 +151,24 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
                    "was started: this kernel never runs outside gVisor.")
             self.log.error("gvisor: %s", why)
             raise GvisorKernelUnavailable(why) from None
-        km = self.parent
-        given = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+        given = dict(os.environ if env is None else env)
         # Where the launcher makes its sandboxes' run dirs, said to it: if it is killed,
         # cleanup() removes what it left there.
-        self._state_base = (given.get(ENV_STATE_DIR)
-                            or state_base(caller_identity().rootless)[0])
-        if self._state_base:
-            given[ENV_STATE_DIR] = self._state_base
-        kwargs["env"] = given
+        base = given.get(ENV_STATE_DIR) or state_base(caller_identity().rootless)[0]
+        if base:
+            given[ENV_STATE_DIR] = base
         spec = SandboxSpec.from_options({
-            "working_dir": os.path.realpath(kwargs.get("cwd") or os.getcwd()),
+            "working_dir": os.path.realpath(cwd or os.getcwd()),
             "python_path": python_path(given)}, settings)
         argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
-        self._recipe = Recipe.of(spec, [*argv, *kwargs.get("extra_arguments", ())], given,
-                                 self._state_base)
+        return Recipe.of(spec, [*argv, *extra_arguments], given, base), given
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        self._recipe, kwargs["env"] = self.recipe(
+            kwargs.get("env"), kwargs.get("cwd"), kwargs.get("extra_arguments", ()))
+        self._state_base = self._recipe.state_base
+        spec = self._recipe.spec
         first_start = self.sockets_dir is None
         if first_start and self.pool > 0:
             # One still starting is waited for: it is nearer to ready than a new one.
@@ -180,8 +189,9 @@ class GvisorProvisioner(LocalProvisioner):  # type: ignore[misc]
         inside = os.path.join(self.sockets_dir, "connection.json")
         if self._claimed is None:  # a pooled kernel has a connection file of its own there
             self._copy_connection_file()
-        kwargs["cmd"] = [inside if km is not None and arg == km.connection_file else arg
-                         for arg in kwargs["cmd"]]
+        # format_kernel_cmd names the connection file by its real path.
+        named = {km.connection_file, os.path.realpath(km.connection_file)} if km else set()
+        kwargs["cmd"] = [inside if arg in named else arg for arg in kwargs["cmd"]]
         self._recipe = dataclasses.replace(self._recipe, kernel_cmd=tuple(
             CONNECTION_FILE if arg == inside else arg for arg in kwargs["cmd"]))
         if self._claimed is None:
