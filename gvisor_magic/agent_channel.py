@@ -31,6 +31,7 @@ from .sandboxed.agent_wire import (
     KILL,
     MAX_FRAME,
     RUN,
+    SETTLED,
     STDERR,
     STDOUT,
     WIRE_HEADER,
@@ -109,6 +110,9 @@ class Channel:
 ACCEPT_TIMEOUT = 10.0
 #: How long the agent may take to confirm that it killed a command.
 KILL_GRACE = 15.0
+#: How long the agent may take, after a command's report, to undo what the command left
+#: (and, after a pool's call, to empty /tmp and HOME) before it counts as broken.
+SETTLE_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass
@@ -154,11 +158,37 @@ class AgentClient:
         self.channel = Channel(transport)
         #: A command was told to run and has not ended yet (``copy_out`` may be asked).
         self.running = False
+        #: A command's report came, and the agent's word that it undid what the command
+        #: left (``SETTLED``) has not been read yet: ``settle`` reads it.
+        self.settling = False
 
     def hello(self, deadline: float) -> bool:
         """True once the agent said it is ready; False if it did not before ``deadline``."""
         frame = self.channel.receive(deadline)
         return frame is not None and frame[0] == HELLO
+
+    def settle(self, deadline: float) -> str:
+        """Wait for the agent to have undone what the last command left (it works on it
+        after the command's report, while nobody waits): "" once it did, or why the
+        sandbox cannot be trusted for another command. ``SessionBroken`` if it breaks or
+        says nothing by ``deadline``."""
+        while self.settling:
+            frame = self.channel.receive(deadline)
+            if frame is None:
+                raise SessionBroken("the sandbox agent did not finish cleaning up after the "
+                                    "last command in time")
+            if frame[0] != SETTLED:
+                raise SessionBroken(f"unexpected {frame[0]!r} frame from the sandbox agent "
+                                    "between commands")
+            self.settling = False
+            try:
+                word = json.loads(frame[1])
+            except ValueError:
+                word = None
+            if not isinstance(word, dict) or not isinstance(word.get("tainted", ""), str):
+                raise SessionBroken("malformed clean-up report from the sandbox agent")
+            return word.get("tainted", "")
+        return ""
 
     def run(self, request: Mapping[str, object], out: Capture, err: Capture,
             on_output: OutputCallback | None, deadline: float | None) -> AgentRun:
@@ -220,6 +250,8 @@ class AgentClient:
             run.broken, run.lost = exc, True
         finally:
             self.running = False
+            # Every report is followed by the agent's word on its clean-up.
+            self.settling = run.status is not None
         return run
 
     def copy_out(self, timeout: float) -> dict:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 
 from . import registry
-from .agent_channel import AgentClient, SessionBroken
+from .agent_channel import SETTLE_TIMEOUT, AgentClient, SessionBroken
 from .backends.base import Transport
 from .changes import start_stamp
 from .egress.sandbox import agent_attempts
@@ -113,6 +113,16 @@ class WarmSandbox:
         """
         if self.retired is not None:
             raise SandboxStartError(self.backend, "the warm sandbox was stopped")
+        try:
+            tainted = self.client.settle(time.monotonic() + SETTLE_TIMEOUT)
+        except SessionBroken as exc:
+            self.retire("the previous sandbox failed and was replaced")
+            raise SandboxStartError(self.backend, str(exc)) from exc
+        if tainted:
+            # What the last command did could not be undone: this one gets a fresh sandbox
+            # (it was not sent here), and its result says why.
+            self.retire(f"the sandbox was replaced (fresh /tmp and HOME): {tainted[:200]}")
+            raise SandboxStartError(self.backend, tainted[:200])
         transport = self.transport
         env = sandbox_env(request.env, home=transport.env["HOME"], path=transport.env["PATH"],
                           user=transport.env["USER"])

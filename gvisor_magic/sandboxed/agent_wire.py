@@ -14,9 +14,9 @@ protocol itself is described in ``session_agent.py``.
 import struct
 
 RUN, GO, KILL, COPY_OUT = b"R", b"G", b"K", b"C"  # host -> agent
-HELLO, ACCEPTED, STDOUT, STDERR, EXIT, COPIED = (  # agent -> host
-    b"H", b"A", b"O", b"E", b"X", b"L")
-FROM_AGENT = HELLO + ACCEPTED + STDOUT + STDERR + EXIT + COPIED
+HELLO, ACCEPTED, STDOUT, STDERR, EXIT, COPIED, SETTLED = (  # agent -> host
+    b"H", b"A", b"O", b"E", b"X", b"L", b"D")
+FROM_AGENT = HELLO + ACCEPTED + STDOUT + STDERR + EXIT + COPIED + SETTLED
 #: Where a copy of the layer asked for while its command runs goes (``COPY_OUT``), in the
 #: status dir: apart from the copy made at the command's end, which may follow it at once.
 CELL_COPY = "cell"

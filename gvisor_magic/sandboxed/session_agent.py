@@ -30,6 +30,13 @@ big-endian) + payload (``agent_wire``).
                                               the answer to C: what changed in the layer
                                               since its last copy is in STATUS_DIR/cell
                                               ("empty": true instead of an id: nothing)
+                  D  JSON {} or {"tainted": why}
+                                              after every X: what the command may have
+                                              left outside /tmp and HOME is undone (and,
+                                              for "fresh", /tmp and HOME emptied), or why
+                                              the sandbox cannot be trusted any more. The
+                                              host reads it before its next R, so this
+                                              work is done while no one waits for it
 
 Held writes (``--layer SETTING``, see ``cow_layer.py``, whose source runs before this
 one's): a thread of the agent, the layer keeper, keeps the capabilities the layer needs
@@ -993,6 +1000,7 @@ def feed(fd, data):
 
 
 def run(request):
+    """Run one request to its report (``X``); True once the report went."""
     spec = json.loads(request)
     spec["env"].update(EGRESS_ENV)  # the relay's address, whatever the request set
     if KEEPER is not None:
@@ -1023,7 +1031,7 @@ def run(request):
         message = f"{spec['argv'][0]}: {exc.strerror}\n"
         send(STDERR, message.encode(errors="replace"))
         send(EXIT, json.dumps({"exit": code}).encode())
-        return
+        return True
     pending = bytes.fromhex(spec["stdin"]) if spec.get("stdin") else b""
     if not pending:
         os.close(in_w)
@@ -1106,9 +1114,6 @@ def run(request):
                 report["layer"] = "done"
             except OSError as exc:
                 report["layer"] = "not copied out: %s" % exc
-    tainted = tainted or clean_between()
-    if spec.get("fresh") and not tainted:
-        tainted = empty_private_dirs()
     if tainted:
         report["tainted"] = tainted
     if EGRESS_ENV:
@@ -1116,6 +1121,28 @@ def run(request):
         if tried:
             report["blocked"] = tried
     send(EXIT, json.dumps(report).encode())
+    if not tainted:  # a tainted sandbox is replaced: nothing to undo
+        SETTLE.append(bool(spec.get("fresh")))
+    return True
+
+
+#: Set by ``run`` once a command's report went: what ``settle`` has to undo before the next.
+SETTLE = []
+
+
+def settle():
+    """After a command's report (``X``), before the next request is read: undo what the
+    command may have left (``clean_between``; and for a ``fresh`` request,
+    ``empty_private_dirs``), then say so (``D``) with why the sandbox can no longer be
+    trusted, if it cannot. Done after the report, not before it, so a command's result
+    does not wait for it; the host reads ``D`` before it sends the next request."""
+    fresh = SETTLE.pop() if SETTLE else None
+    tainted = ""
+    if fresh is not None:
+        tainted = clean_between()
+        if fresh and not tainted:
+            tainted = empty_private_dirs()
+    send(SETTLED, json.dumps({"tainted": tainted} if tainted else {}).encode())
 
 
 def copy_out_now(running):
@@ -1202,7 +1229,9 @@ def main():
         except EOFError:
             break
         if kind == RUN:
-            run(payload)
+            reported = run(payload)
+            if reported:
+                settle()
             prestart()
         elif kind == COPY_OUT:  # came as the command ended: its exit report has its writes
             send(COPIED, copy_out_now(False))

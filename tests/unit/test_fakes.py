@@ -98,10 +98,12 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
 
 
 class ScriptedTransport:
-    """Plays the agent: says hello, then answers each request with ``script(request)``."""
+    """Plays the agent: says hello, then answers each request with ``script(request)``,
+    and after its report, with ``settled(request)`` (the agent's word on its clean-up)."""
 
     name = "runsc"
     script = staticmethod(lambda spec: [frame(b"A"), frame(b"X", b'{"exit": 0}')])
+    settled = staticmethod(lambda spec: frame(b"D", b"{}"))
     started: list[ScriptedTransport] = []
 
     def __init__(self, request) -> None:
@@ -128,7 +130,9 @@ class ScriptedTransport:
                         self.requests.append(json.loads(payload))
                         self.agent.sendall(b"".join(self.script(self.requests[-1])[:1]))
                     elif kind == b"G":
-                        self.agent.sendall(b"".join(self.script(self.requests[-1])[1:]))
+                        spec = self.requests[-1]
+                        self.agent.sendall(b"".join(self.script(spec)[1:])
+                                           + self.settled(spec))
         except OSError:
             pass
 
@@ -188,6 +192,35 @@ def test_hostile_frames_end_that_sandbox_cleanly_and_the_next_command_gets_a_fre
     assert len(scripted.started) == 2
     # The hostile command was sent once, to the first sandbox only: never run twice.
     assert [len(t.requests) for t in scripted.started] == [1, 1]
+
+
+@pytest.mark.parametrize("settled", [
+    frame(b"D", b'{"tainted": "a command lowered the sandbox\'s own limits"}'),
+    frame(b"D", b"[]"),                                     # a malformed word
+    frame(b"O", b"late"),                                   # output after the report
+    b"",                                                    # silence
+], ids=["tainted", "malformed", "unexpected-frame", "silent"])
+def test_a_sandbox_not_settled_after_a_command_never_gets_the_next(scripted, tmp_path,
+                                                                   monkeypatch, settled):
+    """The agent undoes what a command left after the command's report; until it says it
+    did, the next command is not sent there. If it cannot (or says nothing, or garbage),
+    the next command runs once, in a fresh sandbox, and its result says why."""
+    import gvisor_magic.warm as warm_module
+
+    monkeypatch.setattr(warm_module, "SETTLE_TIMEOUT", 0.5)
+    scripted.settled = staticmethod(lambda spec: settled if spec["argv"][-1] == "first"
+                                    else frame(b"D", b"{}"))
+    with IsolatedSession(tmp_path, mode="runsc") as warm:
+        first = warm.run("first")
+        second = warm.run("second")
+        third = warm.run("third")
+    assert first.returncode == second.returncode == third.returncode == 0
+    assert "replaced" in second.details.get("session_note", ""), second.details
+    if b"tainted" in settled:
+        assert "lowered the sandbox's own limits" in second.details["session_note"]
+    assert "session_note" not in third.details
+    assert [[r["argv"][-1] for r in t.requests] for t in scripted.started] == [
+        ["first"], ["second", "third"]]
 
 
 def test_signals_and_interrupts_are_reported_by_the_one_rule(scripted, tmp_path):
