@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .aio import AsyncIsolatedSession, CommandStream, OutputChunk, arun, astream
     from .detect import EnvironmentInfo, HostFacts
     from .egress.policy import NetworkPolicy
     from .errors import (
+        CommandCancelled,
         CommandInterrupted,
         GvisorMagicError,
         InvalidRequestError,
@@ -29,8 +31,10 @@ if TYPE_CHECKING:
 # The public names and their modules, imported on first use: `import gvisor_magic` (and
 # so `python -m gvisor_magic.install`, which is stdlib only) needs none of the dependencies.
 _LAZY = {
+    "AsyncIsolatedSession": "aio", "CommandStream": "aio", "OutputChunk": "aio",
+    "arun": "aio", "astream": "aio",
     "EnvironmentInfo": "detect", "HostFacts": "detect",
-    "CommandInterrupted": "errors", "GvisorMagicError": "errors",
+    "CommandCancelled": "errors", "CommandInterrupted": "errors", "GvisorMagicError": "errors",
     "InvalidRequestError": "errors", "IsolationUnavailable": "errors",
     "SandboxStartError": "errors",
     "Limits": "request", "SandboxSpec": "request", "NetworkPolicy": "egress.policy",
@@ -59,8 +63,11 @@ def __dir__() -> list[str]:
 logging.getLogger("gvisor_magic").addHandler(logging.NullHandler())
 
 __all__ = [
+    "AsyncIsolatedSession",
+    "CommandCancelled",
     "CommandInterrupted",
     "CommandResult",
+    "CommandStream",
     "EnvironmentInfo",
     "GvisorMagicError",
     "HostFacts",
@@ -69,9 +76,12 @@ __all__ = [
     "IsolationUnavailable",
     "Limits",
     "NetworkPolicy",
+    "OutputChunk",
     "SandboxSpec",
     "SandboxStartError",
     "__version__",
+    "arun",
+    "astream",
     "detect_environment",
     "is_gvisor_available",
     "load_ipython_extension",

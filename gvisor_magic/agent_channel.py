@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Mapping
 
+from .interrupts import checkpoint
 from .process import Capture, OutputCallback
 from .result import returncode_of
 from .sandboxed.agent_wire import (
@@ -65,8 +66,10 @@ class Channel:
 
     def receive(self, deadline: float | None) -> tuple[bytes, bytes] | None:
         """The next frame, or None when ``deadline`` passes first (``COPIED`` frames go to
-        ``copied``, for the thread that asked)."""
+        ``copied``, for the thread that asked). An interrupt asked of this thread from
+        another (``interrupts.Interrupt``) arrives here as a ``KeyboardInterrupt``."""
         while True:
+            checkpoint()
             frame = self._parse()
             if frame is not None and frame[0] == COPIED:
                 self.copied.put(frame[1])

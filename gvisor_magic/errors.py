@@ -6,6 +6,7 @@ extension) can catch them without importing any backend.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,6 +58,19 @@ class SandboxStartError(GvisorMagicError):
         #: nothing was tried, so another backend may be, whatever gVisor's state here.
         self.unsupported = unsupported
         super().__init__(f"{backend}: {reason}")
+
+
+class CommandCancelled(asyncio.CancelledError):
+    """The task awaiting a command (``gvisor_magic.aio``) was cancelled: the command was
+    interrupted as by Ctrl-C, its whole process tree killed before this was raised.
+
+    It is an ``asyncio.CancelledError``, so the task ends cancelled as asyncio expects;
+    ``result`` keeps the partial output (None if the command never started)."""
+
+    def __init__(self, result: CommandResult | None,
+                 message: str = "command cancelled; its processes were killed") -> None:
+        self.result = result
+        super().__init__(message)
 
 
 class CommandInterrupted(KeyboardInterrupt):

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .interrupts import checkpoint
+
 OutputCallback = Callable[[str, str], None]
 
 _CHUNK = 65536
@@ -163,6 +165,7 @@ def supervise(
 
     try:
         while sel.get_map():
+            checkpoint()  # an interrupt asked from another thread, as Ctrl-C (interrupts.py)
             now = time.monotonic()
             if exited_at is None and proc.poll() is not None:
                 exited_at = now

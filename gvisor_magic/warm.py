@@ -78,6 +78,9 @@ class WarmSandbox:
         except SessionBroken as exc:
             transport.close()
             raise SandboxStartError(backend, str(exc)) from exc
+        except BaseException:  # interrupted (Ctrl-C, a cancelled task) while it started
+            transport.close()
+            raise
         if not ready:
             transport.close()
             raise SandboxStartError(backend, "the sandbox agent did not say hello within "

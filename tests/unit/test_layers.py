@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gvisor_magic"
 LAYERS = [
     {"sandboxed", "backends.reaper"},  # stdlib only, run as programs
     {"install", "_version"},  # stdlib only: runs before the dependencies are installed
-    {"registry", "errors", "result", "detect", "process", "setid", "stand_ins", "memory", "egress",
-     "protected", "request", "postrun", "agent_channel", "run_dirs", "activity", "changes",
-     "writes"},
+    {"registry", "errors", "result", "detect", "interrupts", "process", "setid", "stand_ins",
+     "memory", "egress", "protected", "request", "postrun", "agent_channel", "run_dirs",
+     "activity", "changes", "writes"},
     {"backends"},
     {"warm"},
     {"runner"},
     {"session"},
+    {"aio"},
     {"notebook", "kernel"},
     {"cli", "__init__"},
 ]
