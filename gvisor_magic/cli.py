@@ -147,6 +147,37 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in options.items() if value}
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("mcp") is None:
+        print("gvisor-magic mcp: the MCP SDK is not installed (pip install "
+              "'gvisor-magic[agents]')", file=sys.stderr)
+        return 2
+    from .mcp_server import load_config, serve, settings_from
+
+    try:
+        options = load_config(args.config) if args.config else {}
+        given = {"working_dir": args.workdir, "timeout": args.timeout,
+                 "require_isolation": args.require_isolation, "mode": args.mode,
+                 **_sandbox_options(args)}
+        if "sandbox" in given:
+            raise GvisorMagicError("--set is not a setting of the agent server")
+        options.update({k: v for k, v in given.items() if v is not None})
+        settings = settings_from(options)
+        token = None
+        if args.token_file:
+            with open(args.token_file) as handle:
+                token = handle.read().strip()
+            if not token:
+                raise GvisorMagicError(f"the token file {args.token_file} is empty")
+    except (GvisorMagicError, TypeError, OSError) as exc:
+        print(f"gvisor-magic mcp: {exc}", file=sys.stderr)
+        return 2
+    serve(settings, http_port=args.http, token=token)
+    return 0
+
+
 def _kernelspec(args: argparse.Namespace) -> int:
     from .kernel import DISPLAY_NAME, KERNEL_NAME, kernelspec
 
@@ -320,6 +351,32 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "apply":
             one.add_argument("--all", action="store_true", help="apply every held change")
         one.add_argument("--json", action="store_true", help="machine-readable output")
+
+    mcp = sub.add_parser("mcp", help="serve the runner to coding agents over MCP (stdio, or "
+                         "streamable HTTP on 127.0.0.1 with a token)")
+    mcp.add_argument("--workdir", default=None,
+                     help="the working dir every command runs in and every path is relative "
+                          "to (default: the current directory)")
+    _add_sandbox_options(mcp)
+    mcp.add_argument("--writes", dest="kernel_writes", choices=WRITES, default=None,
+                     help="what happens to the commands' writes: 'auto' (the default), "
+                          "'review' (all held for the apply tool) or 'direct'")
+    mcp.add_argument("--timeout", type=float, default=None,
+                     help="the longest a command may run, in seconds (default 300); a tool "
+                          "call may ask for less, never more")
+    mcp.add_argument("--require-isolation", action="store_true", default=None,
+                     help="refuse every command when gVisor is unusable here, saying why")
+    mcp.add_argument("--mode", choices=valid_modes(), default=None)
+    mcp.add_argument("--config", default=None, metavar="FILE",
+                     help="a JSON object of the same settings (working_dir, network, "
+                          "allow_hosts, limits, protected_paths, writes, timeout, "
+                          "require_isolation, mode); the command line wins")
+    mcp.add_argument("--http", type=int, default=None, metavar="PORT",
+                     help="serve streamable HTTP on 127.0.0.1:PORT instead of stdio")
+    mcp.add_argument("--token-file", default=None, metavar="FILE",
+                     help="with --http: the bearer token, read from FILE (default: a new "
+                          "one, printed on stderr)")
+    mcp.set_defaults(handler=_mcp)
 
     # Listed here for --help; its options are the installer's own (gvisor-magic install -h).
     sub.add_parser("install", add_help=False,

@@ -21,7 +21,7 @@ LAYERS = [
     {"runner"},
     {"session"},
     {"aio"},
-    {"notebook", "kernel"},
+    {"notebook", "kernel", "mcp_server"},
     {"cli", "__init__"},
 ]
 NOTEBOOK_ONLY = {"IPython", "ipywidgets", "traitlets", "ipykernel", "jupyter_client"}
