@@ -182,7 +182,7 @@ def build_server(settings: AgentSettings) -> Any:
     from mcp.server.mcpserver.exceptions import ToolError
 
     server = MCPServer(
-        "gvisor-magic",
+        "gvisor-magic", log_level="WARNING",  # stderr is the client's: no line per call
         instructions=(
             "Runs shell commands in a gVisor sandbox whose working dir is "
             f"{settings.root}. Every result says where the command ran (backend, isolated) "

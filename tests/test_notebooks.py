@@ -28,7 +28,7 @@ SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
 SANITIZE_FALLBACK = Path(__file__).resolve().parent / "nbval_sanitize_fallback.cfg"
 SANITIZE_DOCKER = Path(__file__).resolve().parent / "nbval_sanitize_docker.cfg"
 EXPECTED = ("01-quickstart.ipynb", "02-untrusted-code.ipynb", "03-limits-and-timeouts.ipynb",
-            "04-python-api.ipynb")
+            "04-python-api.ipynb", "05-agents.ipynb")
 
 
 def code_cells() -> int:
@@ -92,7 +92,7 @@ def untouched_notebooks():
     assert after == before, "a notebook was rewritten by its own run"
 
 
-def test_the_four_notebooks_exist_with_saved_outputs():
+def test_the_five_notebooks_exist_with_saved_outputs():
     assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == list(EXPECTED)
     for name in EXPECTED:
         notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -172,7 +172,7 @@ def test_binder_builds_this_repo_with_its_python(tmp_path):
     assert f"Building conda environment for python={runtime.removeprefix('python-')}" in log
     requirements = [line.strip() for line in (ROOT / "binder" / "requirements.txt").read_text()
                     .splitlines() if line.strip() and not line.startswith("#")]
-    assert requirements == ["."]
+    assert requirements == [".[agents]"]  # notebooks/05-agents.ipynb drives the MCP server
     install = ('RUN ${KERNEL_PYTHON_PREFIX}/bin/pip install --no-cache-dir '
                '-r "binder/requirements.txt"')
     copy = "COPY --chown=1000:1000 src/ ${REPO_DIR}/"
