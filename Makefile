@@ -55,14 +55,15 @@ lint: venv
 	$(PY) -m ruff check gvisor_magic tests scripts benchmarks
 
 # Figures, not tests: real programs and peers, latency of every backend, streaming
-# throughput, density, the gVisor kernel against a normal one and through a real server.
+# throughput, density, the gVisor kernel against a normal one and through a real server,
+# held writes, and what the MCP server adds to a command.
 bench: system venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PYTHON) scripts/with_dockerd.py -- sh -c '$(PY) benchmarks/programs.py && \
 	  $(PY) benchmarks/latency.py && \
 	  $(PY) benchmarks/throughput.py && $(PY) benchmarks/density.py && \
 	  $(PY) benchmarks/kernel.py && $(PY) benchmarks/kernel_server.py && \
-	  $(PY) benchmarks/writes.py'
+	  $(PY) benchmarks/writes.py && $(PY) benchmarks/mcp_overhead.py'
 
 # The single-user image of deploy/kubernetes/Dockerfile, built here (no registry needed):
 # a debootstrapped Debian base with the docker-stacks contract, then the Dockerfile on it.
