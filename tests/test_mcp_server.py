@@ -297,6 +297,19 @@ def test_fail_closed_refuses_where_gvisor_cannot_run(tmp_path):
     assert "runsc" in text and not (tmp_path / "ran").exists(), text
 
 
+def test_settings_from_a_config_file_and_the_command_line(runsc_works, tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"timeout": 7, "writes": "direct", "limits": {"memory": "1G"}}')
+
+    async def calls(client):
+        return await client.call_tool("status", {})
+
+    status = _call(tmp_path, calls, "--config", str(tmp_path / "config.json"),
+                   "--timeout", "9").structured_content
+    assert status["max_timeout_s"] == 9.0 and status["writes"] == "direct", status
+    assert "memory 1 GiB" in status["limits"], status
+
+
 def test_bad_settings_stop_the_server_with_the_reason(tmp_path):
     (tmp_path / "config.json").write_text('{"network": "pypi", "colour": "red"}')
     done = subprocess.run([sys.executable, "-m", "gvisor_magic.cli", "mcp", "--config",
