@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 
@@ -112,9 +113,9 @@ def test_cancelling_the_task_kills_the_whole_tree(runsc_works, tmp_path, how):
 
 
 def sandbox_processes_now() -> list:
-    from conftest import SESSION_TMP
-
-    return sandbox_processes(SESSION_TMP)
+    """This test session's sandbox processes (conftest points TMPDIR at the session's own
+    temporary dir, where every sandbox's state lives)."""
+    return sandbox_processes(os.environ["TMPDIR"])
 
 
 def test_cancelling_while_the_sandbox_starts_leaves_nothing(runsc_works, tmp_path):
