@@ -19,7 +19,9 @@ import psutil
 import pytest
 from support.user_switch import world_readable_copy
 
-USER = "gvm-sec-probe"
+#: One user per test process: RLIMIT_NPROC counts every process of a real uid, so another
+#: suite on the machine running its bomb as the same user would share (and break) the limit.
+USER = f"gvm-bomb-{os.getpid()}"
 SYSTEM_PYTHON = "/usr/bin/python3"
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -56,7 +58,10 @@ def ordinary_user():
         subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", USER], check=True)
         entry = pwd.getpwnam(USER)
     assert not _user_processes(entry.pw_uid), "the probe user is busy: another run?"
-    return entry
+    try:
+        yield entry
+    finally:
+        subprocess.run(["userdel", USER], check=False, capture_output=True)
 
 
 def test_fork_bomb_on_the_host_is_held_by_rlimits(ordinary_user, request):
