@@ -200,14 +200,17 @@ def build_server(settings: AgentSettings) -> Any:
                                       f"{settings.timeout:g} s, which was used"]
         return asked, []
 
+    def inside(path: str) -> str:
+        """``relative_inside`` the working dir, its refusal a tool error."""
+        try:
+            return relative_inside(settings.root, path)
+        except AgentError as exc:
+            raise ToolError(str(exc)) from None
+
     def spec_at(cwd: str | None) -> SandboxSpec:
         if cwd is None:
             return settings.spec
-        try:
-            relative = relative_inside(settings.root, cwd)
-        except AgentError as exc:
-            raise ToolError(str(exc)) from None
-        folder = os.path.join(settings.root, relative)
+        folder = os.path.join(settings.root, inside(cwd))
         if not os.path.isdir(folder):
             raise ToolError(f"cwd {cwd!r} is not a directory of the working dir")
         return SandboxSpec.from_options({"working_dir": folder}, base=settings.spec)
@@ -262,10 +265,7 @@ def build_server(settings: AgentSettings) -> Any:
         seconds, notes = timeout_for(timeout)
         named = session_named(session, create=True)
         if cwd is not None:
-            try:
-                cwd = os.path.join(settings.root, relative_inside(settings.root, cwd))
-            except AgentError as exc:
-                raise ToolError(str(exc)) from None
+            cwd = os.path.join(settings.root, inside(cwd))
         try:
             result = await named.run(command, cwd=cwd, timeout=seconds, stdin=stdin, env=env)
         except GvisorMagicError as exc:
@@ -278,10 +278,7 @@ def build_server(settings: AgentSettings) -> Any:
         undecodable bytes replaced). Never outside the working dir or through a symlink."""
         if not 0 < max_bytes <= MAX_READ:
             raise ToolError(f"max_bytes must be from 1 to {MAX_READ}")
-        try:
-            relative = relative_inside(settings.root, path)
-        except AgentError as exc:
-            raise ToolError(str(exc)) from None
+        relative = inside(path)
         full = os.path.join(settings.root, relative)
         if not os.path.isfile(full):
             raise ToolError(f"{path!r} is not a file of the working dir")
@@ -301,10 +298,7 @@ def build_server(settings: AgentSettings) -> Any:
         any command's (held for review or quarantined where a host tool would run it)."""
         if len(content.encode()) > MAX_WRITE:
             raise ToolError(f"content is larger than {MAX_WRITE} bytes")
-        try:
-            relative = relative_inside(settings.root, path)
-        except AgentError as exc:
-            raise ToolError(str(exc)) from None
+        relative = inside(path)
         if relative == ".":
             raise ToolError("path names the working dir itself, not a file")
         full = os.path.join(settings.root, relative)
